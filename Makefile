@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# torch==2.13.0 is installed FIRST: it resolves to the local CPU wheel. Any other torch
+# spec would pull several GB of CUDA packages.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+OUT     ?= demo_out
+
+.PHONY: venv demo demo-quick test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,tensorboard]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/aviary demo --out $(OUT)
+
+demo-quick: $(STAMP)
+	$(BIN)/aviary demo --quick --out $(OUT)-quick
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --timeout 900
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow --timeout 3600
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,106 @@
+"""Registry of model families and named presets.
+
+A *family* (``mam``, ``ssast``, ``vq-wav2vec``, ``token-bert``) knows how to turn its
+pretraining config into a pretraining model and into an upstream. A *preset* is a named,
+three-line factory returning a family's pretraining config (a frozen :class:`~aviary.config.Config`
+with a ``family`` field). Tests loop over ``PRESETS`` so every preset is tested.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch.nn as nn
+
+from aviary.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build the models of one family from its config.
+
+    Attributes:
+        name: family id stored in checkpoints (``config["family"]``).
+        config_cls: the family's pretraining config class (has a ``family`` field).
+        build_pretrain: config -> pretraining model (``forward(batch) -> ObjectiveOutput``,
+            ``.upstream`` attribute or method giving the :class:`~aviary.models.upstream.Upstream`).
+        build_upstream: config -> bare upstream (weights loaded afterwards from the pretraining
+            model's state dict, whose keys start with ``upstream.``).
+        batch_kind: ``"audio"`` (batches of waveforms) or ``"tokens"`` (token-id sequences).
+    """
+
+    name: str
+    config_cls: type
+    build_pretrain: Callable[[Any], nn.Module]
+    build_upstream: Callable[[Any], nn.Module]
+    batch_kind: str = "audio"
+
+
+FAMILIES: dict[str, Family] = {}
+PRESETS: dict[str, Callable[[], Config]] = {}
+PRESET_INFO: dict[str, str] = {}
+
+
+def register_family(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def register_preset(name: str, description: str = "") -> Callable[[Callable[[], Config]], Callable[[], Config]]:
+    """Decorator registering a preset factory under ``name``."""
+
+    def deco(fn: Callable[[], Config]) -> Callable[[], Config]:
+        if name in PRESETS:
+            raise ValueError(f"preset {name!r} registered twice")
+        PRESETS[name] = fn
+        PRESET_INFO[name] = description or (fn.__doc__ or "").strip().split("\n")[0]
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    # Importing the model modules registers their families and presets.
+    import importlib
+
+    for mod in ("aviary.models.presets",):
+        importlib.import_module(mod)
+
+
+def list_presets() -> list[str]:
+    _load_all()
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> Config:
+    """The pretraining config of preset ``name`` (unknown names list the known ones)."""
+    _load_all()
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def get_family(name: str) -> Family:
+    _load_all()
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """Rebuild a pretraining config from its JSON dict (dispatching on ``family``)."""
+    fam = d.get("family")
+    if fam is None:
+        raise ConfigError(f"config has no 'family' key (keys: {sorted(d)})")
+    return get_family(fam).config_cls.from_dict(d)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of distinct parameters (shared tensors, as in ALBERT, are counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,211 @@
+"""Checkpoint files: safetensors weights + JSON metadata, written atomically, checksummed.
+
+Format (version ``FORMAT_VERSION``):
+
+* A weights file is a plain ``.safetensors`` file. Its string metadata holds
+  ``aviary.format_version``, ``aviary.sha256`` (a checksum over every tensor's name, dtype,
+  shape and bytes, so truncation or bit rot is detected even where safetensors' own
+  header check passes) and ``aviary.config`` (the JSON config needed to rebuild the model).
+  Such a file is self-contained: it is the "single-file bundle" :func:`aviary.load` accepts.
+* JSON sidecars (``*.json``) are written atomically too.
+
+Nothing is ever pickled. Atomic write = write to a temporary file in the same directory,
+flush + fsync, ``os.replace`` onto the final name, fsync the directory. A crash at any
+point leaves either the old file or the new one, never a mix; a full disk raises
+``CheckpointError`` and leaves the previous file untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError  # type: ignore[attr-defined]
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Bumped whenever the on-disk layout changes; older versions must keep loading."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupted, or cannot be written."""
+
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success fsync and rename it onto ``path``.
+
+    Raises:
+        CheckpointError: if writing fails (e.g. the disk is full); the old file is kept.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        hint = " (disk full)" if e.errno == errno.ENOSPC else ""
+        raise CheckpointError(f"could not write {path}{hint}: {e}; the previous file is intact") from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see module docstring)."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, with an error naming the file when it is missing or malformed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                 config: Mapping[str, Any] | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Save ``tensors`` as safetensors with checksum and optional JSON ``config``, atomically.
+
+    Args:
+        path: destination ``.safetensors`` file.
+        tensors: name -> tensor (moved to CPU, made contiguous; shared storage is copied).
+        config: JSON-able mapping stored under ``aviary.config`` in the metadata.
+        metadata: extra string metadata.
+    """
+    # clone() breaks shared storage (tied or ALBERT-shared weights), which safetensors refuses.
+    cpu = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    meta = {"aviary.format_version": str(FORMAT_VERSION), "aviary.sha256": tensors_checksum(cpu)}
+    if config is not None:
+        meta["aviary.config"] = json.dumps(config, sort_keys=True)
+    if metadata:
+        meta.update({str(k): str(v) for k, v in metadata.items()})
+    write_bytes_atomic(path, st_save_bytes(cpu, metadata=meta))
+
+
+def load_tensors(path: str | os.PathLike, verify: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file written by :func:`save_tensors` (or any safetensors file).
+
+    Returns:
+        (tensors, metadata). ``metadata["aviary.config"]`` (if present) is a JSON string.
+
+    Raises:
+        CheckpointError: missing, truncated, corrupted (checksum mismatch) or unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise CheckpointError(f"{path}: file is truncated ({len(data)} bytes)")
+    try:
+        tensors = st_load_bytes(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+    meta = dict(header.get("__metadata__") or {})
+    if verify and "aviary.sha256" in meta:
+        got = tensors_checksum(tensors)
+        if got != meta["aviary.sha256"]:
+            raise CheckpointError(f"{path}: checksum mismatch, the file is corrupted "
+                                  f"(stored {meta['aviary.sha256'][:12]}..., computed {got[:12]}...)")
+    version = int(meta.get("aviary.format_version", FORMAT_VERSION))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer aviary (format {version} > {FORMAT_VERSION}); upgrade aviary")
+    return tensors, meta
+
+
+def load_config_from_metadata(path: str | os.PathLike, meta: Mapping[str, str]) -> dict[str, Any]:
+    """Parse the JSON config stored in a weights file's metadata."""
+    raw = meta.get("aviary.config")
+    if raw is None:
+        raise CheckpointError(f"{path}: no 'aviary.config' in the safetensors metadata; "
+                              "not an aviary checkpoint (for other toolkits use `aviary import`)")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: stored config is not valid JSON: {e}") from None
+
+
+def optimizer_to_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a ``torch.optim`` state_dict into tensors (for safetensors) and JSON.
+
+    Returns:
+        (tensors named ``optim.<param_idx>.<key>``, JSON-able dict with param_groups and
+        non-tensor per-parameter values).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, pstate in state["state"].items():
+        for k, v in pstate.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{k}"] = v
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: Mapping[str, torch.Tensor], js: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`optimizer_to_tensors`: rebuild a state_dict for ``load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for idx, d in js.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(d)
+    return {"state": state, "param_groups": js["param_groups"]}
