@@ -1,1 +1,14 @@
+"""Corpora and labels: manifests, phone inventory, alignments, datasets, samplers, synthetic speech.
 
+Light imports only here (no torch): ``aviary.data.dataset`` holds the torch parts.
+"""
+from aviary.data.alignment import AlignmentError, frame_labels, read_cpc_alignments, read_textgrid
+from aviary.data.manifest import (ManifestError, Utterance, load_manifest, make_splits, read_manifest,
+                                  write_corpus, write_manifest)
+from aviary.data.phones import IGNORE_INDEX, NUM_PHONES, PHONES, PhoneError, phone_id
+
+__all__ = [
+    "AlignmentError", "frame_labels", "read_cpc_alignments", "read_textgrid",
+    "ManifestError", "Utterance", "load_manifest", "make_splits", "read_manifest", "write_corpus",
+    "write_manifest", "IGNORE_INDEX", "NUM_PHONES", "PHONES", "PhoneError", "phone_id",
+]
