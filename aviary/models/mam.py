@@ -1,0 +1,305 @@
+"""Masked acoustic models: Mockingjay, Audio ALBERT and TERA (family ``"mam"``).
+
+All three share one recipe (REFERENCE.md section 1)::
+
+    wav -> front-end (log-mel [+ delta], CMVN) -> stack R frames -> mask (time spans,
+        [TERA: frequency band, magnitude noise]) -> transformer encoder -> SpecHead
+        -> L1 to the target spectrogram (mel or linear) on the masked frames
+
+and differ only in settings: Audio ALBERT shares one layer's parameters across depth, TERA
+adds frequency and magnitude alterations. The presets at the bottom of this module give the
+published configurations and CPU-sized variants.
+
+The pretraining model composes parts (front-ends, encoder, masking, head, loss); its
+``upstream`` sub-module (front-end + encoder) is what ``aviary.load`` returns later.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from aviary.config import Config, check, check_range
+from aviary.features import FrontEndConfig, build_frontend
+from aviary.models.encoder import EncoderConfig, TransformerEncoder
+from aviary.models.heads import SpecHead
+from aviary.models.registry import Family, register_family, register_preset
+from aviary.models.upstream import Upstream
+from aviary.objectives.base import ObjectiveOutput
+from aviary.objectives.masking import MaskingConfig, mam_mask
+from aviary.objectives.reconstruction import masked_l1
+
+log = logging.getLogger(__name__)
+
+
+def _logmel(delta_order: int = 0, cmvn: str = "none") -> FrontEndConfig:
+    # s3prl's "online" features: 25 ms / 10 ms, n_fft 400, 80 mel bins, waveform at -25 dB.
+    return FrontEndConfig(kind="logmel", n_mels=80, delta_order=delta_order, cmvn=cmvn, normalize_db=-25.0)
+
+
+def _linear(cmvn: str = "none") -> FrontEndConfig:
+    # Log |STFT|^2, 201 bins at n_fft 400 (Mockingjay LARGE / AALBERT target).
+    return FrontEndConfig(kind="linear", n_fft=400, cmvn=cmvn, normalize_db=-25.0)
+
+
+@dataclass(frozen=True)
+class MAMConfig(Config):
+    """Pretraining config of a masked acoustic model (stored in every checkpoint).
+
+    Attributes:
+        family: always ``"mam"`` (dispatch key of the registry).
+        variant: ``mockingjay`` / ``aalbert`` / ``tera``, informational (the switches that
+            matter are ``encoder.share_layers`` and the masking settings).
+        input: front-end feeding the encoder.
+        target: front-end of the reconstruction target (same hop and sample rate as ``input``).
+        encoder: encoder sizes, stacking factor R, layer sharing.
+        masking: span length C, proportion, 80/10/10, TERA alterations.
+        chunk_seconds: extraction processes long recordings in windows of this many seconds
+            (each window encoded independently, as training crops are), bounding memory.
+    """
+
+    family: str = "mam"
+    variant: str = "mockingjay"
+    input: FrontEndConfig = field(default_factory=lambda: _logmel(delta_order=1))
+    target: FrontEndConfig = field(default_factory=_logmel)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    chunk_seconds: float = 20.0
+
+    def validate(self) -> None:
+        check(self.family == "mam", "family", self.family, "'mam'")
+        check(self.variant in ("mockingjay", "aalbert", "tera"), "variant", self.variant,
+              "one of ['mockingjay', 'aalbert', 'tera']")
+        check(self.target.delta_order == 0, "target.delta_order", self.target.delta_order,
+              "0 (the model reconstructs static spectra)")
+        # Prediction frame t must be target frame t: same clock on both sides.
+        check(self.target.hop_length == self.input.hop_length, "target.hop_length", self.target.hop_length,
+              f"equal to input.hop_length ({self.input.hop_length})")
+        check(self.target.sample_rate == self.input.sample_rate, "target.sample_rate", self.target.sample_rate,
+              f"equal to input.sample_rate ({self.input.sample_rate})")
+        check(self.input.kind != "fbank" and self.target.kind != "fbank", "input.kind", self.input.kind,
+              "'logmel' or 'linear' (fbank frames are not centred like the others)")
+        check_range("chunk_seconds", self.chunk_seconds, 1.0, 600.0)
+
+
+class MAMUpstream(Upstream):
+    """Front-end + encoder of a masked acoustic model: waveforms -> every layer's output.
+
+    ``frame_shift`` is the front-end's shift times R (30 ms for R = 3).
+    """
+
+    def __init__(self, cfg: MAMConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.frontend = build_frontend(cfg.input)
+        self.encoder = TransformerEncoder(cfg.encoder, self.frontend.dim)
+        self.frame_shift = self.frontend.frame_shift * cfg.encoder.downsample
+        self.hidden_size = cfg.encoder.hidden_size
+        self.num_hidden_states = cfg.encoder.num_layers + 1
+        self.sample_rate = cfg.input.sample_rate
+        # Encoder frames per extraction window.
+        self.chunk_frames = max(1, round(cfg.chunk_seconds / self.frame_shift))
+
+    @torch.no_grad()
+    def features(self, wavs: torch.Tensor, wav_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Front-end features in fp32 (autocast off: STFT and logs want full precision)."""
+        with torch.autocast(device_type=wavs.device.type, enabled=False):
+            return self.frontend(wavs.float(), wav_lengths)
+
+    def extract(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None,
+                max_layer: int | None = None, need_weights: bool = False):
+        """All hidden states of a padded batch of waveforms.
+
+        Args:
+            wavs: (B, N) or (N,) waveforms at ``sample_rate``.
+            wav_lengths: (B,) valid samples per row (``None`` = full rows).
+            max_layer: stop after this layer (0 = embedding output only).
+            need_weights: also return attention probabilities; the whole sequence is then
+                encoded in one window (meant for short analysis utterances).
+
+        Returns:
+            ``(hidden_states, lengths)``: ``min(max_layer, L) + 1`` tensors (B, T', H) and
+            (B,) valid encoder frames; with ``need_weights`` a third element, the list of
+            per-layer (B, heads, T', T') probabilities.
+        """
+        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        feats, flen = self.features(wavs, wav_lengths)  # (B, T, D)
+        stacked, lengths = self.encoder.stack(feats, flen)  # (B, T', D*R)
+        if need_weights:
+            if stacked.shape[1] > self.chunk_frames:
+                log.warning("need_weights over %d frames (> chunk of %d): attention is T'^2 memory",
+                            stacked.shape[1], self.chunk_frames)
+            hs, att = self.encoder.encode(stacked, lengths, max_layer, need_weights=True)
+            return hs, lengths, att
+        if stacked.shape[1] <= self.chunk_frames:
+            hs, _ = self.encoder.encode(stacked, lengths, max_layer)
+            return hs, lengths
+        return self._extract_chunked(stacked, lengths, max_layer), lengths
+
+    def _extract_chunked(self, stacked: torch.Tensor, lengths: torch.Tensor,
+                         max_layer: int | None, max_frames_per_pass: int = 16384) -> list[torch.Tensor]:
+        """Encode windows of ``chunk_frames`` independently; windows sit at fixed positions
+        (multiples of ``chunk_frames``), so a padded row gives the same result as alone."""
+        B, T, DR = stacked.shape
+        C = self.chunk_frames
+        n = math.ceil(T / C)
+        x = torch.nn.functional.pad(stacked, (0, 0, 0, n * C - T)).reshape(B * n, C, DR)  # (B*n, C, DR)
+        starts = torch.arange(n, device=stacked.device) * C  # (n,)
+        clen = (lengths[:, None] - starts[None, :]).clamp(0, C).reshape(B * n)  # (B*n,)
+        rows = clen.nonzero().squeeze(1)  # windows holding at least one valid frame
+        n_states = (self.encoder.num_layers if max_layer is None
+                    else max(0, min(int(max_layer), self.encoder.num_layers))) + 1
+        out = [stacked.new_zeros(B * n, C, self.hidden_size) for _ in range(n_states)]
+        step = max(1, max_frames_per_pass // C)
+        for i in range(0, rows.numel(), step):
+            r = rows[i:i + step]
+            hs, _ = self.encoder.encode(x[r], clen[r], max_layer)
+            for k, h in enumerate(hs):
+                out[k][r] = h.to(out[k].dtype)
+        return [o.reshape(B, n * C, self.hidden_size)[:, :T] for o in out]
+
+
+class MAMPretrainModel(nn.Module):
+    """Masked acoustic model for pretraining: upstream + SpecHead + masked L1.
+
+    ``forward(batch)`` takes the audio collate's dict (``wavs`` (B, N), ``wav_lengths`` (B,))
+    and returns an :class:`ObjectiveOutput` with ``loss``, ``metrics`` (``l1``,
+    ``masked_frac``, ``frames``) and, when ``return_extras``, ``pred``/``target``/``mask``.
+    Masks come from the global torch RNG unless ``mask_generator`` is set.
+    """
+
+    def __init__(self, cfg: MAMConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.upstream = MAMUpstream(cfg)
+        R = cfg.encoder.downsample
+        self.head = SpecHead(cfg.encoder.hidden_size, cfg.target.dim, R, cfg.encoder.ln_eps, cfg.encoder.init_std)
+        # When the target is the static part of the input (same settings, no delta), it is a
+        # slice of the input features (static bins come first, CMVN is per dimension), so the
+        # spectrogram is computed once.
+        self.target_is_input_slice = cfg.target == cfg.input.replace(delta_order=0)
+        self.target_frontend = None if self.target_is_input_slice else build_frontend(cfg.target)
+        self.mask_generator: torch.Generator | None = None
+
+    @torch.no_grad()
+    def _features_and_target(self, wavs: torch.Tensor, wav_lengths: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats, flen = self.upstream.features(wavs, wav_lengths)  # (B, T, D_in)
+        if self.target_is_input_slice:
+            return feats, flen, feats[..., :self.config.target.dim]
+        with torch.autocast(device_type=wavs.device.type, enabled=False):
+            target, tlen = self.target_frontend(wavs.float(), wav_lengths)  # (B, T, D_t)
+        if not torch.equal(tlen, flen):
+            raise RuntimeError(f"target frames {tlen.tolist()} differ from input frames {flen.tolist()}")
+        return feats, flen, target
+
+    def forward(self, batch: dict[str, Any], return_extras: bool = False) -> ObjectiveOutput:
+        """One masked-reconstruction step on a batch of waveforms (see the class docstring)."""
+        wavs, wav_lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"))
+        feats, flen, target = self._features_and_target(wavs, wav_lengths)
+        enc = self.upstream.encoder
+        R = enc.downsample
+        stacked, slen = enc.stack(feats, flen)  # (B, T', D*R)
+        # Mask at the encoder frame rate (s3prl process_train_MAM_data does the same).
+        m = mam_mask(stacked, slen, self.config.masking, generator=self.mask_generator)
+        hidden_states, _ = enc.encode(m.inputs, slen)
+        pred = self.head(hidden_states[-1])  # (B, T'*R, D_t)
+        T = target.shape[1]
+        pred = pred[:, :T]
+        # A masked encoder frame hides all R frames it stacks; frames past the row's length
+        # (the zero-filled tail of the last group, and padding) are never scored.
+        frame_mask = m.time_mask.repeat_interleave(R, dim=1)[:, :T]  # (B, T)
+        frame_mask = frame_mask & (torch.arange(T, device=flen.device)[None, :] < flen[:, None])
+        out = masked_l1(pred, target, frame_mask, lengths=flen, return_extras=return_extras)
+        out.metrics["frames"] = int(flen.sum())
+        if return_extras:
+            out.extras.update(inputs=m.inputs.detach(), time_mask=m.time_mask, feats=feats)
+        return out
+
+
+register_family(Family(name="mam", config_cls=MAMConfig, build_pretrain=MAMPretrainModel,
+                       build_upstream=MAMUpstream, batch_kind="audio"))
+
+
+# Presets. Mockingjay BASE / LARGE, AALBERT 3L/6L/12L and TERA base follow REFERENCE.md
+# section 1; "small" variants (H=256, 6 layers) pretrain on a 2-core CPU; "tiny" ones are
+# for tests.
+_BASE = dict(hidden_size=768, num_heads=12, ffn_size=3072)
+_SMALL = dict(hidden_size=256, num_layers=6, num_heads=4, ffn_size=1024)
+_TINY = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=256)
+_R3 = MaskingConfig(span=3)  # C = 3 with R = 3
+_TERA_MASK = MaskingConfig(span=7, freq_mask_ratio=0.2, noise_prob=0.15, noise_std=0.2)
+
+
+def _mockingjay(enc: dict, R: int = 1, target: FrontEndConfig | None = None) -> MAMConfig:
+    return MAMConfig(variant="mockingjay", input=_logmel(delta_order=1), target=target or _logmel(),
+                     encoder=EncoderConfig(**enc, downsample=R), masking=_R3 if R == 3 else MaskingConfig())
+
+
+def _aalbert(enc: dict) -> MAMConfig:
+    return MAMConfig(variant="aalbert", input=_logmel(delta_order=1, cmvn="utterance"), target=_linear(),
+                     encoder=EncoderConfig(**enc, share_layers=True, downsample=3), masking=_R3)
+
+
+def _tera(enc: dict) -> MAMConfig:
+    mel = _logmel(cmvn="utterance")
+    return MAMConfig(variant="tera", input=mel, target=mel, encoder=EncoderConfig(**enc), masking=_TERA_MASK)
+
+
+@register_preset("mockingjay-base", "Mockingjay BASE: 768/3L, mel+delta in, mel target, R=1, C=7")
+def mockingjay_base() -> MAMConfig:
+    return _mockingjay({**_BASE, "num_layers": 3})
+
+
+@register_preset("mockingjay-large", "Mockingjay LARGE: 768/12L, mel+delta in, linear target, R=3, C=3")
+def mockingjay_large() -> MAMConfig:
+    return _mockingjay({**_BASE, "num_layers": 12}, R=3, target=_linear())
+
+
+@register_preset("aalbert-3l", "Audio ALBERT: 768, 3 shared layers, mel+delta+CMVN in, linear target, R=3")
+def aalbert_3l() -> MAMConfig:
+    return _aalbert({**_BASE, "num_layers": 3})
+
+
+@register_preset("aalbert-6l", "Audio ALBERT: 768, 6 shared layers, mel+delta+CMVN in, linear target, R=3")
+def aalbert_6l() -> MAMConfig:
+    return _aalbert({**_BASE, "num_layers": 6})
+
+
+@register_preset("aalbert-12l", "Audio ALBERT: 768, 12 shared layers, mel+delta+CMVN in, linear target, R=3")
+def aalbert_12l() -> MAMConfig:
+    return _aalbert({**_BASE, "num_layers": 12})
+
+
+@register_preset("tera-base", "TERA base: 768/3L, mel+CMVN, time + frequency + magnitude alteration")
+def tera_base() -> MAMConfig:
+    return _tera({**_BASE, "num_layers": 3})
+
+
+@register_preset("mockingjay-small", "CPU-sized Mockingjay: 256/6L/4 heads/FFN 1024, mel target, R=1")
+def mockingjay_small() -> MAMConfig:
+    return _mockingjay(_SMALL)
+
+
+@register_preset("aalbert-small", "CPU-sized Audio ALBERT: 256, 6 shared layers, linear target, R=3")
+def aalbert_small() -> MAMConfig:
+    return _aalbert(_SMALL)
+
+
+@register_preset("tera-small", "CPU-sized TERA: 256/6L/4 heads/FFN 1024, time + freq + magnitude")
+def tera_small() -> MAMConfig:
+    return _tera(_SMALL)
+
+
+@register_preset("mockingjay-tiny", "Test-sized Mockingjay: 64/2L")
+def mockingjay_tiny() -> MAMConfig:
+    return _mockingjay(_TINY)
+
+
+@register_preset("aalbert-tiny", "Test-sized Audio ALBERT: 64, 2 shared layers, R=3")
+def aalbert_tiny() -> MAMConfig:
+    return _aalbert(_TINY)

@@ -1,0 +1,184 @@
+"""Masked acoustic modelling (MAM) input corruption: Mockingjay time masking + TERA extras.
+
+Mockingjay (Liu et al. 2020, section 2.2), dynamic masking decided at every step:
+
+1. pick spans of C consecutive frames until about 15 % of each utterance's valid frames are
+   selected: ``n_spans = round(T_valid * 0.15 / C)`` span starts, drawn without replacement
+   from ``[0, T_valid - C]`` so spans may overlap but never reach into padding;
+2. ONE draw per utterance (not per frame): with probability 0.8 the selected frames are set
+   to zero, 0.1 replaced by frames from random positions of the same utterance, 0.1 kept;
+3. the loss is computed on the selected frames only (whatever happened to their input).
+
+TERA (Liu et al. 2021) adds alterations along the other two axes:
+
+* frequency: one contiguous band of width ``U{0, ..., floor(0.2 * D)}`` zeroed over all frames;
+* magnitude: with probability 0.15 per utterance, Gaussian noise N(0, 0.2) added to every
+  valid frame.
+
+With frame stacking (R > 1) aviary masks at the encoder's (stacked) frame rate, exactly as
+s3prl's ``process_train_MAM_data`` does: the features are stacked first, spans of C stacked
+frames are chosen (C = 3 with R = 3), and a masked stacked frame hides all R original frames
+it holds. Callers therefore pass the stacked features and lengths here.
+
+Only time-masked frames are scored by aviary's loss; s3prl's TERA additionally scores the
+zeroed frequency band (it keeps an element-wise mask), which aviary leaves out because a
+band of input bins has no counterpart in a different target (e.g. 201 linear bins).
+
+Everything is batched: no Python loop runs over utterances, and every random number comes
+from the ``torch.Generator`` passed in, so a seeded call repeats exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aviary.config import Config, check, check_range
+
+
+@dataclass(frozen=True)
+class MaskingConfig(Config):
+    """Settings of :func:`mam_mask` (defaults: Mockingjay with R = 1)."""
+
+    mask_proportion: float = 0.15  # fraction of valid frames to select
+    span: int = 7  # C: consecutive frames per span (3 when R = 3)
+    zero_prob: float = 0.8  # per utterance: selected frames set to 0
+    random_prob: float = 0.1  # per utterance: selected frames replaced by random frames
+    # (the remaining 1 - zero_prob - random_prob keeps the selected frames unchanged)
+    freq_mask_ratio: float = 0.0  # TERA: max band width as a fraction of D (0.2); 0 = off
+    noise_prob: float = 0.0  # TERA: per-utterance probability of magnitude noise (0.15)
+    noise_std: float = 0.2  # TERA: std of that noise
+
+    def validate(self) -> None:
+        check_range("mask_proportion", self.mask_proportion, 0.0, 1.0)
+        check_range("span", self.span, 1)
+        check_range("zero_prob", self.zero_prob, 0.0, 1.0)
+        check_range("random_prob", self.random_prob, 0.0, 1.0)
+        check(self.zero_prob + self.random_prob <= 1.0 + 1e-9, "random_prob", self.random_prob,
+              f"<= 1 - zero_prob = {1 - self.zero_prob}")
+        check_range("freq_mask_ratio", self.freq_mask_ratio, 0.0, 1.0)
+        check_range("noise_prob", self.noise_prob, 0.0, 1.0)
+        check_range("noise_std", self.noise_std, 0.0)
+
+
+@dataclass
+class MaskOutput:
+    """Result of :func:`mam_mask`.
+
+    Attributes:
+        inputs: (B, T, D) corrupted features (the encoder's input).
+        time_mask: (B, T) bool, frames selected for prediction (the loss's frames).
+        action: (B,) long per utterance: 0 = zeroed, 1 = random frames, 2 = kept.
+        freq_mask: (B, D) bool, the zeroed TERA frequency band (all False when off).
+        noised: (B,) bool, utterances that received magnitude noise.
+    """
+
+    inputs: torch.Tensor
+    time_mask: torch.Tensor
+    action: torch.Tensor
+    freq_mask: torch.Tensor
+    noised: torch.Tensor
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def span_mask(lengths: torch.Tensor, T: int, proportion: float, span: int,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Select spans of ``span`` frames covering about ``proportion`` of each row's valid frames.
+
+    Args:
+        lengths: (B,) valid frames per row.
+        T: padded length.
+        proportion: target fraction (0.15).
+        span: C, frames per span.
+        generator: seeds the draw.
+
+    Returns:
+        (B, T) bool: ``round(len * proportion / C)`` span starts per row, distinct, uniform
+        over ``[0, len - C]``; spans may overlap; nothing at or past ``len`` is selected.
+        Rows shorter than ``C`` frames get no span.
+    """
+    B = lengths.shape[0]
+    device = lengths.device
+    n_spans = torch.round(lengths.double() * proportion / span).long()  # (B,)
+    n_starts = (lengths - span + 1).clamp(min=0)  # (B,) number of allowed start positions
+    n_spans = torch.minimum(n_spans, n_starts)
+    # Distinct starts without a loop: give every allowed start a random key and keep the
+    # n_spans[b] smallest keys of row b (a random subset of size n_spans[b]).
+    pos = torch.arange(T, device=device)[None, :]  # (1, T)
+    keys = _rand((B, T), generator, device)
+    keys = keys.masked_fill(pos >= n_starts[:, None], 2.0)  # forbidden starts sort last
+    rank = keys.argsort(dim=1).argsort(dim=1)  # (B, T) rank of each key within its row
+    starts = rank < n_spans[:, None]  # (B, T) bool
+    # Frame t is covered iff some start lies in (t - C, t]: a sliding-window count via cumsum.
+    c = starts.long().cumsum(dim=1)  # (B, T)
+    c_shift = torch.nn.functional.pad(c, (span, 0))[:, :T]  # c[t - C], 0 before the start
+    return (c - c_shift) > 0
+
+
+def mam_mask(feats: torch.Tensor, lengths: torch.Tensor, cfg: MaskingConfig,
+             generator: torch.Generator | None = None, time_mask: torch.Tensor | None = None
+             ) -> MaskOutput:
+    """Corrupt a padded batch of features for masked acoustic modelling.
+
+    Args:
+        feats: (B, T, D) features at the encoder frame rate (stacked when R > 1).
+        lengths: (B,) valid frames per row.
+        cfg: masking settings.
+        generator: a ``torch.Generator`` on ``feats.device`` for repeatable draws.
+        time_mask: (B, T) bool frames to select, to bypass the span draw (tests, analysis);
+            must not touch padding.
+
+    Returns:
+        :class:`MaskOutput`; the input tensor is not modified.
+    """
+    if feats.dim() != 3:
+        raise ValueError(f"feats must be (B, T, D), got shape {tuple(feats.shape)}")
+    B, T, D = feats.shape
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must be ({B},), got shape {tuple(lengths.shape)}")
+    device = feats.device
+    valid = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (B, T)
+    if time_mask is None:
+        time_mask = span_mask(lengths, T, cfg.mask_proportion, cfg.span, generator)
+    else:
+        if time_mask.shape != (B, T):
+            raise ValueError(f"time_mask must be ({B}, {T}), got shape {tuple(time_mask.shape)}")
+        time_mask = time_mask.bool()
+        if bool((time_mask & ~valid).any()):
+            raise ValueError("time_mask selects padding frames (at or past lengths)")
+
+    # One 80/10/10 decision per utterance (Mockingjay section 2.2).
+    u = _rand((B,), generator, device)
+    action = torch.full((B,), 2, dtype=torch.long, device=device)
+    action[u < cfg.zero_prob + cfg.random_prob] = 1
+    action[u < cfg.zero_prob] = 0
+    # Random replacement frames are drawn for every position (cheap) and used only where
+    # the utterance's action is "random": index ~ U{0, ..., len - 1} of the same utterance.
+    rand_idx = (_rand((B, T), generator, device) * lengths[:, None].clamp(min=1)).long()  # (B, T)
+    random_frames = feats.gather(1, rand_idx[..., None].expand(B, T, D))  # (B, T, D)
+
+    sel = time_mask[..., None]  # (B, T, 1)
+    out = torch.where(sel & (action == 0)[:, None, None], torch.zeros((), dtype=feats.dtype, device=device), feats)
+    out = torch.where(sel & (action == 1)[:, None, None], random_frames, out)
+
+    # TERA frequency alteration: band width ~ U{0..floor(ratio * D)}, start ~ U{0..D - width}.
+    freq_mask = torch.zeros(B, D, dtype=torch.bool, device=device)
+    max_width = int(cfg.freq_mask_ratio * D)
+    if max_width > 0:
+        width = (_rand((B,), generator, device) * (max_width + 1)).long()  # (B,)
+        start = (_rand((B,), generator, device) * (D - width + 1).float()).long()  # (B,)
+        f = torch.arange(D, device=device)[None, :]
+        freq_mask = (f >= start[:, None]) & (f < (start + width)[:, None])  # (B, D)
+        out = out.masked_fill(freq_mask[:, None, :], 0.0)
+
+    # TERA magnitude alteration: Gaussian noise on every valid frame of some utterances.
+    noised = torch.zeros(B, dtype=torch.bool, device=device)
+    if cfg.noise_prob > 0 and cfg.noise_std > 0:
+        noised = _rand((B,), generator, device) < cfg.noise_prob
+        noise = torch.randn(out.shape, generator=generator, device=device, dtype=out.dtype) * cfg.noise_std
+        out = out + noise * (noised[:, None] & valid)[..., None].to(out.dtype)
+
+    return MaskOutput(inputs=out, time_mask=time_mask, action=action, freq_mask=freq_mask, noised=noised)
