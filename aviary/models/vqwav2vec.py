@@ -1,0 +1,487 @@
+"""vq-wav2vec (Baevski, Schneider & Auli, ICLR 2020): waveform -> discrete codes -> context.
+
+Architecture (paper Sec. 3, REFERENCE.md section 4)::
+
+    wav (B, N) --ConvFeatureEncoder--> z (B, T, C)     8 convs, stride 160 = 10 ms, RF 465
+               --quantiser----------> q (B, T, C)      Gumbel-softmax or k-means, G groups
+               --ConvAggregator-----> c (B, T, C)      12 causal convs, kernels 2..13
+    training: h_k(c_t) predicts q_{t+k}, k = 1..K, against negatives from the same utterance
+
+The quantiser modules live here (not in ``aviary/objectives``) because an upstream needs
+them at inference to produce tokens; their training losses, metrics and the temperature
+schedule live in :mod:`aviary.objectives.quantize`, the future-prediction loss in
+:mod:`aviary.objectives.contrastive`.
+
+Padding: GroupNorm with one group normalises over channels *and time*, so padded frames
+would change the statistics of real ones. :class:`MaskedGroupNorm` takes its statistics
+over valid frames only, which makes a padded batch give the same result as one utterance
+at a time (tested). Convolutions need no masking: a valid output frame of a (causal) conv
+only reads valid input samples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from aviary.config import Config, check, check_choice, check_range
+from aviary.models.registry import Family, register_family, register_preset
+from aviary.models.upstream import Upstream
+from aviary.objectives.base import ObjectiveOutput
+from aviary.objectives.contrastive import future_prediction_loss, sample_negatives
+from aviary.objectives.quantize import codebook_metrics, diversity_loss, gumbel_temperature, kmeans_loss
+
+
+@dataclass(frozen=True)
+class VqWav2VecConfig(Config):
+    """vq-wav2vec pretraining config (defaults = the paper's model).
+
+    Attributes:
+        family: always ``"vq-wav2vec"``.
+        channels: width of encoder, codebook output and context network (512 in the paper).
+        conv_kernels / conv_strides: encoder convolutions; the defaults give a total stride of
+            160 samples (10 ms) and a receptive field of 465 samples (~30 ms).
+        dropout: dropout after each encoder / aggregator convolution (0 in fairseq's recipe).
+        log_compression: ``log(|x| + 1)`` on the encoder output (paper, as in wav2vec).
+        quantizer: ``"gumbel"`` or ``"kmeans"``.
+        num_groups: G; each frame is G codebook entries concatenated (2 in the paper:
+            fewer collisions than one huge codebook, and "i-j" tokens for BERT).
+        num_vars: V entries per group (320).
+        shared_codebook: Gumbel only: one V x (C/G) codebook used by all groups.
+        gumbel_hidden: width of the hidden layer of the logits projection (C -> 1024 -> G*V).
+        temp_start / temp_end / temp_anneal_fraction: Gumbel temperature, 2 -> 0.5 linearly over
+            the first 70 % of updates (paper).
+        diversity_weight: weight of an optional codebook-diversity penalty (0 = paper).
+        kmeans_gamma: commitment weight (0.25, paper Eq. 3).
+        kmeans_weight: weight of the k-means loss relative to the prediction loss (1).
+        aggregator_kernels: one causal conv per entry (2..13 in the paper).
+        residual_scale: skip connections are ``(x + residual) * residual_scale`` (sqrt(0.5)
+            keeps the variance of the sum of two unit-variance signals at one).
+        prediction_steps: K future frames predicted (8).
+        prediction_offset: step k (1-based) predicts ``q_{t + k - 1 + offset}``; 1 follows
+            the paper (``q_{t+1}`` .. ``q_{t+K}``). fairseq uses ``ceil(465 / 160) = 3`` so that
+            the target's input window does not overlap the current frame's.
+        num_negatives: negatives per target frame, drawn from the same utterance (10).
+    """
+
+    family: str = "vq-wav2vec"
+    channels: int = 512
+    conv_kernels: tuple[int, ...] = (10, 8, 4, 4, 4, 1, 1, 1)
+    conv_strides: tuple[int, ...] = (5, 4, 2, 2, 2, 1, 1, 1)
+    dropout: float = 0.0
+    log_compression: bool = True
+    quantizer: Literal["gumbel", "kmeans"] = "gumbel"
+    num_groups: int = 2
+    num_vars: int = 320
+    shared_codebook: bool = False
+    gumbel_hidden: int = 1024
+    temp_start: float = 2.0
+    temp_end: float = 0.5
+    temp_anneal_fraction: float = 0.7
+    diversity_weight: float = 0.0
+    kmeans_gamma: float = 0.25
+    kmeans_weight: float = 1.0
+    aggregator_kernels: tuple[int, ...] = tuple(range(2, 14))
+    residual_scale: float = math.sqrt(0.5)
+    prediction_steps: int = 8
+    prediction_offset: int = 1
+    num_negatives: int = 10
+    sample_rate: int = 16000
+
+    def validate(self) -> None:
+        check(self.family == "vq-wav2vec", "family", self.family, "'vq-wav2vec'")
+        check_range("channels", self.channels, 1)
+        check(len(self.conv_kernels) == len(self.conv_strides) and len(self.conv_kernels) > 0,
+              "conv_kernels", self.conv_kernels, f"a non-empty tuple as long as conv_strides {self.conv_strides}")
+        check(all(k >= 1 for k in self.conv_kernels), "conv_kernels", self.conv_kernels, "kernels >= 1")
+        check(all(s >= 1 for s in self.conv_strides), "conv_strides", self.conv_strides, "strides >= 1")
+        check_range("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_choice("quantizer", self.quantizer, ["gumbel", "kmeans"])
+        check_range("num_groups", self.num_groups, 1)
+        check(self.channels % self.num_groups == 0, "num_groups", self.num_groups,
+              f"a divisor of channels={self.channels}")
+        check_range("num_vars", self.num_vars, 2)
+        check(not (self.shared_codebook and self.quantizer == "kmeans"), "shared_codebook",
+              self.shared_codebook, "false with quantizer='kmeans'")
+        check_range("gumbel_hidden", self.gumbel_hidden, 1)
+        check_range("temp_start", self.temp_start, 0.0, lo_open=True)
+        check_range("temp_end", self.temp_end, 0.0, lo_open=True)
+        check_range("temp_anneal_fraction", self.temp_anneal_fraction, 0.0, 1.0)
+        check_range("diversity_weight", self.diversity_weight, 0.0)
+        check_range("kmeans_gamma", self.kmeans_gamma, 0.0)
+        check_range("kmeans_weight", self.kmeans_weight, 0.0)
+        check(len(self.aggregator_kernels) > 0 and all(k >= 1 for k in self.aggregator_kernels),
+              "aggregator_kernels", self.aggregator_kernels, "a non-empty tuple of kernels >= 1")
+        check_range("residual_scale", self.residual_scale, 0.0)
+        check_range("prediction_steps", self.prediction_steps, 1)
+        check_range("prediction_offset", self.prediction_offset, 1)
+        check_range("num_negatives", self.num_negatives, 1)
+        check_range("sample_rate", self.sample_rate, 1)
+
+    @property
+    def stride(self) -> int:
+        """Samples between output frames (product of the strides: 160)."""
+        return math.prod(self.conv_strides)
+
+    @property
+    def receptive_field(self) -> int:
+        """Input samples seen by one output frame: ``1 + sum_l (k_l - 1) * prod_{j<l} s_j`` (465)."""
+        rf, jump = 1, 1
+        for k, s in zip(self.conv_kernels, self.conv_strides):
+            rf += (k - 1) * jump
+            jump *= s
+        return rf
+
+    @property
+    def frame_shift(self) -> float:
+        return self.stride / self.sample_rate
+
+
+class MaskedGroupNorm(nn.Module):
+    """GroupNorm over (channels of a group, valid time steps) with an affine transform.
+
+    Equals ``nn.GroupNorm`` when every frame is valid; with a mask, padding neither enters
+    the statistics nor keeps its values (it is zeroed). Statistics in float32 (fairseq's
+    Fp32GroupNorm does the same for fp16 safety).
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"num_channels {num_channels} not divisible by num_groups {num_groups}")
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, T), mask (B, T) bool True = valid (or None) -> (B, C, T)."""
+        if mask is None:
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+        b, c, t = x.shape
+        xf = x.float().view(b, self.num_groups, c // self.num_groups, t)  # (B, G, C/G, T)
+        m = mask.to(xf.dtype).view(b, 1, 1, t)
+        n = (m.sum(-1, keepdim=True) * (c // self.num_groups)).clamp(min=1.0)  # (B, 1, 1, 1)
+        mean = (xf * m).sum((-1, -2), keepdim=True) / n
+        var = (((xf - mean) * m) ** 2).sum((-1, -2), keepdim=True) / n
+        y = ((xf - mean) / torch.sqrt(var + self.eps) * m).view(b, c, t)
+        return (y * self.weight.view(1, c, 1) + self.bias.view(1, c, 1) * mask.view(b, 1, t)).to(x.dtype)
+
+
+def conv_output_lengths(lengths: torch.Tensor, kernels: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor:
+    """Valid output frames of a stack of unpadded convolutions: ``floor((L - k) / s) + 1`` per layer."""
+    out = lengths.clone()
+    for k, s in zip(kernels, strides):
+        out = torch.div(out - k, s, rounding_mode="floor") + 1
+        out = out.clamp(min=0)
+    return out
+
+
+def lengths_mask(lengths: torch.Tensor, t: int) -> torch.Tensor:
+    """(B,) lengths -> (B, T) bool, True on valid frames."""
+    return torch.arange(t, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+class ConvFeatureEncoder(nn.Module):
+    """Waveform encoder: per layer conv (no bias) -> dropout -> GroupNorm(1 group) -> ReLU.
+
+    Args:
+        channels: output channels of every layer.
+        kernels, strides: per-layer kernel sizes and strides.
+        dropout: dropout probability after each conv.
+        log_compression: apply ``log(|x| + 1)`` to the output (paper).
+    """
+
+    def __init__(self, channels: int, kernels: tuple[int, ...], strides: tuple[int, ...],
+                 dropout: float = 0.0, log_compression: bool = True):
+        super().__init__()
+        self.kernels, self.strides = tuple(kernels), tuple(strides)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(1 if i == 0 else channels, channels, k, stride=s, bias=False)
+            for i, (k, s) in enumerate(zip(kernels, strides)))
+        self.norms = nn.ModuleList(MaskedGroupNorm(1, channels) for _ in kernels)
+        self.dropout = nn.Dropout(dropout)
+        self.log_compression = log_compression
+        self.receptive_field = 1 + sum((k - 1) * math.prod(self.strides[:i]) for i, k in enumerate(self.kernels))
+
+    def forward(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wavs (B, N), lengths (B,) samples -> (features (B, C, T), frames (B,))."""
+        if wavs.shape[1] < self.receptive_field:
+            # Too short for even one frame: pad so the convolutions run; lengths stay 0.
+            wavs = F.pad(wavs, (0, self.receptive_field - wavs.shape[1]))
+        x = wavs.unsqueeze(1)  # (B, 1, N)
+        lens = lengths
+        for conv, norm, k, s in zip(self.convs, self.norms, self.kernels, self.strides):
+            x = conv(x)  # (B, C, T_l)
+            lens = (torch.div(lens - k, s, rounding_mode="floor") + 1).clamp(min=0)
+            x = self.dropout(x)
+            x = F.relu(norm(x, lengths_mask(lens, x.shape[-1])))
+        if self.log_compression:
+            x = torch.log(x.abs() + 1.0)
+        return x, lens
+
+
+@dataclass
+class QuantizerOutput:
+    """What a quantiser returns (time-first).
+
+    Attributes:
+        quantized: (B, T, C) the G chosen codewords concatenated (straight-through in training).
+        indices: (B, T, G) chosen entry per group.
+        logits: (B, T, G, V) Gumbel logits, else None.
+        z: (B, T, G, C/G) k-means: projected encoder output before quantisation, else None.
+        codewords: (B, T, G, C/G) k-means: chosen codewords (with codebook gradient), else None.
+    """
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    logits: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    codewords: torch.Tensor | None = None
+
+
+class GumbelQuantizer(nn.Module):
+    """Gumbel-softmax quantiser (paper Sec. 3.2.1).
+
+    ``logits = MLP(x)`` (C -> hidden -> G*V); in training a hard one-hot sample of
+    ``gumbel_softmax(logits, tau)`` picks the codeword with the straight-through estimator
+    (forward: the hard one-hot, backward: the soft sample's gradient); at inference the
+    argmax. Set ``temperature`` from the schedule (:func:`~aviary.objectives.quantize.gumbel_temperature`).
+    """
+
+    def __init__(self, channels: int, num_groups: int, num_vars: int, hidden: int, shared_codebook: bool = False):
+        super().__init__()
+        self.num_groups, self.num_vars = num_groups, num_vars
+        self.shared_codebook = shared_codebook
+        self.proj = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, num_groups * num_vars))
+        # (G or 1, V, C/G); uniform init as fairseq's quantiser.
+        self.codebook = nn.Parameter(torch.empty(1 if shared_codebook else num_groups, num_vars, channels // num_groups))
+        nn.init.uniform_(self.codebook)
+        self.temperature = 2.0
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, G, V)."""
+        return rearrange(self.proj(x), "b t (g v) -> b t g v", g=self.num_groups)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> QuantizerOutput:
+        logits = self.logits(x)  # (B, T, G, V)
+        if self.training:
+            onehot = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=True, dim=-1).to(x.dtype)
+        else:
+            onehot = F.one_hot(logits.argmax(-1), self.num_vars).to(x.dtype)
+        cb = self.codebook.expand(self.num_groups, -1, -1)  # (G, V, d)
+        q = torch.einsum("btgv,gvd->btgd", onehot, cb)
+        return QuantizerOutput(quantized=rearrange(q, "b t g d -> b t (g d)"),
+                               indices=onehot.argmax(-1), logits=logits)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference codes: x (B, T, C) -> (B, T, G) argmax entries."""
+        return self.logits(x).argmax(-1)
+
+
+class KMeansQuantizer(nn.Module):
+    """k-means quantiser (paper Sec. 3.2.2).
+
+    The encoder output is first projected per group (1x1 grouped conv + GroupNorm, as in
+    fairseq) to ``z``; each group takes the nearest of V codewords by Euclidean distance.
+    Straight-through: the forward value is the codeword ``e``, the gradient goes to ``z``
+    unchanged (``z + sg(e - z)``); the codebook learns from :func:`kmeans_loss`.
+    """
+
+    def __init__(self, channels: int, num_groups: int, num_vars: int):
+        super().__init__()
+        self.num_groups, self.num_vars = num_groups, num_vars
+        self.proj = nn.Conv1d(channels, channels, 1, groups=num_groups, bias=False)
+        self.norm = MaskedGroupNorm(num_groups, channels)
+        self.codebook = nn.Parameter(0.01 * torch.randn(num_groups, num_vars, channels // num_groups))  # (G, V, d)
+
+    def project(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, C) -> z (B, T, G, d)."""
+        z = self.norm(self.proj(x.transpose(1, 2)), valid)  # (B, C, T)
+        return rearrange(z, "b (g d) t -> b t g d", g=self.num_groups)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, T, G, d) -> (B, T, G) index of the nearest codeword per group."""
+        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 does not change the argmin.
+        dots = torch.einsum("btgd,gvd->btgv", z, self.codebook)
+        return ((self.codebook ** 2).sum(-1) - 2 * dots).argmin(-1)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> QuantizerOutput:
+        z = self.project(x, valid)  # (B, T, G, d)
+        idx = self.nearest(z.detach())
+        g = torch.arange(self.num_groups, device=x.device).view(1, 1, -1)
+        e = self.codebook[g, idx]  # (B, T, G, d)
+        q = z + (e - z).detach()  # straight-through
+        return QuantizerOutput(quantized=rearrange(q, "b t g d -> b t (g d)"), indices=idx, z=z, codewords=e)
+
+    def codes(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.nearest(self.project(x, valid))
+
+
+class ConvAggregator(nn.Module):
+    """Causal context network: per layer left-padded conv -> dropout -> GroupNorm(1) -> ReLU,
+    then ``x = (x + residual) * residual_scale``.
+
+    Frame t sees only quantised frames <= t, so predicting t+k is not trivial.
+    """
+
+    def __init__(self, channels: int, kernels: tuple[int, ...], dropout: float = 0.0,
+                 residual_scale: float = math.sqrt(0.5)):
+        super().__init__()
+        self.kernels = tuple(kernels)
+        self.convs = nn.ModuleList(nn.Conv1d(channels, channels, k) for k in kernels)
+        self.norms = nn.ModuleList(MaskedGroupNorm(1, channels) for _ in kernels)
+        self.dropout = nn.Dropout(dropout)
+        self.residual_scale = residual_scale
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
+                max_layer: int | None = None) -> list[torch.Tensor]:
+        """x (B, C, T) -> every layer's output, a list of (B, C, T)."""
+        outs = []
+        n = len(self.convs) if max_layer is None else min(max_layer, len(self.convs))
+        for conv, norm, k in list(zip(self.convs, self.norms, self.kernels))[:n]:
+            res = x
+            x = conv(F.pad(x, (k - 1, 0)))  # causal: left padding only
+            x = F.relu(norm(self.dropout(x), valid))
+            x = (x + res) * self.residual_scale
+            outs.append(x)
+        return outs
+
+
+def _build_quantizer(cfg: VqWav2VecConfig) -> nn.Module:
+    if cfg.quantizer == "gumbel":
+        return GumbelQuantizer(cfg.channels, cfg.num_groups, cfg.num_vars, cfg.gumbel_hidden, cfg.shared_codebook)
+    return KMeansQuantizer(cfg.channels, cfg.num_groups, cfg.num_vars)
+
+
+class VqWav2VecUpstream(Upstream):
+    """Encoder + quantiser + context network as an upstream.
+
+    Hidden states: ``[z, q, c_1, .., c_L]`` (encoder features, quantised features, each
+    aggregator layer), all (B, T, C) at 10 ms. :meth:`tokenize` gives the discrete codes.
+    """
+
+    def __init__(self, cfg: VqWav2VecConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = ConvFeatureEncoder(cfg.channels, cfg.conv_kernels, cfg.conv_strides, cfg.dropout,
+                                          cfg.log_compression)
+        self.quantizer = _build_quantizer(cfg)
+        self.aggregator = ConvAggregator(cfg.channels, cfg.aggregator_kernels, cfg.dropout, cfg.residual_scale)
+        self.frame_shift = cfg.frame_shift
+        self.hidden_size = cfg.channels
+        self.num_hidden_states = 2 + len(cfg.aggregator_kernels)
+        self.sample_rate = cfg.sample_rate
+
+    def encode(self, wavs: torch.Tensor, wav_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (z (B, T, C), frames (B,), valid (B, T) bool)."""
+        feats, lens = self.encoder(wavs, wav_lengths)  # (B, C, T)
+        z = feats.transpose(1, 2)
+        return z, lens, lengths_mask(lens, z.shape[1])
+
+    def extract(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None,
+                max_layer: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        z, lens, valid = self.encode(wavs, wav_lengths)
+        states = [z]
+        if max_layer is None or max_layer >= 1:
+            q = self.quantizer(z, valid).quantized
+            states.append(q)
+            agg_layers = None if max_layer is None else max_layer - 1
+            if agg_layers is None or agg_layers > 0:
+                outs = self.aggregator(q.transpose(1, 2), valid, max_layer=agg_layers)
+                states.extend(o.transpose(1, 2) for o in outs)
+        return states, lens
+
+    @torch.no_grad()
+    def tokenize(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Discrete codes (inference: argmax / nearest codeword).
+
+        Returns:
+            (codes (B, T, G) long, frames (B,)). Codes on padding frames are unspecified.
+        """
+        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        z, lens, valid = self.encode(wavs, wav_lengths)
+        if isinstance(self.quantizer, KMeansQuantizer):
+            return self.quantizer.codes(z, valid), lens
+        return self.quantizer.codes(z), lens
+
+
+class VqWav2VecPretraining(nn.Module):
+    """Upstream + step-specific future predictors + losses (the ``build_pretrain`` model)."""
+
+    def __init__(self, cfg: VqWav2VecConfig):
+        super().__init__()
+        self.config = cfg
+        self.upstream = VqWav2VecUpstream(cfg)
+        # K affine maps h_k, one Linear producing all of them (fairseq: ConvTranspose2d (1, K)).
+        self.predictor = nn.Linear(cfg.channels, cfg.channels * cfg.prediction_steps)
+        self.set_progress(0, 1)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Anneal the Gumbel temperature (a pure function of step / total_steps)."""
+        cfg = self.config
+        self.temperature = gumbel_temperature(step / max(total_steps, 1), cfg.temp_start, cfg.temp_end,
+                                              cfg.temp_anneal_fraction)
+        if isinstance(self.upstream.quantizer, GumbelQuantizer):
+            self.upstream.quantizer.temperature = self.temperature
+
+    def forward(self, batch: dict) -> ObjectiveOutput:
+        """batch: ``wavs`` (B, N), ``wav_lengths`` (B,); optional ``negatives`` (B, T, N) indices."""
+        cfg = self.config
+        up = self.upstream
+        z, lens, valid = up.encode(batch["wavs"], batch["wav_lengths"])  # (B, T, C)
+        qo = up.quantizer(z, valid)
+        c = up.aggregator(qo.quantized.transpose(1, 2), valid)[-1].transpose(1, 2)  # (B, T, C)
+        b, t, ch = c.shape
+        preds = self.predictor(c).view(b, t, cfg.prediction_steps, ch)  # (B, T, K, C)
+        negs = batch.get("negatives")
+        if negs is None:
+            negs = sample_negatives(lens, t, cfg.num_negatives)
+        pred_loss, metrics = future_prediction_loss(preds, qo.quantized, lens, negs, cfg.prediction_offset)
+        loss = pred_loss
+        metrics = {"prediction_loss": pred_loss.detach(), **metrics,
+                   **codebook_metrics(qo.indices, valid, cfg.num_vars)}
+        if qo.z is not None:
+            km = kmeans_loss(qo.z, qo.codewords, valid, cfg.kmeans_gamma)
+            loss = loss + cfg.kmeans_weight * km
+            metrics["kmeans_loss"] = km.detach()
+        if qo.logits is not None:
+            metrics["temperature"] = torch.tensor(self.temperature)
+            if cfg.diversity_weight > 0:
+                div = diversity_loss(qo.logits, valid)
+                loss = loss + cfg.diversity_weight * div
+                metrics["diversity_loss"] = div.detach()
+        return ObjectiveOutput(loss=loss, metrics=metrics,
+                               extras={"indices": qo.indices.detach(), "lengths": lens})
+
+
+register_family(Family(name="vq-wav2vec", config_cls=VqWav2VecConfig,
+                       build_pretrain=VqWav2VecPretraining, build_upstream=VqWav2VecUpstream,
+                       batch_kind="audio"))
+
+
+@register_preset("vq-wav2vec-gumbel", "vq-wav2vec, Gumbel-softmax quantiser, paper size (G=2, V=320)")
+def vq_wav2vec_gumbel() -> VqWav2VecConfig:
+    return VqWav2VecConfig(quantizer="gumbel")
+
+
+@register_preset("vq-wav2vec-kmeans", "vq-wav2vec, k-means quantiser, paper size (G=2, V=320)")
+def vq_wav2vec_kmeans() -> VqWav2VecConfig:
+    return VqWav2VecConfig(quantizer="kmeans")
+
+
+@register_preset("vq-wav2vec-gumbel-cpu", "vq-wav2vec Gumbel, CPU-sized: 128 channels, 4 context layers")
+def vq_wav2vec_gumbel_cpu() -> VqWav2VecConfig:
+    return VqWav2VecConfig(quantizer="gumbel", channels=128, gumbel_hidden=256, aggregator_kernels=(2, 3, 4, 5))
+
+
+@register_preset("vq-wav2vec-kmeans-cpu", "vq-wav2vec k-means, CPU-sized: 128 channels, 4 context layers")
+def vq_wav2vec_kmeans_cpu() -> VqWav2VecConfig:
+    return VqWav2VecConfig(quantizer="kmeans", channels=128, aggregator_kernels=(2, 3, 4, 5))

@@ -1,0 +1,180 @@
+"""vq-wav2vec: geometry, quantisers, padding invariance, presets, loading."""
+import pytest
+import torch
+
+import aviary
+from aviary.config import ConfigError
+from aviary.models.registry import PRESETS, count_parameters, get_family, get_preset, list_presets
+from aviary.models.vqwav2vec import (GumbelQuantizer, KMeansQuantizer, VqWav2VecConfig, VqWav2VecPretraining,
+                                     VqWav2VecUpstream, conv_output_lengths)
+from aviary.train.checkpoint import save_tensors
+
+VQ_PRESETS = [n for n in list_presets() if n.startswith("vq-wav2vec")]
+
+
+def tiny(quantizer="gumbel", **kw):
+    return VqWav2VecConfig(quantizer=quantizer, channels=16, gumbel_hidden=24, num_vars=12,
+                           aggregator_kernels=(2, 3), prediction_steps=3, num_negatives=4, **kw)
+
+
+def test_receptive_field_and_stride_from_config():
+    cfg = VqWav2VecConfig()
+    assert cfg.receptive_field == 465 and cfg.stride == 160 and cfg.frame_shift == pytest.approx(0.01)
+    up = VqWav2VecUpstream(tiny())
+    assert up.encoder.receptive_field == 465
+    # a different stack changes both numbers: RF = 1 + (3-1) + (3-1)*2 = 7, stride 4
+    c2 = VqWav2VecConfig(conv_kernels=(3, 3), conv_strides=(2, 2))
+    assert (c2.receptive_field, c2.stride) == (7, 4)
+
+
+@pytest.mark.parametrize("n", [465, 624, 625, 16000, 16161])
+def test_output_lengths(n):
+    up = VqWav2VecUpstream(tiny()).eval()
+    z, lens, _ = up.encode(torch.randn(1, n), torch.tensor([n]))
+    expect = (n - 465) // 160 + 1
+    assert z.shape[1] == expect and lens.item() == expect
+    assert conv_output_lengths(torch.tensor([n]), up.config.conv_kernels, up.config.conv_strides).item() == expect
+
+
+def test_short_input_gives_zero_frames():
+    up = VqWav2VecUpstream(tiny()).eval()
+    hs, lens = up.extract(torch.randn(2, 1000), torch.tensor([1000, 300]))
+    assert lens.tolist() == [4, 0]
+
+
+@pytest.mark.parametrize("quantizer", ["gumbel", "kmeans"])
+def test_padded_batch_equals_one_by_one(quantizer):
+    torch.manual_seed(0)
+    up = VqWav2VecUpstream(tiny(quantizer)).eval()
+    lens = torch.tensor([4000, 2500, 3100])
+    wavs = torch.randn(3, 4000)
+    hs, out_lens = up.extract(wavs, lens)
+    assert len(hs) == up.num_hidden_states == 4
+    codes, code_lens = up.tokenize(wavs, lens)
+    for i in range(3):
+        hs1, l1 = up.extract(wavs[i:i + 1, : lens[i]])
+        assert l1.item() == out_lens[i].item()
+        for a, b in zip(hs, hs1):
+            assert torch.allclose(a[i, : l1.item()], b[0], atol=1e-5), (quantizer, i)
+        c1, _ = up.tokenize(wavs[i:i + 1, : lens[i]])
+        assert torch.equal(codes[i, : l1.item()], c1[0])
+
+
+def test_max_layer():
+    up = VqWav2VecUpstream(tiny()).eval()
+    wavs = torch.randn(1, 3000)
+    full, _ = up.extract(wavs)
+    for k in range(4):
+        part, _ = up.extract(wavs, max_layer=k)
+        assert len(part) == k + 1
+        assert torch.allclose(part[-1], full[k])
+
+
+def test_gumbel_hard_codewords_and_inference_argmax():
+    torch.manual_seed(0)
+    q = GumbelQuantizer(16, num_groups=2, num_vars=5, hidden=8)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    q.train()
+    out = q(x)
+    # straight-through hard sample: each group's output is exactly one codeword
+    cw = out.quantized.view(2, 7, 2, 8)
+    for g in range(2):
+        assert torch.allclose(cw[:, :, g], q.codebook[g][out.indices[..., g]])
+    out.quantized.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # gradient through the soft sample
+    q.eval()
+    out = q(x)
+    assert torch.equal(out.indices, q.logits(x).argmax(-1))
+    shared = GumbelQuantizer(16, 2, 5, 8, shared_codebook=True)
+    assert shared.codebook.shape == (1, 5, 8)
+
+
+def test_kmeans_nearest_is_euclidean_argmin():
+    torch.manual_seed(0)
+    q = KMeansQuantizer(8, num_groups=2, num_vars=6)
+    z = torch.randn(3, 5, 2, 4)
+    idx = q.nearest(z)
+    brute = torch.stack([torch.cdist(z[:, :, g].reshape(-1, 4), q.codebook[g]).argmin(-1).view(3, 5)
+                         for g in range(2)], -1)
+    assert torch.equal(idx, brute)
+
+
+def test_kmeans_gradients_reach_encoder_through_straight_through():
+    torch.manual_seed(0)
+    m = VqWav2VecPretraining(tiny("kmeans", kmeans_weight=0.0))
+    wavs = torch.randn(2, 4000)
+    out = m({"wavs": wavs, "wav_lengths": torch.tensor([4000, 3500])})
+    out.loss.backward()
+    first = m.upstream.encoder.convs[0].weight.grad
+    assert first is not None and first.abs().sum() > 0
+    # without the k-means loss the codebook gets no gradient (straight-through skips it)
+    cb = m.upstream.quantizer.codebook.grad
+    assert cb is None or cb.abs().sum() == 0
+    m.zero_grad()
+    m2 = VqWav2VecPretraining(tiny("kmeans"))
+    m2({"wavs": wavs, "wav_lengths": torch.tensor([4000, 3500])}).loss.backward()
+    assert m2.upstream.quantizer.codebook.grad.abs().sum() > 0
+
+
+def test_set_progress_anneals_temperature():
+    m = VqWav2VecPretraining(tiny())
+    assert m.upstream.quantizer.temperature == pytest.approx(2.0)
+    m.set_progress(70, 100)
+    assert m.upstream.quantizer.temperature == pytest.approx(0.5)
+    m.set_progress(35, 100)
+    assert m.upstream.quantizer.temperature == pytest.approx(1.25)
+
+
+def test_pretraining_metrics_and_seeded_negatives():
+    torch.manual_seed(0)
+    m = VqWav2VecPretraining(tiny())
+    batch = {"wavs": torch.randn(2, 4000), "wav_lengths": torch.tensor([4000, 3000])}
+    out = m(batch)
+    for k in ("accuracy", "perplexity_g0", "perplexity_g1", "code_usage", "temperature", "prediction_loss"):
+        assert k in out.metrics
+    assert torch.isfinite(out.loss)
+    m.eval()
+    neg = torch.zeros(2, 23, 4, dtype=torch.long) + 1  # (4000 - 465) // 160 + 1 = 23 frames
+    a = m({**batch, "negatives": neg}).loss
+    b = m({**batch, "negatives": neg}).loss
+    assert a.item() == b.item()
+
+
+def test_config_validation_names_key():
+    with pytest.raises(ConfigError, match="num_groups"):
+        VqWav2VecConfig(channels=30, num_groups=4)
+    with pytest.raises(ConfigError, match="conv_kernels"):
+        VqWav2VecConfig(conv_kernels=(10, 8), conv_strides=(5,))
+    assert VqWav2VecConfig.from_dict(VqWav2VecConfig().to_dict()) == VqWav2VecConfig()
+
+
+@pytest.mark.parametrize("name", VQ_PRESETS)
+def test_presets(name):
+    cfg = get_preset(name)
+    assert cfg.family == "vq-wav2vec" and cfg.receptive_field == 465 and cfg.stride == 160
+    fam = get_family(cfg.family)
+    assert fam.batch_kind == "audio"
+    if name.endswith("-cpu"):
+        m = fam.build_pretrain(cfg)
+        out = m({"wavs": torch.randn(1, 3200), "wav_lengths": torch.tensor([3200])})
+        out.loss.backward()
+        assert count_parameters(m) < 2_000_000
+    else:
+        assert cfg.channels == 512 and len(cfg.aggregator_kernels) == 12 and cfg.aggregator_kernels[-1] == 13
+        assert cfg.num_groups == 2 and cfg.num_vars == 320 and cfg.prediction_steps == 8 and cfg.num_negatives == 10
+
+
+def test_all_four_presets_registered():
+    assert {"vq-wav2vec-gumbel", "vq-wav2vec-kmeans", "vq-wav2vec-gumbel-cpu", "vq-wav2vec-kmeans-cpu"} <= set(PRESETS)
+
+
+def test_aviary_load_roundtrip(tmp_path):
+    cfg = tiny("kmeans")
+    m = VqWav2VecPretraining(cfg).eval()
+    save_tensors(tmp_path / "model.safetensors", m.state_dict(), config={"model": cfg.to_dict(), "step": 1})
+    up = aviary.load(tmp_path)
+    assert isinstance(up, VqWav2VecUpstream) and up.frame_shift == pytest.approx(0.01)
+    wavs = torch.randn(1, 3000)
+    a, _ = m.upstream.extract(wavs)
+    b, _ = up.extract(wavs)
+    assert all(torch.allclose(x, y) for x, y in zip(a, b))
