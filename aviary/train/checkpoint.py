@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -209,3 +210,149 @@ def optimizer_from_tensors(tensors: Mapping[str, torch.Tensor], js: Mapping[str,
     for idx, d in js.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(d)
     return {"state": state, "param_groups": js["param_groups"]}
+
+
+# Run directories: checkpoints/step-NNNNNNNN/{model,trainer}.safetensors + trainer.json.
+#
+# A checkpoint directory is first written in full under a hidden temporary name and then
+# renamed to ``step-NNNNNNNN``: a directory with that name is therefore always complete
+# (each file is also atomic and checksummed, which catches later truncation or bit rot).
+
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.safetensors"
+TRAINER_JSON = "trainer.json"
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """``RUN_DIR/checkpoints/step-00001000`` for ``step=1000``."""
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every checkpoint directory of a run, newest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    out = []
+    if root.is_dir():
+        for d in root.glob("step-*"):
+            suffix = d.name[len("step-"):]
+            if d.is_dir() and suffix.isdigit():
+                out.append((int(suffix), d))
+    return sorted(out, reverse=True)
+
+
+def _json_checksum(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model_tensors: Mapping[str, torch.Tensor],
+                    config: Mapping[str, Any], trainer_tensors: Mapping[str, torch.Tensor],
+                    trainer_state: Mapping[str, Any], keep_last: int | None = None) -> Path:
+    """Write one complete training checkpoint of a run, atomically, then prune old ones.
+
+    Args:
+        run_dir: the run directory.
+        step: number of optimizer updates done; names the directory.
+        model_tensors: the pretraining model's state dict.
+        config: JSON config stored in the model file's metadata (``{"model", "train", ...}``).
+        trainer_tensors: optimizer (and other) tensors.
+        trainer_state: JSON-able loop state (step, sampler position, optimizer groups, ...);
+            a checksum of it is added so a damaged ``trainer.json`` is detected.
+        keep_last: if given, delete all but the newest ``keep_last`` checkpoints afterwards.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        CheckpointError: a write failed (e.g. disk full). Earlier checkpoints are untouched and
+            the partial directory is removed.
+    """
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        save_tensors(tmp / MODEL_FILE, model_tensors, config=config)
+        save_tensors(tmp / TRAINER_FILE, trainer_tensors)
+        state = dict(trainer_state)
+        state["checksum"] = _json_checksum(state)
+        write_json_atomic(tmp / TRAINER_JSON, state)
+        if final.exists():
+            # Only when a resumed run re-reaches the step of a checkpoint it found damaged.
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=root))
+            os.replace(final, trash / final.name)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        hint = " (disk full)" if e.errno == errno.ENOSPC else ""
+        raise CheckpointError(f"could not write checkpoint {final}{hint}: {e}; "
+                              "earlier checkpoints are intact") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last is not None:
+        prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and any leftover temporary dirs."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    for _step, d in list_checkpoints(run_dir)[keep_last:]:
+        shutil.rmtree(d, ignore_errors=True)
+    root = Path(run_dir) / CHECKPOINTS
+    for d in root.glob(".step-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                         dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify one checkpoint directory.
+
+    Returns:
+        (model tensors, model config from the metadata, trainer tensors, trainer state).
+
+    Raises:
+        CheckpointError: a file is missing, truncated or fails its checksum.
+    """
+    d = Path(ckpt_dir)
+    model, meta = load_tensors(d / MODEL_FILE)
+    config = load_config_from_metadata(d / MODEL_FILE, meta)
+    trainer, _ = load_tensors(d / TRAINER_FILE)
+    state = read_json(d / TRAINER_JSON)
+    if not isinstance(state, dict) or "checksum" not in state:
+        raise CheckpointError(f"{d / TRAINER_JSON}: no checksum; not an aviary trainer state")
+    stored = state.pop("checksum")
+    if _json_checksum(state) != stored:
+        raise CheckpointError(f"{d / TRAINER_JSON}: checksum mismatch, the file is corrupted")
+    return model, config, trainer, state
+
+
+def latest_good_checkpoint(run_dir: str | os.PathLike):
+    """The newest checkpoint of a run that loads and verifies, falling back past bad ones.
+
+    Every damaged checkpoint skipped on the way is reported with a warning naming the file
+    and the problem.
+
+    Returns:
+        ``(directory, (model tensors, config, trainer tensors, trainer state))``, or ``None``
+        when the run has no checkpoint at all.
+
+    Raises:
+        CheckpointError: checkpoints exist but none of them is readable.
+    """
+    found = list_checkpoints(run_dir)
+    errors = []
+    for _step, d in found:
+        try:
+            return d, load_checkpoint(d)
+        except CheckpointError as e:
+            log.warning("checkpoint %s is unusable, falling back to the previous one: %s", d, e)
+            errors.append(str(e))
+    if found:
+        raise CheckpointError(f"{run_dir}: none of the {len(found)} checkpoints is usable: "
+                              + "; ".join(errors))
+    return None

@@ -1,0 +1,612 @@
+"""The pretraining loop: one explicit loop for every model family.
+
+``pretrain(model_cfg, train_cfg, data, run_dir)`` builds the family's pretraining model,
+then repeats: take ``grad_accum`` micro-batches, forward under autocast, backward, check
+that loss and gradient are finite, clip, AdamW step at the scheduled learning rate. Every
+``log_every`` steps it writes metrics, every ``val_every`` steps a validation loss, every
+``checkpoint_every`` steps a checkpoint (and at the end, and on SIGINT / SIGTERM).
+
+Exact resume: everything random about micro-batch ``g`` (crops, masks, dropout) is drawn
+from ``(seed, g)`` (see :mod:`aviary.train.data`), the learning rate is a function of the
+step, and the checkpoint holds the weights, the optimizer moments and the stream position.
+A run killed and resumed from a checkpoint therefore ends with exactly the weights of an
+uninterrupted run (bitwise on CPU; tested in ``tests/train/test_resume.py``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from aviary.config import Config, ConfigError
+from aviary.train import checkpoint as ckpt
+from aviary.train.config import TrainConfig
+from aviary.train.data import (Collate, ItemDataset, MicroBatchStream, StreamPosition, TrainData,
+                               build_train_data, mix_seed)
+from aviary.train.distributed import (DistInfo, all_reduce_sum, barrier, cleanup_distributed,
+                                      init_distributed)
+from aviary.train.schedule import linear_warmup_decay
+
+log = logging.getLogger(__name__)
+
+#: Seed stream id of validation batches, kept apart from the training stream's.
+_VALID_STREAM = 0x7A11D
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain` did."""
+
+    run_dir: Path
+    step: int                       # optimizer steps done (including skipped ones)
+    interrupted: bool = False       # stopped early by SIGINT / SIGTERM (checkpoint written)
+    train_loss: float = math.nan    # mean loss of the last logging window
+    valid_loss: float | None = None  # last validation loss
+    nonfinite_steps: int = 0        # steps skipped for a non-finite loss / gradient
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# Device, precision
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` if a GPU is visible, else ``cpu``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{info.local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device' = {name!r} is invalid: no CUDA device is available")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """Autocast dtype (``None``: fp32) and whether a GradScaler is needed (fp16).
+
+    ``auto``: bf16 on a CPU with native bf16 (else fp32); on CUDA bf16 where supported,
+    else fp16 with loss scaling.
+    """
+    if device.type == "cpu":
+        if precision == "fp16":
+            raise ConfigError("config key 'precision' = 'fp16' is invalid on CPU: allowed auto, fp32, bf16")
+        if precision == "auto":
+            precision = "bf16" if cpu_supports_bf16() else "fp32"
+    elif precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return dtype, precision == "fp16"
+
+
+# Optimizer
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices only.
+
+    Biases, LayerNorm / GroupNorm weights and other vectors get no decay (BERT, s3prl);
+    a model may name more (position embeddings, mask tokens) with ``no_weight_decay()``.
+    Parameters shared between modules (ALBERT) appear once.
+    """
+    extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # named_parameters() de-duplicates shared tensors
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name in extra else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+# Signals
+
+
+class StopFlag:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            # A second Ctrl-C means "now": give up on the checkpoint.
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received %s: finishing this step, writing a checkpoint, then stopping",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# Run directory
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step``: a resumed run re-does those steps and logs them again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    ckpt.write_bytes_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+class MetricsWriter:
+    """``metrics.jsonl`` (always) and TensorBoard (when importable), rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_step: int) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        _trim_metrics(self.path, start_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("tensorboard is not installed; metrics go to %s only", self.path)
+            else:
+                # purge_step drops events a killed run logged after its last checkpoint.
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# Validation
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, data: TrainData, cfg: TrainConfig, device: torch.device,
+                    amp_dtype: torch.dtype | None) -> dict[str, float]:
+    """Mean loss (and metrics) over the first ``val_batches`` batches of ``data``.
+
+    The same batches, crops and masks every time (seeded from ``cfg.seed`` alone), so
+    successive values differ only because the weights do.
+    """
+    was_training = model.training
+    model.eval()
+    batches = data.epoch_batches(0, mix_seed(cfg.seed, _VALID_STREAM))
+    if cfg.val_batches:
+        batches = batches[: cfg.val_batches]
+    sums: dict[str, float] = {}
+    n = 0
+    for j, idx in enumerate(batches):
+        items = [data.load_item(i, mix_seed(cfg.seed, _VALID_STREAM, j, k)) for k, i in enumerate(idx)]
+        items = [it for it in items if it is not None]
+        if not items:
+            continue
+        batch = _to_device(data.collate(items), device)
+        torch.manual_seed(mix_seed(cfg.seed, _VALID_STREAM, j))
+        with _autocast(device, amp_dtype):
+            out = model(batch)
+        for k, v in {"loss": out.loss, **out.metrics}.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    model.train(was_training)
+    return {k: v / n for k, v in sums.items()} if n else {}
+
+
+# Helpers
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: TrainConfig,
+                     data_desc: str, info: DistInfo) -> None:
+    """Refuse to overwrite a run by accident; write ``run.json`` (rank 0)."""
+    existing = ckpt.list_checkpoints(run_dir)
+    if existing and not resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints (newest step {existing[0][0]}); "
+                          "pass --resume to continue that run or choose another --out")
+    run_json = run_dir / "run.json"
+    if resume and run_json.is_file():
+        stored = ckpt.read_json(run_json)
+        if stored.get("model") != model_cfg.to_dict():
+            diff = sorted(k for k in set(stored.get("model", {})) | set(model_cfg.to_dict())
+                          if stored.get("model", {}).get(k) != model_cfg.to_dict().get(k))
+            raise ConfigError(f"{run_json}: --resume with a different model config "
+                              f"(keys {diff}); resume with the same --model/overrides")
+        changed = sorted(k for k, v in train_cfg.to_dict().items() if stored.get("train", {}).get(k) != v)
+        if changed:
+            log.warning("resuming with changed train config keys %s; the result will differ "
+                        "from an uninterrupted run", changed)
+    if info.is_main:
+        ckpt.write_json_atomic(run_json, {
+            "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": data_desc,
+            "world_size": info.world_size, "git_commit": _git_commit(),
+            "format_version": ckpt.FORMAT_VERSION,
+        })
+
+
+def _save(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
+          scaler: Any, model_cfg: Config, train_cfg: TrainConfig, stream: StreamPosition,
+          counters: dict[str, int], info: DistInfo) -> None:
+    """Checkpoint + root bundle (rank 0). A failure raises CheckpointError naming the cause."""
+    if not info.is_main:
+        return
+    tensors = _unwrap(model).state_dict()
+    config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "step": step,
+              "format_version": ckpt.FORMAT_VERSION}
+    opt_tensors, opt_json = ckpt.optimizer_to_tensors(opt.state_dict())
+    state = {"step": step, "epoch": stream.epoch, "position": stream.position, "g": stream.g,
+             "world_size": info.world_size, "optimizer": opt_json, "counters": counters,
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    d = ckpt.save_checkpoint(run_dir, step, tensors, config, opt_tensors, state,
+                             keep_last=train_cfg.keep_last)
+    # The root bundle is what `aviary.load(RUN_DIR)` reads first.
+    ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, tensors, config=config)
+    log.info("checkpoint %s", d)
+
+
+# The loop
+
+
+def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike | None,
+             run_dir: str | os.PathLike, resume: bool = False,
+             train_data: TrainData | None = None, valid_data: TrainData | None = None
+             ) -> PretrainResult:
+    """Pretrain a model; checkpoints, metrics and the final weights go to ``run_dir``.
+
+    Args:
+        model_cfg: the family's pretraining config (``model_cfg.family`` picks the family).
+        train_cfg: optimisation / batching / checkpointing settings.
+        data: corpus directory or manifest file (its ``train`` split is used when it has
+            one, and its ``valid`` split for validation), or ``None`` with ``train_data``.
+        run_dir: output directory (see DEVELOPING.md for its layout).
+        resume: continue from the newest good checkpoint of ``run_dir`` (a run without one
+            starts from scratch).
+        train_data, valid_data: ready-made :class:`TrainData` instead of ``data``.
+
+    Returns:
+        A :class:`PretrainResult`.
+
+    Raises:
+        ConfigError: bad settings or data (before any training).
+        CheckpointError: a checkpoint could not be written (disk full), or none is usable.
+        NonFiniteError: ``max_nonfinite_steps`` non-finite steps in a row.
+    """
+    from aviary.models.registry import get_family
+
+    cfg = train_cfg
+    run_dir = Path(run_dir)
+    family = get_family(model_cfg.family)
+    probe_device = resolve_device(cfg.device, DistInfo())
+    info = init_distributed(probe_device.type)
+    try:
+        device = resolve_device(cfg.device, info)
+        amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
+
+        # Data first: a missing corpus should fail before a model is built.
+        if train_data is None:
+            if data is None:
+                raise ConfigError("no training data: pass a corpus directory or manifest")
+            train_data, valid_data = _open_splits(family.batch_kind, data, cfg, model_cfg)
+        if len(train_data) == 0:
+            raise ConfigError(f"{data}: the training split is empty")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_run_dir(run_dir, resume, model_cfg, cfg, str(data), info)
+        barrier(info)
+
+        # Same initial weights on every rank and in every run of this seed.
+        torch.manual_seed(cfg.seed)
+        model = family.build_pretrain(model_cfg).to(device)
+        model.train()
+        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        start = StreamPosition()
+        counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0, "skipped_items": 0}
+        step = 0
+        if resume:
+            found = ckpt.latest_good_checkpoint(run_dir)
+            if found is not None:
+                d, (m_tensors, _conf, t_tensors, state) = found
+                model.load_state_dict(m_tensors, strict=True)
+                opt.load_state_dict(ckpt.optimizer_from_tensors(t_tensors, state["optimizer"]))
+                if scaler is not None and state.get("scaler"):
+                    scaler.load_state_dict(state["scaler"])
+                step = int(state["step"])
+                start = StreamPosition(state["epoch"], state["position"], state["g"])
+                counters.update(state.get("counters", {}))
+                if state.get("world_size", 1) != info.world_size:
+                    log.warning("resuming a %d-process run on %d processes: batches per step "
+                                "change", state.get("world_size", 1), info.world_size)
+                log.info("resuming from %s (step %d)", d, step)
+            else:
+                log.info("--resume: %s has no checkpoint yet, starting from scratch", run_dir)
+        if step >= cfg.steps:
+            log.info("%s is already at step %d of %d", run_dir, step, cfg.steps)
+            return PretrainResult(run_dir, step, nonfinite_steps=counters["nonfinite_steps"])
+
+        if info.enabled:
+            ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
+        return _train(model, opt, scaler, model_cfg, cfg, train_data, valid_data, run_dir,
+                      device, amp_dtype, info, step, start, counters)
+    finally:
+        cleanup_distributed(info)
+
+
+def _open_splits(batch_kind: str, data: str | os.PathLike, cfg: TrainConfig, model_cfg: Config
+                 ) -> tuple[TrainData, TrainData | None]:
+    """``train`` / ``valid`` splits of a corpus directory, or a single manifest (no validation)."""
+    p = Path(data)
+    has_splits = (p.is_dir() and (p / "train.jsonl").is_file()) or (
+        p.name == "manifest.jsonl" and (p.parent / "train.jsonl").is_file())
+    if not has_splits:
+        if p.is_dir():
+            return build_train_data(batch_kind, p, None, cfg, model_cfg), None
+        log.info("%s has no train/valid split: training on all of it, no validation", p)
+        return build_train_data(batch_kind, p, None, cfg, model_cfg), None
+    train = build_train_data(batch_kind, p, "train", cfg, model_cfg)
+    root = p if p.is_dir() else p.parent
+    valid = build_train_data(batch_kind, p, "valid", cfg, model_cfg) if (root / "valid.jsonl").is_file() else None
+    return train, valid
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg: Config,
+           cfg: TrainConfig, train_data: TrainData, valid_data: TrainData | None, run_dir: Path,
+           device: torch.device, amp_dtype: torch.dtype | None, info: DistInfo, step: int,
+           start: StreamPosition, counters: dict[str, int]) -> PretrainResult:
+    from tqdm.auto import tqdm
+
+    core = _unwrap(model)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    stream = MicroBatchStream(train_data, cfg.seed, start, info.rank, info.world_size)
+    # The checkpointed position must be that of the step boundary, not of the DataLoader's
+    # prefetching: a shadow stream of indices only is advanced as batches are consumed.
+    shadow = MicroBatchStream(train_data, cfg.seed, start, info.rank, info.world_size)
+    loader = torch.utils.data.DataLoader(
+        ItemDataset(train_data), batch_sampler=stream, collate_fn=Collate(train_data),
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    metrics = MetricsWriter(run_dir, info.is_main, cfg.tensorboard, step)
+    bar = tqdm(total=cfg.steps, initial=step, disable=None if info.is_main else True,
+               dynamic_ncols=True, desc="pretrain")
+    result = PretrainResult(run_dir, step)
+    window: dict[str, float] = {}
+    window_steps, window_amount, window_t0 = 0, 0.0, time.perf_counter()
+    last_saved = step
+
+    def save(at: int) -> None:
+        nonlocal last_saved
+        failed = torch.zeros(1, device=device)
+        try:
+            _save(run_dir, at, model, opt, scaler, model_cfg, cfg, shadow.pos, counters, info)
+        except BaseException:
+            failed += 1
+            all_reduce_sum(failed, info)  # let the other ranks stop too, not hang
+            raise
+        all_reduce_sum(failed, info)
+        if failed.item():
+            raise ckpt.CheckpointError(f"rank 0 could not write the checkpoint of step {at}")
+        last_saved = at
+
+    try:
+        with StopFlag() as stop:
+            while step < cfg.steps:
+                lr = linear_warmup_decay(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.lr * cfg.min_lr_ratio)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                if hasattr(core, "set_progress"):
+                    core.set_progress(step, cfg.steps)
+                opt.zero_grad(set_to_none=True)
+                step_loss, loss_finite, step_metrics = 0.0, True, {}
+                for micro in range(cfg.grad_accum):
+                    g, batch, dropped = next(batches)
+                    for _ in range(info.world_size):
+                        shadow.next_global()
+                    counters["skipped_items"] += dropped
+                    if batch is None:
+                        if info.enabled:
+                            raise RuntimeError(f"micro-batch {g}: every file is unusable; run "
+                                               "`aviary check-data` and remove the broken files")
+                        continue  # nothing usable in this micro-batch: no gradient from it
+                    window_amount += train_data.batch_amount(batch)
+                    batch = _to_device(batch, device)
+                    # Masks and dropout of micro-batch g depend on (seed, g) only.
+                    torch.manual_seed(mix_seed(cfg.seed, g))
+                    sync = micro == cfg.grad_accum - 1 or not info.enabled
+                    with (nullcontext() if sync else model.no_sync()):
+                        with _autocast(device, amp_dtype):
+                            out = model(batch)
+                        # Mean over micro-batches (DDP averages over ranks on top).
+                        loss = out.loss.float() / cfg.grad_accum
+                        if scaler is not None:
+                            scaler.scale(loss).backward()
+                        else:
+                            loss.backward()
+                    lv = float(out.loss.detach())
+                    loss_finite &= math.isfinite(lv)
+                    step_loss += lv / cfg.grad_accum
+                    for k, v in out.metrics.items():
+                        step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                # Clip and measure in one pass; inf max_norm only measures.
+                gnorm = float(torch.nn.utils.clip_grad_norm_(
+                    params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+                # Every rank must take the same decision: share "was my loss finite".
+                bad = torch.tensor([0.0 if loss_finite else 1.0], device=device)
+                all_reduce_sum(bad, info)
+                finite = bool(bad.item() == 0) and math.isfinite(gnorm)
+                if scaler is not None:
+                    # fp16: GradScaler skips overflowing steps itself and lowers the scale;
+                    # only a non-finite loss counts as a numerical failure.
+                    scaler.step(opt)
+                    scaler.update()
+                    finite = bool(bad.item() == 0)
+                elif finite:
+                    opt.step()
+                step += 1
+                if finite:
+                    counters["nonfinite_in_a_row"] = 0
+                else:
+                    counters["nonfinite_steps"] += 1
+                    counters["nonfinite_in_a_row"] += 1
+                    log.warning("step %d: non-finite %s (loss %.4g, grad norm %.4g); update skipped "
+                                "(%d in a row, limit %d)", step, "loss" if bad.item() else "gradient",
+                                step_loss, gnorm, counters["nonfinite_in_a_row"], cfg.max_nonfinite_steps)
+                    if counters["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+                        raise NonFiniteError(
+                            f"stopping at step {step}: {counters['nonfinite_in_a_row']} steps in a row "
+                            f"had a non-finite loss or gradient (max_nonfinite_steps="
+                            f"{cfg.max_nonfinite_steps}); last checkpoint: step {last_saved}. "
+                            "Lower train.lr, check the data (`aviary check-data`), or use fp32.")
+                if finite:  # skipped steps stay out of the averages (they are counted apart)
+                    for k, v in {"loss": step_loss, "grad_norm": gnorm, **step_metrics}.items():
+                        window[k] = window.get(k, 0.0) + v
+                    window_steps += 1
+
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    rec = _log_record(window, window_steps, window_amount, window_t0, step, lr,
+                                      counters, train_data, info, device)
+                    metrics.write(rec)
+                    result.history.append(rec)
+                    result.train_loss = rec.get("loss", math.nan)
+                    bar.set_postfix(loss=f"{rec.get('loss', math.nan):.4f}",
+                                    **{f"{train_data.unit}/s": f"{rec['throughput']:.1f}"})
+                    log.debug("step %d %s", step, rec)
+                    window, window_steps, window_amount = {}, 0, 0.0
+                    window_t0 = time.perf_counter()
+                bar.update(1)
+
+                if valid_data is not None and cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps:
+                    result.valid_loss = _validate(core, valid_data, cfg, device, amp_dtype, step,
+                                                  metrics, result, info)
+                # All ranks must agree to stop after the same step.
+                flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=device)
+                all_reduce_sum(flag, info)
+                if flag.item() > 0:
+                    save(step)
+                    result.interrupted = True
+                    log.warning("stopped at step %d; continue with --resume", step)
+                    break
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    save(step)
+
+            if not result.interrupted:
+                if valid_data is not None:
+                    result.valid_loss = _validate(core, valid_data, cfg, device, amp_dtype, step,
+                                                  metrics, result, info)
+                if last_saved != step:
+                    save(step)
+    finally:
+        bar.close()
+        metrics.close()
+        del batches  # shuts DataLoader workers down
+    result.step = step
+    result.nonfinite_steps = counters["nonfinite_steps"]
+    skipped = getattr(train_data, "skipped", None)
+    if skipped:
+        log.warning("%d unusable files were skipped during training (first: %s)",
+                    len(skipped), next(iter(skipped.items())))
+    return result
+
+
+def _log_record(window: dict[str, float], n: int, amount: float, t0: float, step: int, lr: float,
+                counters: dict[str, int], data: TrainData, info: DistInfo, device: torch.device
+                ) -> dict[str, Any]:
+    """Average a logging window over its steps (and over ranks)."""
+    keys = sorted(window)
+    vals = torch.tensor([window[k] for k in keys] + [float(n), amount], dtype=torch.float64, device=device)
+    all_reduce_sum(vals, info)
+    n_all = float(vals[-2])
+    rec: dict[str, Any] = {"step": step, "lr": lr}
+    for i, k in enumerate(keys):
+        rec[k] = float(vals[i]) / max(n_all, 1.0)
+    rec["throughput"] = float(vals[-1]) / max(time.perf_counter() - t0, 1e-9)
+    rec["nonfinite_steps"] = counters["nonfinite_steps"]
+    rec["skipped_items"] = counters["skipped_items"]
+    return rec
+
+
+def _validate(core: nn.Module, data: TrainData, cfg: TrainConfig, device: torch.device,
+              amp_dtype: torch.dtype | None, step: int, metrics: MetricsWriter,
+              result: PretrainResult, info: DistInfo) -> float | None:
+    """Rank 0 computes the validation loss; the others wait."""
+    loss = None
+    if info.is_main:
+        vals = validation_loss(core, data, cfg, device, amp_dtype)
+        if vals:
+            rec = {"step": step, "split": "valid", **vals}
+            metrics.write(rec)
+            result.history.append(rec)
+            loss = vals["loss"]
+            log.info("step %d: validation loss %.4f", step, loss)
+    barrier(info)
+    return loss
