@@ -1,0 +1,288 @@
+"""Result records: append-only ``results.jsonl``, tables, CSV and the probing figures.
+
+Each probe appends one JSON line to ``DIR/results.jsonl`` with (at least) ``key``,
+``upstream``, ``upstream_params``, ``task``, ``head``, ``layer`` (int, ``"last"`` or
+``"weighted"``), ``mode`` (``frozen`` / ``finetune``), ``label_fraction``, ``seed``,
+``valid_acc``, ``test_acc``, ``train_seconds``, ``lr``, ``upstream_lr`` (fine-tuning) and
+``weights`` (softmax weighted-sum weights, one per hidden state) - see
+:func:`aviary.evaluate.probe.make_record`.
+
+Appends are atomic in practice: the whole line goes out in one ``write`` on a file opened
+with ``O_APPEND``, then ``fsync``. A kill mid-write can at worst leave a truncated last
+line; :func:`load_records` skips it (with a warning) and the next append starts on a new
+line, so a resumed sweep neither duplicates nor loses a finished probe.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+RESULTS_NAME = "results.jsonl"
+CSV_COLUMNS = ["upstream", "upstream_params", "task", "head", "layer", "mode", "label_fraction", "seed",
+               "valid_acc", "test_acc", "train_seconds", "lr", "upstream_lr", "weights"]
+
+
+def results_path(out_dir: str | os.PathLike) -> Path:
+    p = Path(out_dir)
+    return p if p.suffix == ".jsonl" else p / RESULTS_NAME
+
+
+def append_record(out_dir: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one record as one line (single write, O_APPEND, fsync)."""
+    path = results_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            # A previous run killed mid-write may have left a line without its newline.
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_records(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All complete records of ``DIR/results.jsonl`` (or a ``.jsonl`` path); [] if none.
+
+    Later records with the same ``key`` replace earlier ones (a re-run probe).
+    """
+    path = results_path(out_dir)
+    if not path.is_file():
+        return []
+    recs: dict[str, dict[str, Any]] = {}
+    bad = 0
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            log.warning("%s:%d: skipping a truncated or malformed record", path, n)
+            continue
+        if not isinstance(rec, dict) or "key" not in rec:
+            bad += 1
+            log.warning("%s:%d: skipping a record without 'key'", path, n)
+            continue
+        recs[rec["key"]] = rec
+    return list(recs.values())
+
+
+def done_keys(out_dir: str | os.PathLike) -> set[str]:
+    """Keys of the probes already recorded (what a resumed sweep skips)."""
+    return {r["key"] for r in load_records(out_dir)}
+
+
+def _layer_sort(layer: Any) -> tuple[int, Any]:
+    if isinstance(layer, int):
+        return (0, layer)
+    return (1, str(layer))
+
+
+def sort_records(recs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(recs, key=lambda r: (r["task"], r["upstream"], r["mode"], r["head"],
+                                       r["label_fraction"], _layer_sort(r["layer"]), r["seed"]))
+
+
+def format_table(recs: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of the records, sorted by task, upstream, head, fraction, layer."""
+    rows = [["task", "upstream", "params", "mode", "head", "frac", "layer", "seed", "valid", "test", "secs"]]
+    for r in sort_records(recs):
+        rows.append([r["task"], r["upstream"], f"{r['upstream_params'] / 1e6:.2f}M", r["mode"], r["head"],
+                     f"{r['label_fraction']:g}", str(r["layer"]), str(r["seed"]),
+                     f"{100 * r['valid_acc']:.2f}", f"{100 * r['test_acc']:.2f}", f"{r['train_seconds']:.1f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 7 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_csv(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write the records' main columns to ``path`` (weights as a space-separated list)."""
+    path = Path(path)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in sort_records(recs):
+            row = []
+            for c in CSV_COLUMNS:
+                v = r.get(c)
+                if c == "weights" and v is not None:
+                    v = " ".join(f"{x:.4f}" for x in v)
+                row.append("" if v is None else v)
+            w.writerow(row)
+    os.replace(tmp, path)
+    return path
+
+
+def _upstream_label(r: dict[str, Any]) -> str:
+    return f"{r['upstream']} ({r['upstream_params'] / 1e6:.2f}M)" if r["upstream_params"] else r["upstream"]
+
+
+def plot_layers(recs: Sequence[dict[str, Any]], path: str | os.PathLike, label_fraction: float = 1.0) -> Path | None:
+    """Accuracy vs layer, one panel per (task, head): the AALBERT paper's probing figure.
+
+    One line per upstream over its integer layers; the weighted sum as a star right of the
+    last layer; single-state upstreams (fbank / log-mel baselines) as horizontal lines.
+    Only frozen probes at ``label_fraction``; with several seeds the mean is drawn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in recs if r["mode"] == "frozen" and abs(r["label_fraction"] - label_fraction) < 1e-9]
+    panels = sorted({(r["task"], r["head"]) for r in sel}, key=lambda th: (th[0], ["linear", "mlp1", "mlp2"].index(th[1])
+                                                                            if th[1] in ("linear", "mlp1", "mlp2") else 9))
+    if not panels:
+        return None
+    ncol = min(3, len(panels))
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.8 * nrow), squeeze=False)
+    max_layer = max([r["num_hidden_states"] - 1 for r in sel] + [1])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ups = sorted({r["upstream"] for r in sel})
+    color_of = {u: colors[i % len(colors)] for i, u in enumerate(ups)}
+    for ax, (task, head) in zip(axes.flat, panels):
+        group: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
+        nhs: dict[str, int] = {}
+        labels: dict[str, str] = {}
+        for r in sel:
+            if (r["task"], r["head"]) != (task, head):
+                continue
+            layer = r["layer"]
+            if layer == "last":
+                layer = r["num_hidden_states"] - 1
+            group[r["upstream"]][layer].append(100 * r["test_acc"])
+            nhs[r["upstream"]] = r["num_hidden_states"]
+            labels[r["upstream"]] = _upstream_label(r)
+        for up, by_layer in sorted(group.items()):
+            c = color_of[up]
+            ints = sorted(k for k in by_layer if isinstance(k, int))
+            mean = {k: sum(v) / len(v) for k, v in by_layer.items()}
+            if nhs[up] == 1 and ints:
+                ax.axhline(mean[ints[0]], color=c, ls="--", lw=1.5, label=f"{labels[up]}")
+            elif ints:
+                ax.plot(ints, [mean[k] for k in ints], marker="o", color=c, label=labels[up])
+            if "weighted" in mean:
+                ax.plot([max_layer + 0.6], [mean["weighted"]], marker="*", ms=13, color=c, ls="none",
+                        label=f"{up} weighted sum")
+        ax.set_title(f"{task} / {head} head")
+        ax.set_xlabel("layer (0 = embedding output; * = weighted sum)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_xticks(list(range(max_layer + 1)))
+        ax.set_xlim(-0.4, max_layer + 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"Probing accuracy per layer (frozen, {label_fraction:g} of the labels)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_label_fractions(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Test accuracy vs label fraction (log x), one line per (upstream, head, layer, mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in recs:
+        lines[(r["task"], r["upstream"], r["head"], str(r["layer"]), r["mode"])][r["label_fraction"]].append(
+            100 * r["test_acc"])
+    lines = {k: v for k, v in lines.items() if len(v) >= 2}
+    if not lines:
+        return None
+    tasks = sorted({k[0] for k in lines})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for (t, up, head, layer, mode), pts in sorted(lines.items()):
+            if t != task:
+                continue
+            xs = sorted(pts)
+            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o",
+                    label=f"{up} {head} L{layer}{' ft' if mode == 'finetune' else ''}")
+        ax.set_xscale("log")
+        ax.set_title(f"{task}: accuracy vs labelled data")
+        ax.set_xlabel("fraction of training labels")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_weights(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Bar chart of the learned weighted-sum weights, one group of bars per probe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in sort_records(recs) if r.get("weights")]
+    if not sel:
+        return None
+    n_layers = max(len(r["weights"]) for r in sel)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.9 * n_layers * max(1, len(sel)) / 3), 4))
+    width = 0.8 / len(sel)
+    for i, r in enumerate(sel):
+        xs = [k + (i - (len(sel) - 1) / 2) * width for k in range(len(r["weights"]))]
+        ax.bar(xs, r["weights"], width=width,
+               label=f"{r['upstream']} {r['task']}/{r['head']} frac {r['label_fraction']:g} {r['mode']}")
+    ax.axhline(1.0 / n_layers, color="gray", ls=":", lw=1, label="uniform (initial)")
+    ax.set_xticks(list(range(n_layers)))
+    ax.set_xlabel("hidden state (0 = embedding output)")
+    ax.set_ylabel("softmax weight")
+    ax.set_title("Learned weighted-sum layer weights")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def summarize(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Write ``results.csv`` and the plots into ``out_dir``; return the table and paths.
+
+    Returns:
+        ``{"table": str, "csv": path, "plots": {"layers": path|None, "label_fraction": ..., "weights": ...},
+        "records": [...]}``.
+
+    Raises:
+        FileNotFoundError: no ``results.jsonl`` with records in ``out_dir``.
+    """
+    out = Path(out_dir)
+    recs = load_records(out)
+    if not recs:
+        raise FileNotFoundError(f"{results_path(out)}: no probe results (run `aviary probe --out {out}` first)")
+    plots: dict[str, Path | None] = {}
+    fractions = sorted({r["label_fraction"] for r in recs if r["mode"] == "frozen"})
+    main_fraction = 1.0 if 1.0 in fractions else (fractions[-1] if fractions else 1.0)
+    plots["layers"] = plot_layers(recs, out / "accuracy_vs_layer.png", main_fraction)
+    plots["label_fraction"] = plot_label_fractions(recs, out / "accuracy_vs_label_fraction.png")
+    plots["weights"] = plot_weights(recs, out / "weighted_sum_weights.png")
+    csv_path = write_csv(recs, out / "results.csv")
+    return {"table": format_table(recs), "csv": str(csv_path),
+            "plots": {k: (str(v) if v else None) for k, v in plots.items()}, "records": recs}

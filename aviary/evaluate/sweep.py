@@ -1,0 +1,187 @@
+"""Sweeps: many probes of one upstream in one process, one progress bar, resumable.
+
+    from aviary.evaluate import run_sweep
+    records = run_sweep("runs/aalbert-3l", "corpus/", "probes/", tasks=["phone", "speaker"],
+                        heads=["linear", "mlp1"], layers="all,weighted")
+
+Frozen sweeps extract the upstream once into ``OUT/cache/<name>-<fingerprint>/`` (or use
+the cache passed in) and train every probe from it. Finished probes are skipped by
+``key`` (see :func:`aviary.evaluate.probe.probe_key`), so an interrupted sweep picks up
+where it stopped without duplicating a record.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from aviary.evaluate.cache import FeatureCache, extract_to_cache, open_cache
+from aviary.evaluate.featurizers import parse_layer_spec
+from aviary.evaluate.probe import ProbeConfig, probe_key, run_probe
+from aviary.evaluate.results import append_record, done_keys
+from aviary.evaluate.tasks import get_task, load_splits
+from aviary.evaluate.upstreams import FEATURE_BASELINES, RANDOM_PREFIX, describe_upstream, resolve_upstream
+from aviary.models.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+def expand_layers(spec: str | Sequence[Any], num_hidden_states: int) -> list[int | str]:
+    """``"all"`` -> every int layer; ``"all,weighted"``, ``"0,3,last"``, ``["weighted", 2]`` ...
+
+    Returns:
+        Layer specs in order, duplicates removed (``"last"`` stays ``"last"``).
+    """
+    items = [s for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out: list[int | str] = []
+    for it in items:
+        if isinstance(it, str) and it.strip().lower() == "all":
+            new: list[int | str] = list(range(num_hidden_states))
+        else:
+            new = [parse_layer_spec(it, num_hidden_states)]
+        out += [x for x in new if x not in out]
+    if not out:
+        raise ValueError(f"--layers {spec!r} selects nothing")
+    return out
+
+
+def display_name(spec: str) -> str:
+    """Name recorded for an ``--upstream`` string: baselines as is, run dirs by their folder name."""
+    if spec in FEATURE_BASELINES or spec.startswith(RANDOM_PREFIX) or spec.startswith("s3prl:"):
+        return spec
+    p = Path(spec)
+    if p.is_file():
+        p = p.parent
+    return p.resolve().name or spec
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "upstream"
+
+
+def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str | os.PathLike, *,
+              tasks: Sequence[str] = ("phone",), heads: Sequence[str] = ("linear",),
+              layers: str | Sequence[Any] = "all", label_fractions: Sequence[float] = (1.0,),
+              seeds: Sequence[int] = (0,), finetune: bool = False, cache: str | os.PathLike | None = None,
+              name: str | None = None, overrides: dict[str, Any] | None = None,
+              extract: dict[str, Any] | None = None, device: str = "cpu", progress: bool = True,
+              random_seed: int = 0) -> list[dict[str, Any]]:
+    """Run every combination of task x label fraction x head x layer x seed; append records.
+
+    Args:
+        upstream: ``--upstream`` string (run dir, ``fbank``, ``logmel``, ``logmel+delta``,
+            ``random:PRESET``), an :class:`Upstream` object (then give ``name``), or ``None``
+            with ``cache`` (frozen probing from an existing cache alone).
+        data: corpus directory or manifest file.
+        out: results directory (``results.jsonl`` and, by default, the feature cache).
+        tasks, heads, layers, label_fractions, seeds: the grid (``layers`` as in :func:`expand_layers`).
+        finetune: fine-tune mode (each probe starts from a fresh copy of the upstream).
+        cache: an existing cache from ``aviary extract`` (validated against the corpus and upstream).
+        name: display name for an upstream object (default: from the string).
+        overrides: other :class:`ProbeConfig` fields (``lr``, ``hidden``, ``max_epochs`` ...).
+        extract: keyword arguments for :func:`extract_to_cache` (``dtype``, ``autocast`` ...).
+        device: torch device.
+        progress: show the progress bar.
+        random_seed: initialisation seed of ``random:PRESET``.
+
+    Returns:
+        The records written by this call (already-recorded probes are not repeated).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = dict(overrides or {})
+    for t in tasks:
+        get_task(t)
+
+    # The upstream: a string to resolve, an object, or just the cache's description.
+    up_obj: Upstream | None = None
+    if isinstance(upstream, str):
+        up_obj, resolved = resolve_upstream(upstream, device=device, seed=random_seed)
+        name = name or (display_name(upstream) if resolved == upstream else resolved)
+    elif upstream is not None:
+        up_obj = upstream
+        if name is None:
+            raise ValueError("run_sweep: pass name=... with an Upstream object")
+    if up_obj is not None:
+        info = describe_upstream(up_obj, name).to_dict()
+    elif cache is not None:
+        info = FeatureCache(cache).upstream
+        name = info["name"]
+    else:
+        raise ValueError("run_sweep needs an upstream or a cache")
+    nhs = int(info["num_hidden_states"])
+    layer_list = expand_layers(layers, nhs)
+
+    configs = [ProbeConfig(**{**overrides, "task": t, "head": h, "layer": str(layer), "label_fraction": f,
+                              "seed": s, "finetune": finetune})
+               for t in tasks for f in label_fractions for h in heads for layer in layer_list for s in seeds]
+    done = done_keys(out)
+    todo = [c for c in configs if probe_key(name, c) not in done]
+    if len(todo) < len(configs):
+        log.info("%s: %d of %d probes already recorded, skipping them", out, len(configs) - len(todo), len(configs))
+    if not todo:
+        return []
+
+    splits = {t: load_splits(data, t) for t in sorted({c.task for c in todo})}
+    all_utts = {u.id: u for parts in splits.values() for utts in parts.values() for u in utts}
+
+    feature_cache: FeatureCache | None = None
+    if not finetune:
+        if cache is not None:
+            feature_cache = open_cache(cache, utterances=all_utts.values(),
+                                       upstream=info if up_obj is not None else None)
+        else:
+            if up_obj is None:
+                raise ValueError("frozen probing without a cache needs an upstream")
+            cache_dir = out / "cache" / f"{_safe(name)}-{info['fingerprint']}"
+            need = sorted({k for c in todo for k in ([*range(nhs)] if c.layer_value == "weighted" else
+                                                     [nhs - 1 if c.layer_value == "last" else int(c.layer_value)])})
+            if (cache_dir / "index.json").is_file():
+                feature_cache = open_cache(cache_dir, utterances=all_utts.values(), upstream=info)
+                missing = [k for k in need if k not in feature_cache.layers]
+                if missing:
+                    raise ValueError(f"{cache_dir}: cached layers {feature_cache.layers} lack {missing}; "
+                                     f"delete the cache or pass --layers within them")
+            else:
+                # Extract every layer once: later sweeps over other layers reuse the cache.
+                extract_to_cache(up_obj, list(all_utts.values()), cache_dir, name=name, layers="all",
+                                 progress=progress, info=describe_upstream(up_obj, name), **(extract or {}))
+                feature_cache = open_cache(cache_dir, utterances=all_utts.values(), upstream=info)
+
+    written = []
+    bar = tqdm(todo, desc=f"probe {name}", unit="probe", disable=not progress)
+    for cfg in bar:
+        up_copy = None
+        if finetune:
+            # Every fine-tuning probe starts from the same pretrained weights.
+            up_copy = copy.deepcopy(up_obj)
+        rec = run_probe(cfg, splits[cfg.task], cache=feature_cache, upstream=up_copy,
+                        upstream_info=info, progress=bar)
+        append_record(out, rec)
+        written.append(rec)
+        log.info("%s %s %s layer %s frac %g: valid %.4f test %.4f (%.1fs)", name, cfg.task, cfg.head,
+                 rec["layer"], cfg.label_fraction, rec["valid_acc"], rec["test_acc"], rec["train_seconds"])
+        del up_copy
+    bar.close()
+    return written
+
+
+def run_extract(checkpoint: str, data: str | os.PathLike, out: str | os.PathLike, *, layers: str = "all",
+                dtype: str = "float16", split: str | None = None, device: str = "cpu",
+                random_seed: int = 0, name: str | None = None, **kwargs: Any):
+    """``aviary extract``: resolve the upstream, load the corpus (or one split), fill the cache.
+
+    Returns:
+        :class:`~aviary.evaluate.cache.ExtractStats`.
+    """
+    from aviary.data import load_manifest
+
+    up, resolved = resolve_upstream(checkpoint, device=device, seed=random_seed)
+    name = name or (display_name(checkpoint) if resolved == checkpoint else resolved)
+    utts = load_manifest(data, split=split)
+    return extract_to_cache(up, utts, out, name=name, layers=layers, dtype=dtype, **kwargs)

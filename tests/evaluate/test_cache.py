@@ -1,0 +1,104 @@
+"""Feature cache: contents, resume after interruption, validation of stale caches."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from aviary.audio import load_audio
+from aviary.data import load_manifest
+from aviary.evaluate import cache as cache_mod
+from aviary.evaluate.cache import CacheError, FeatureCache, extract_to_cache, open_cache, parse_layers
+from aviary.evaluate.upstreams import describe_upstream
+
+from evaluate_fakes import OracleUpstream
+
+
+def test_cache_holds_every_utterance_once_with_exact_features(corpus, oracle_cache):
+    utts = load_manifest(corpus)
+    cache = open_cache(oracle_cache, utterances=utts, upstream=describe_upstream(OracleUpstream(), "oracle"))
+    assert sorted(cache.ids) == sorted(u.id for u in utts)
+    assert cache.layers == [0, 1, 2] and cache.frame_shift == pytest.approx(0.02)
+    assert len(cache.index["shards"]) > 1  # shard_seconds=10 splits the ~40 s corpus
+    up = OracleUpstream()
+    for u in utts[:5]:
+        wav = torch.from_numpy(load_audio(u.audio))
+        states, lengths = up.extract(wav)
+        n = int(lengths[0])
+        assert cache.length(u.id) == n
+        for k in (1, 2):  # deterministic layers equal the one-at-a-time output
+            np.testing.assert_allclose(cache.get(u.id, k), states[k][0, :n].detach().numpy(), atol=1e-6)
+        assert isinstance(cache.get(u.id, 1).base, np.memmap) or isinstance(cache._arrays[0][1], np.memmap)
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == [0, 1, 2, 3]
+    assert parse_layers("3,0,3", 4) == [0, 3]
+    assert parse_layers("last", 4) == [3]
+    with pytest.raises(ValueError, match="out of range"):
+        parse_layers("5", 4)
+
+
+def test_resume_after_interruption_no_duplicates(corpus, tmp_path, monkeypatch):
+    utts = load_manifest(corpus)
+    out = tmp_path / "c"
+    real = cache_mod._write_shard
+    calls = {"n": 0}
+
+    def dying_write(out_dir, si, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            # Simulate a kill in the middle of writing shard 3: a partial .tmp dir stays behind.
+            (out_dir / f"shard-{si:05d}.tmp").mkdir()
+            (out_dir / f"shard-{si:05d}.tmp" / "layer-00.npy").write_bytes(b"garbage")
+            raise KeyboardInterrupt
+        return real(out_dir, si, *a, **k)
+
+    monkeypatch.setattr(cache_mod, "_write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_cache(OracleUpstream(), utts, out, name="oracle", shard_seconds=10.0, progress=False)
+    with pytest.raises(CacheError, match="interrupted"):
+        FeatureCache(out)
+    assert len(list(out.glob("shard-?????"))) == 2
+    monkeypatch.setattr(cache_mod, "_write_shard", real)
+    stats = extract_to_cache(OracleUpstream(), utts, out, name="oracle", shard_seconds=10.0, progress=False)
+    assert stats.shards_written == stats.shards_total - 2
+    assert not list(out.glob("*.tmp"))
+    cache = open_cache(out, utterances=utts)
+    assert sorted(cache.ids) == sorted(u.id for u in utts)
+    total = sum(json.loads((d / "shard.json").read_text())["frames"] for d in out.glob("shard-?????"))
+    assert total == sum(cache.length(u.id) for u in utts)
+    # Running again writes nothing.
+    again = extract_to_cache(OracleUpstream(), utts, out, name="oracle", shard_seconds=10.0, progress=False)
+    assert again.shards_written == 0
+
+
+def test_stale_or_mismatched_cache_is_an_error(corpus, oracle_cache, tmp_path):
+    import dataclasses
+
+    utts = load_manifest(corpus)
+    other = OracleUpstream()
+    with torch.no_grad():
+        other.mix.weight.mul_(2.0)
+    with pytest.raises(CacheError, match="fingerprint"):
+        open_cache(oracle_cache, upstream=describe_upstream(other, "other"))
+    changed = [dataclasses.replace(utts[0], duration=utts[0].duration + 0.5)] + utts[1:]
+    with pytest.raises(CacheError, match="stale"):
+        open_cache(oracle_cache, utterances=changed)
+    extra = utts + [dataclasses.replace(utts[0], id="new-utt")]
+    with pytest.raises(CacheError, match="not in the cache"):
+        open_cache(oracle_cache, utterances=extra)
+    # Same directory, different settings: refused instead of mixing two caches.
+    with pytest.raises(CacheError, match="different settings"):
+        extract_to_cache(OracleUpstream(), utts, oracle_cache, name="oracle", dtype="float16",
+                         shard_seconds=10.0, progress=False)
+
+
+def test_corrupted_layer_file_is_detected(corpus, tmp_path):
+    utts = load_manifest(corpus)[:6]
+    out = tmp_path / "c"
+    extract_to_cache(OracleUpstream(), utts, out, name="oracle", layers="1", progress=False)
+    f = next(out.glob("shard-*/layer-01.npy"))
+    np.save(f, np.zeros((3, 3), dtype=np.float16))
+    with pytest.raises(CacheError, match="layer-01.npy"):
+        FeatureCache(out)
