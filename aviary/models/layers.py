@@ -59,10 +59,12 @@ def sinusoidal_positions(T: int, H: int, device: torch.device | str | None = Non
         (T, H) tensor.
     """
     half = (H + 1) // 2
-    pos = torch.arange(T, device=device, dtype=torch.float32)[:, None]  # (T, 1)
-    inv_freq = torch.exp(torch.arange(half, device=device, dtype=torch.float32)
-                         * (-2.0 * math.log(10000.0) / H))  # (H/2,) = 10000^(-2i/H)
-    angles = pos * inv_freq[None, :]  # (T, H/2)
+    # Computed in float64 and rounded once at the end, as s3prl builds its table (numpy
+    # float64): in float32 the angles t * 10000^(-2i/H) drift by ~1e-4 at t = 1500, which
+    # would keep imported s3prl checkpoints from reproducing their hidden states.
+    pos = torch.arange(T, device=device, dtype=torch.float64)[:, None]  # (T, 1)
+    denom = torch.pow(10000.0, torch.arange(half, device=device, dtype=torch.float64) * 2.0 / H)  # 10000^(2i/H)
+    angles = pos / denom[None, :]  # (T, H/2)
     # Interleave sin (even columns) and cos (odd columns).
     pe = torch.stack((angles.sin(), angles.cos()), dim=-1).reshape(T, 2 * half)[:, :H]
     return pe.to(dtype)
