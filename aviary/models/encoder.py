@@ -11,13 +11,14 @@ times (``share_layers=True``). TERA uses it unchanged; only its masking differs.
 Frame stacking ("downsampling", R > 1) shortens the sequence R-fold so that attention's
 T^2 cost drops R^2-fold (Mockingjay LARGE and AALBERT use R = 3). aviary rounds the output
 length UP: ``out_len = ceil(len / R)`` and the last, incomplete group is filled with zeros,
-so no frame is dropped; s3prl instead drops the ``len % R`` trailing frames. Frames past a
-row's length are zeroed before stacking, so a padded row stacks exactly like the same
-utterance alone.
+so no frame is dropped; s3prl instead drops the ``len % R`` trailing frames
+(``stack_tail="drop"``, set for imported s3prl checkpoints). Frames past a row's length are
+zeroed before stacking, so a padded row stacks exactly like the same utterance alone.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -47,6 +48,9 @@ class EncoderConfig(Config):
     share_layers: bool = False  # True = Audio ALBERT
     downsample: int = 1  # R: consecutive frames stacked into one encoder frame
     init_std: float = 0.02
+    # R > 1 only: "pad" keeps a last, incomplete group of frames (zero-filled; ceil(T/R)
+    # encoder frames); "drop" discards it (floor(T/R)), as s3prl's downsampling does.
+    stack_tail: Literal["pad", "drop"] = "pad"
 
     def validate(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "ffn_size", "downsample"):
@@ -60,7 +64,8 @@ class EncoderConfig(Config):
         check_range("init_std", self.init_std, 0.0, lo_open=True)
 
 
-def stack_frames(feats: torch.Tensor, lengths: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_frames(feats: torch.Tensor, lengths: torch.Tensor, R: int, drop_tail: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack R consecutive frames into one: (B, T, D) -> (B, ceil(T/R), D*R).
 
     Frames at or past ``lengths`` are zeroed first and T is zero-padded to a multiple of R,
@@ -70,9 +75,11 @@ def stack_frames(feats: torch.Tensor, lengths: torch.Tensor, R: int) -> tuple[to
         feats: (B, T, D).
         lengths: (B,) valid frames per row.
         R: stacking factor (1 returns the input, with padding frames zeroed).
+        drop_tail: report ``floor(lengths / R)`` valid frames (s3prl), so the last,
+            incomplete group counts as padding; the tensor keeps its ceil(T/R) frames.
 
     Returns:
-        (stacked (B, ceil(T/R), D*R), ceil(lengths / R)).
+        (stacked (B, ceil(T/R), D*R), ceil(lengths / R) or floor(lengths / R)).
     """
     B, T, D = feats.shape
     valid = ~lengths_to_padding_mask(lengths, T)  # (B, T)
@@ -83,7 +90,7 @@ def stack_frames(feats: torch.Tensor, lengths: torch.Tensor, R: int) -> tuple[to
     if pad:
         feats = torch.nn.functional.pad(feats, (0, 0, 0, pad))  # (B, T + pad, D)
     stacked = rearrange(feats, "b (t r) d -> b t (r d)", r=R)
-    return stacked, torch.div(lengths + R - 1, R, rounding_mode="floor")
+    return stacked, torch.div(lengths + (0 if drop_tail else R - 1), R, rounding_mode="floor")
 
 
 class TransformerEncoder(nn.Module):
@@ -114,8 +121,10 @@ class TransformerEncoder(nn.Module):
         self.apply(lambda m: init_bert_weights(m, cfg.init_std))
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Encoder frames for ``lengths`` input frames: ``ceil(lengths / R)``."""
-        return torch.div(lengths + self.downsample - 1, self.downsample, rounding_mode="floor")
+        """Encoder frames for ``lengths`` input frames: ``ceil(lengths / R)`` (``floor`` when
+        ``stack_tail="drop"``)."""
+        tail = 0 if self.config.stack_tail == "drop" else self.downsample - 1
+        return torch.div(lengths + tail, self.downsample, rounding_mode="floor")
 
     def stack(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the input and stack R frames: (B, T, D) -> (B, ceil(T/R), D*R), lengths."""
@@ -123,9 +132,11 @@ class TransformerEncoder(nn.Module):
             raise ValueError(f"encoder expects feats (B, T, {self.input_dim}), got {tuple(feats.shape)}")
         if lengths.shape != (feats.shape[0],):
             raise ValueError(f"lengths must be ({feats.shape[0]},), got {tuple(lengths.shape)}")
-        if feats.shape[1] == 0 or int(lengths.min()) < 1:
-            raise ValueError(f"every row needs >= 1 frame; got T={feats.shape[1]}, lengths={lengths.tolist()}")
-        return stack_frames(feats, lengths, self.downsample)
+        drop = self.config.stack_tail == "drop"
+        need = self.downsample if drop else 1
+        if feats.shape[1] == 0 or int(lengths.min()) < need:
+            raise ValueError(f"every row needs >= {need} frame(s); got T={feats.shape[1]}, lengths={lengths.tolist()}")
+        return stack_frames(feats, lengths, self.downsample, drop_tail=drop)
 
     def encode(self, stacked: torch.Tensor, lengths: torch.Tensor, max_layer: int | None = None,
                need_weights: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
