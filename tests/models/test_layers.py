@@ -8,6 +8,10 @@ from aviary.models.layers import (FeedForward, MultiHeadSelfAttention, Transform
                                   init_bert_weights, lengths_to_padding_mask, sinusoidal_positions)
 from aviary.models.registry import count_parameters
 
+# Two OpenMP threads on a CPU shared with other jobs spin-wait badly (60x slower matmuls
+# measured); one thread keeps these tiny tests fast.
+torch.set_num_threads(1)
+
 
 def test_padding_mask():
     m = lengths_to_padding_mask(torch.tensor([3, 1, 0]), 4)

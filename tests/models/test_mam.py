@@ -1,0 +1,141 @@
+"""MAM pretraining model and upstream: loss on masked frames only, extraction invariants."""
+import pytest
+import torch
+
+import aviary
+from aviary.config import ConfigError
+from aviary.models.mam import MAMConfig, MAMPretrainModel, MAMUpstream
+from aviary.models.registry import count_parameters, get_preset
+from aviary.train.checkpoint import save_tensors
+
+# Two OpenMP threads on a CPU shared with other jobs spin-wait badly (60x slower matmuls
+# measured); one thread keeps these tiny tests fast.
+torch.set_num_threads(1)
+
+
+def _batch(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    wavs = torch.randn(len(lengths), max(lengths), generator=g) * 0.1
+    for i, n in enumerate(lengths):
+        wavs[i, n:] = 0
+    return {"wavs": wavs, "wav_lengths": torch.tensor(lengths)}
+
+
+@pytest.mark.parametrize("preset", ["mockingjay-tiny", "aalbert-tiny"])
+def test_loss_only_on_masked_valid_frames(preset):
+    torch.manual_seed(0)
+    model = MAMPretrainModel(get_preset(preset)).eval()
+    batch = _batch([16000, 9000])
+    model.mask_generator = torch.Generator().manual_seed(1)
+    out = model(batch, return_extras=True)
+    mask, pred, target = out.extras["mask"], out.extras["pred"], out.extras["target"]
+    n_frames = model.upstream.frontend.num_frames(batch["wav_lengths"])
+    valid = torch.arange(mask.shape[1])[None] < n_frames[:, None]
+    assert mask.any() and not (mask & ~valid).any()  # padding never scored
+    assert 0.08 < out.metrics["masked_frac"].item() < 0.2
+    expect = ((pred - target).abs().sum(-1)[mask]).sum() / (mask.sum() * target.shape[-1])
+    torch.testing.assert_close(out.loss, expect)
+    # A masked encoder frame hides all R frames it holds.
+    R = model.config.encoder.downsample
+    tm = out.extras["time_mask"].repeat_interleave(R, 1)[:, :mask.shape[1]] & valid
+    assert torch.equal(tm, mask)
+    # Seeded masks repeat.
+    model.mask_generator = torch.Generator().manual_seed(1)
+    assert torch.equal(model(batch).loss, out.loss)
+
+
+def test_masked_inputs_reach_the_encoder_and_training_step_learns():
+    torch.manual_seed(0)
+    model = MAMPretrainModel(get_preset("mockingjay-tiny"))
+    batch = _batch([16000, 16000, 12000])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for step in range(25):
+        model.mask_generator = torch.Generator().manual_seed(step % 2)
+        out = model(batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        first = first if first is not None else out.loss.item()
+    assert torch.isfinite(out.loss) and out.loss.item() < 0.8 * first
+
+
+def test_target_slice_equals_separate_target_frontend():
+    cfg = get_preset("mockingjay-tiny")
+    model = MAMPretrainModel(cfg)
+    assert model.target_is_input_slice and model.target_frontend is None
+    batch = _batch([8000, 5000])
+    _, _, target = model._features_and_target(batch["wavs"], batch["wav_lengths"])
+    from aviary.features import build_frontend
+    ref, _ = build_frontend(cfg.target)(batch["wavs"], batch["wav_lengths"])
+    torch.testing.assert_close(target, ref, atol=1e-4, rtol=1e-4)
+    assert not MAMPretrainModel(get_preset("aalbert-tiny")).target_is_input_slice
+
+
+@pytest.mark.parametrize("preset,chunk", [("mockingjay-tiny", 20.0), ("aalbert-tiny", 20.0),
+                                          ("mockingjay-tiny", 1.0), ("aalbert-tiny", 1.0)])
+def test_padded_batch_equals_one_by_one_extraction(preset, chunk):
+    cfg = get_preset(preset).replace(chunk_seconds=chunk)
+    up = MAMUpstream(cfg).eval()
+    lengths = [40000, 23000, 3200]  # 2.5 s: several 1 s windows
+    batch = _batch(lengths)
+    with torch.no_grad():
+        hs, out_len = up.extract(batch["wavs"], batch["wav_lengths"])
+        assert len(hs) == up.num_hidden_states == cfg.encoder.num_layers + 1
+        assert all(h.shape == hs[0].shape for h in hs) and hs[0].shape[1] == int(out_len.max())
+        for b, n in enumerate(lengths):
+            hs1, n1 = up.extract(batch["wavs"][b, :n])
+            assert int(n1) == int(out_len[b])
+            for i in range(len(hs)):
+                torch.testing.assert_close(hs[i][b, :int(n1)], hs1[i][0], atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_extraction_encodes_windows_independently():
+    cfg = get_preset("mockingjay-tiny").replace(chunk_seconds=1.0)
+    up = MAMUpstream(cfg).eval()
+    wav = _batch([25000])["wavs"]
+    with torch.no_grad():
+        hs, n = up.extract(wav, max_layer=1)
+        assert len(hs) == 2 and up.chunk_frames == 100
+        feats, flen = up.features(wav, torch.tensor([25000]))
+        second, _ = up.encoder.encode(feats[:, 100:200], torch.tensor([100]), max_layer=1)
+    torch.testing.assert_close(hs[1][:, 100:200], second[1], atol=1e-5, rtol=1e-5)
+    assert up.frame_shift == pytest.approx(0.01)
+    assert MAMUpstream(get_preset("aalbert-tiny")).frame_shift == pytest.approx(0.03)
+
+
+def test_need_weights_returns_attentions():
+    up = MAMUpstream(get_preset("aalbert-tiny")).eval()
+    hs, n, att = up.extract(_batch([8000])["wavs"], need_weights=True)
+    assert len(att) == 2 and att[0].shape[-1] == hs[0].shape[1]
+
+
+def test_albert_shares_and_state_dict_has_one_layer():
+    model = MAMPretrainModel(get_preset("aalbert-tiny"))
+    keys = [k for k in model.state_dict() if ".layers.layers." in k]
+    assert keys and all(".layers.layers.0." in k for k in keys)
+    assert all(k.startswith(("upstream.encoder.", "head.")) for k in model.state_dict())
+    deep = get_preset("aalbert-tiny").replace(encoder={**get_preset("aalbert-tiny").encoder.to_dict(),
+                                                       "num_layers": 6})
+    assert count_parameters(MAMUpstream(deep)) == count_parameters(model.upstream)
+
+
+def test_load_round_trip(tmp_path):
+    cfg = get_preset("aalbert-tiny")
+    model = MAMPretrainModel(cfg)
+    save_tensors(tmp_path / "model.safetensors", model.state_dict(), config={"model": cfg.to_dict()})
+    up = aviary.load(tmp_path)
+    wav = _batch([12000])["wavs"]
+    with torch.no_grad():
+        a, _ = up.extract(wav)
+        b, _ = model.upstream.eval().extract(wav)
+    torch.testing.assert_close(a[-1], b[-1])
+
+
+def test_config_validation_names_keys():
+    cfg = get_preset("mockingjay-tiny")
+    with pytest.raises(ConfigError, match="target.hop_length"):
+        cfg.replace(target={**cfg.target.to_dict(), "hop_length": 320})
+    with pytest.raises(ConfigError, match="family"):
+        MAMConfig(family="ssast")
+    assert MAMConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,104 @@
+"""BERT on vq-wav2vec tokens: model, tied head, padding, presets."""
+import pytest
+import torch
+
+from aviary.config import ConfigError
+from aviary.models.registry import count_parameters, get_family, get_preset, list_presets
+from aviary.models.token_bert import TokenBertConfig, TokenBertPretraining, TokenBertUpstream
+
+TB_PRESETS = [n for n in list_presets() if n.startswith("token-bert")]
+
+
+def tiny(**kw):
+    return TokenBertConfig(vocab_size=20, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64,
+                           max_positions=64, **kw)
+
+
+def test_head_is_tied_to_embeddings():
+    m = TokenBertPretraining(tiny())
+    names = [n for n, _ in m.named_parameters()]
+    assert not any("decoder" in n for n in names)  # no separate output matrix
+    batch = {"tokens": torch.randint(3, 20, (2, 30)), "lengths": torch.tensor([30, 30])}
+    m(batch).loss.backward()
+    assert m.upstream.embed_tokens.weight.grad is not None
+
+
+def test_loss_only_on_masked_and_padding_ignored():
+    torch.manual_seed(0)
+    m = TokenBertPretraining(tiny(dropout=0.0, attn_dropout=0.0)).eval()
+    tokens = torch.randint(3, 20, (2, 12))
+    lengths = torch.tensor([12, 7])
+    tokens[1, 7:] = 0
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, 2:5] = True
+    mask[1, 1] = True
+    torch.manual_seed(1)
+    a = m({"tokens": tokens, "lengths": lengths, "mask": mask})
+    assert a.metrics["num_masked"].item() == 4
+    t2 = tokens.clone()
+    t2[1, 7:] = 5  # padding content does not matter
+    torch.manual_seed(1)
+    b = m({"tokens": t2, "lengths": lengths, "mask": mask})
+    assert a.loss.item() == pytest.approx(b.loss.item(), abs=1e-6)
+
+
+def test_padded_batch_equals_one_by_one():
+    torch.manual_seed(0)
+    up = TokenBertUpstream(tiny()).eval()
+    tokens = torch.randint(3, 20, (2, 10))
+    lengths = torch.tensor([10, 6])
+    hs, _ = up.forward_tokens(tokens, lengths)
+    one, _ = up.forward_tokens(tokens[1:, :6], torch.tensor([6]))
+    assert len(hs) == 3
+    assert torch.allclose(hs[-1][1, :6], one[-1][0], atol=1e-5)
+
+
+def test_learns_a_deterministic_sequence():
+    # A repeating pattern is predictable from context: masked accuracy must beat the unigram baseline.
+    torch.manual_seed(0)
+    m = TokenBertPretraining(tiny(dropout=0.0, attn_dropout=0.0))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    pattern = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 3, 3, 3, 3])
+    tokens = pattern.repeat(8, 3)[:, :60]
+    batch = {"tokens": tokens, "lengths": torch.full((8,), 60)}
+    for _ in range(60):
+        out = m(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.metrics["accuracy"].item() > out.metrics["unigram_accuracy"].item() + 0.2
+
+
+def test_rejects_bad_ids_and_unset_vocab():
+    m = TokenBertPretraining(tiny())
+    with pytest.raises(ValueError, match="token ids"):
+        m({"tokens": torch.tensor([[3, 25]]), "lengths": torch.tensor([2])})
+    with pytest.raises(ConfigError, match="vocab_size"):
+        TokenBertUpstream(TokenBertConfig())
+    with pytest.raises(ConfigError, match="num_heads"):
+        TokenBertConfig(hidden_size=30, num_heads=4)
+
+
+def test_no_tokenizer_means_no_audio():
+    up = TokenBertUpstream(tiny())
+    with pytest.raises(ValueError, match="no tokenizer"):
+        up.extract(torch.randn(1, 4000))
+
+
+@pytest.mark.parametrize("name", TB_PRESETS)
+def test_presets(name):
+    cfg = get_preset(name)
+    assert cfg.family == "token-bert" and get_family("token-bert").batch_kind == "tokens"
+    assert cfg.mask_start_prob == 0.05 and cfg.mask_span_length == 10
+    if name == "token-bert-base":
+        assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.ffn_size) == (768, 12, 12, 3072)
+        # 12 BERT-base layers of 7.088M each (REFERENCE.md), plus embeddings
+        up = TokenBertUpstream(cfg.replace(vocab_size=1000))
+        layers = count_parameters(up.encoder)
+        assert layers == 12 * 7_087_872
+    if name == "token-bert-small":
+        assert (cfg.hidden_size, cfg.num_heads, cfg.ffn_size) == (512, 8, 2048)
+    if name == "token-bert-cpu":
+        m = get_family("token-bert").build_pretrain(cfg.replace(vocab_size=50))
+        out = m({"tokens": torch.randint(3, 50, (2, 40)), "lengths": torch.tensor([40, 30])})
+        out.loss.backward()
