@@ -284,11 +284,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_tensors: Mappin
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as e:
+    except (OSError, CheckpointError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        hint = " (disk full)" if e.errno == errno.ENOSPC else ""
-        raise CheckpointError(f"could not write checkpoint {final}{hint}: {e}; "
-                              "earlier checkpoints are intact") from e
+        cause = e.__cause__ if isinstance(e, CheckpointError) else e
+        full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+        raise CheckpointError(f"could not write checkpoint {final}{' (disk full)' if full else ''}: "
+                              f"{cause}; earlier checkpoints are intact") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -219,12 +219,9 @@ class AudioTrainData(TrainData):
         return {"id": u.id, "speaker": u.speaker, "wav": torch.from_numpy(wav)}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        lengths = torch.tensor([it["wav"].numel() for it in items], dtype=torch.long)
-        wavs = torch.zeros(len(items), int(lengths.max()))  # (B, N), zero padded
-        for row, it in enumerate(items):
-            wavs[row, : it["wav"].numel()] = it["wav"]
-        return {"wavs": wavs, "wav_lengths": lengths, "ids": [it["id"] for it in items],
-                "speakers": [it["speaker"] for it in items]}
+        from aviary.data.dataset import collate_audio
+
+        return collate_audio(items)
 
     def batch_amount(self, batch: dict[str, Any]) -> float:
         return float(batch["wav_lengths"].sum()) / self.sample_rate

@@ -60,6 +60,7 @@ class PretrainResult:
     valid_loss: float | None = None  # last validation loss
     nonfinite_steps: int = 0        # steps skipped for a non-finite loss / gradient
     history: list[dict[str, Any]] = field(default_factory=list)
+    model: nn.Module | None = None   # the trained pretraining model (not DDP-wrapped)
 
 
 # Device, precision
@@ -356,6 +357,9 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
             train_data, valid_data = _open_splits(family.batch_kind, data, cfg, model_cfg)
         if len(train_data) == 0:
             raise ConfigError(f"{data}: the training split is empty")
+        if hasattr(train_data, "configure_model"):
+            # Token corpora fix settings of the model (vocabulary size) themselves.
+            model_cfg = train_data.configure_model(model_cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         _prepare_run_dir(run_dir, resume, model_cfg, cfg, str(data), info)
         barrier(info)
@@ -389,7 +393,7 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
                 log.info("--resume: %s has no checkpoint yet, starting from scratch", run_dir)
         if step >= cfg.steps:
             log.info("%s is already at step %d of %d", run_dir, step, cfg.steps)
-            return PretrainResult(run_dir, step, nonfinite_steps=counters["nonfinite_steps"])
+            return PretrainResult(run_dir, step, nonfinite_steps=counters["nonfinite_steps"], model=model)
 
         if info.enabled:
             ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
@@ -446,9 +450,13 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
         failed = torch.zeros(1, device=device)
         try:
             _save(run_dir, at, model, opt, scaler, model_cfg, cfg, shadow.pos, counters, info)
-        except BaseException:
+        except BaseException as e:
             failed += 1
             all_reduce_sum(failed, info)  # let the other ranks stop too, not hang
+            if isinstance(e, ckpt.CheckpointError):
+                raise ckpt.CheckpointError(
+                    f"stopping at step {at}: {e}. Free space and continue with --resume "
+                    f"(from step {last_saved}).") from e
             raise
         all_reduce_sum(failed, info)
         if failed.item():
@@ -570,6 +578,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
         metrics.close()
         del batches  # shuts DataLoader workers down
     result.step = step
+    result.model = core
     result.nonfinite_steps = counters["nonfinite_steps"]
     skipped = getattr(train_data, "skipped", None)
     if skipped:

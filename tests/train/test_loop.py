@@ -1,0 +1,254 @@
+"""The pretraining loop on a tiny model: exact resume, signals, corruption, disk full, NaN."""
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+import tiny
+from aviary.config import ConfigError
+from aviary.train import checkpoint as ckpt
+from aviary.train.config import TrainConfig
+from aviary.train.loop import NonFiniteError, param_groups, pretrain
+
+BASE = dict(steps=12, lr=3e-3, precision="fp32", log_every=2, val_every=6, checkpoint_every=4,
+            keep_last=10, tensorboard=False)
+
+
+def cfg(**kw):
+    return TrainConfig(**{**BASE, **kw})
+
+
+def run(out, resume=False, data=None, **kw):
+    return pretrain(tiny.TinyConfig(), cfg(**kw), None, out, resume=resume,
+                    train_data=data or tiny.SineData(), valid_data=tiny.SineData(6, seed=1))
+
+
+def weights(path):
+    return ckpt.load_tensors(path)[0]
+
+
+def assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted 12-step run that the resumed runs must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("ref")
+    res = run(out)
+    return out, res
+
+
+def _copy_until(src, dst, step):
+    """A copy of a run directory as it was right after the checkpoint of ``step``."""
+    dst.mkdir()
+    shutil.copy(src / "run.json", dst / "run.json")
+    for s, d in ckpt.list_checkpoints(src):
+        if s <= step:
+            shutil.copytree(d, dst / "checkpoints" / d.name)
+
+
+def test_run_dir_layout_and_load(reference):
+    out, res = reference
+    assert res.step == 12 and res.nonfinite_steps == 0 and not res.interrupted
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [12, 8, 4]
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["model"]["family"] == "tiny-test" and run_json["train"]["steps"] == 12
+    state = json.loads((out / "checkpoints/step-00000008/trainer.json").read_text())
+    assert state["step"] == 8 and {"epoch", "position", "g", "optimizer", "counters"} <= set(state)
+    model, conf, trainer, _ = ckpt.load_checkpoint(out / "checkpoints/step-00000012")
+    assert conf["step"] == 12 and conf["model"]["family"] == "tiny-test"
+    assert any(k.startswith("optim.") for k in trainer)
+    assert_bitwise(model, weights(out / "model.safetensors"))  # root bundle = newest
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r.get("split") != "valid"]
+    valid = [r for r in lines if r.get("split") == "valid"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in valid] == [6, 12]
+    assert train[-1]["loss"] < train[0]["loss"]
+    up = __import__("aviary").load(str(out))  # the run dir is loadable as an upstream
+    hs, lengths = up.extract(torch.randn(2, 1600), torch.tensor([1600, 800]))
+    assert len(hs) == 2 and lengths.tolist() == [10, 5]
+
+
+def test_resume_from_checkpoint_is_bitwise(reference, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "resumed"
+    _copy_until(ref, out, 4)
+    res = run(out, resume=True)
+    assert res.step == 12
+    assert_bitwise(weights(out / "model.safetensors"), weights(ref / "model.safetensors"))
+    # The losses after the resume point are the same numbers as well.
+    ref_lines = (ref / "metrics.jsonl").read_text().splitlines()
+    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in ref_lines if json.loads(x)["step"] > 4]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+def test_resume_with_workers_is_bitwise(reference, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "workers"
+    _copy_until(ref, out, 8)
+    run(out, resume=True, num_workers=2)  # crops are decided before items reach a worker
+    assert_bitwise(weights(out / "model.safetensors"), weights(ref / "model.safetensors"))
+
+
+class SigtermAt(tiny.SineData):
+    """Sends SIGTERM to this process when item number ``at`` is loaded."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def load_item(self, index, seed):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().load_item(index, seed)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(reference, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "term"
+    res = run(out, data=SigtermAt(at=12))
+    assert res.interrupted and 0 < res.step < 12
+    assert ckpt.list_checkpoints(out)[0][0] == res.step  # a checkpoint of the step it stopped at
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    res2 = run(out, resume=True)
+    assert res2.step == 12 and not res2.interrupted
+    assert_bitwise(weights(out / "model.safetensors"), weights(ref / "model.safetensors"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "trainer_json"])
+def test_damaged_newest_checkpoint_falls_back(reference, tmp_path, caplog, damage):
+    ref, _ = reference
+    out = tmp_path / damage
+    _copy_until(ref, out, 8)
+    newest = out / "checkpoints/step-00000008"
+    if damage == "truncate":
+        p = newest / "model.safetensors"
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif damage == "bitflip":
+        p = newest / "trainer.safetensors"
+        b = bytearray(p.read_bytes())
+        b[-5] ^= 0x10
+        p.write_bytes(bytes(b))
+    else:
+        p = newest / "trainer.json"
+        p.write_text(p.read_text().replace('"step": 8', '"step": 9'))
+    with caplog.at_level(logging.WARNING):
+        found = ckpt.latest_good_checkpoint(out)
+    assert found[0].name == "step-00000004"
+    assert "step-00000008" in caplog.text and "falling back" in caplog.text
+    res = run(out, resume=True)
+    assert res.step == 12
+    assert_bitwise(weights(out / "model.safetensors"), weights(ref / "model.safetensors"))
+
+
+def test_no_usable_checkpoint_is_an_error(tmp_path):
+    d = tmp_path / "checkpoints/step-00000004"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="none of the 1 checkpoints is usable"):
+        ckpt.latest_good_checkpoint(tmp_path)
+
+
+def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, _b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    def fdopen(fd, *a, **kw):
+        f = real_fdopen(fd, *a, **kw)
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        # The second checkpoint fails half-way: after its model file, on the trainer file.
+        if ".trainer.safetensors." in name and ckpt.list_checkpoints(out):
+            return Full(f)
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with pytest.raises(ckpt.CheckpointError, match="disk full") as e:
+        run(out)
+    assert "step-00000008" in str(e.value) and "earlier checkpoints are intact" in str(e.value)
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [4]
+    ckpt.load_checkpoint(out / "checkpoints/step-00000004")  # intact, verifies
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no debris
+    monkeypatch.undo()
+    assert run(out, resume=True).step == 12
+
+
+def test_nan_inputs_skip_steps_then_stop(tmp_path):
+    # Every item NaN: every step is skipped, the run stops after 3 in a row, weights untouched.
+    data = tiny.SineData(nan_items=set(range(24)))
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row.*max_nonfinite_steps=3"):
+        run(tmp_path / "allnan", data=data, max_nonfinite_steps=3)
+    # Some NaN items: those steps are skipped and counted, the run completes with finite weights.
+    res = run(tmp_path / "somenan", data=tiny.SineData(nan_items={0, 5}), steps=8, max_nonfinite_steps=8)
+    assert res.step == 8 and 0 < res.nonfinite_steps < 8
+    final = weights(tmp_path / "somenan/model.safetensors")
+    assert all(torch.isfinite(t).all() for t in final.values())
+    rec = [json.loads(x) for x in (tmp_path / "somenan/metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rec if r.get("split") != "valid"][-1]["nonfinite_steps"] == res.nonfinite_steps
+
+
+def test_skipped_step_does_not_touch_the_weights(tmp_path):
+    out = tmp_path / "skip"
+    res = run(out, data=tiny.SineData(nan_items=set(range(24))), steps=3, max_nonfinite_steps=5)
+    assert res.nonfinite_steps == 3
+    torch.manual_seed(0)
+    init = tiny.TinyPretrain(tiny.TinyConfig()).state_dict()
+    assert_bitwise(weights(out / "model.safetensors"), init)
+
+
+def test_huge_learning_rate_stops_with_clear_error(tmp_path):
+    with pytest.raises(NonFiniteError, match="Lower train.lr"):
+        run(tmp_path / "lr", lr=1e30, steps=40, max_nonfinite_steps=2, warmup_fraction=0.0)
+
+
+def test_existing_run_needs_resume(reference):
+    out, _ = reference
+    with pytest.raises(ConfigError, match="pass --resume"):
+        run(out)
+
+
+def test_resume_with_other_model_config_is_refused(reference, tmp_path):
+    out = tmp_path / "other"
+    _copy_until(reference[0], out, 4)
+    with pytest.raises(ConfigError, match=r"different model config \(keys \['hidden'\]\)"):
+        pretrain(tiny.TinyConfig(hidden=8), cfg(), None, out, resume=True, train_data=tiny.SineData())
+
+
+def test_weight_decay_groups():
+    m = tiny.TinyPretrain(tiny.TinyConfig())
+    decay, no_decay = param_groups(m, 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    # biases and LayerNorm weight/bias are all in the no-decay group
+    assert len(no_decay["params"]) == 5 and len(decay["params"]) == 3
+
+
+def test_bf16_autocast_runs(tmp_path):
+    res = run(tmp_path / "bf16", precision="bf16", steps=4, val_every=0)
+    assert res.step == 4 and res.nonfinite_steps == 0
