@@ -214,7 +214,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = SAMPLE_RATE,
 
 
 def write_audio(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = SAMPLE_RATE,
-                subtype: str | None = "PCM_16") -> None:
+                subtype: str | None = "PCM_16", compression_level: float | None = None) -> None:
     """Write a mono waveform; the container follows the suffix (``.flac``, ``.wav``, ``.ogg``).
 
     Args:
@@ -223,6 +223,7 @@ def write_audio(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = SAM
         sample_rate: rate in Hz.
         subtype: libsndfile sample format (16-bit PCM by default; ``None`` for the container's
             default). Ogg files are always Vorbis, whatever ``subtype`` says.
+        compression_level: FLAC/Ogg effort 0..1 (0: fastest, what ``aviary synth`` uses).
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -233,4 +234,5 @@ def write_audio(path: str | os.PathLike, wav: np.ndarray, sample_rate: int = SAM
         wav = np.clip(wav.astype(np.float32), -1.0, 1.0)
     if p.suffix.lower() in (".ogg", ".oga"):
         subtype = None
-    sf.write(str(p), wav, sample_rate, subtype=subtype)
+    kw = {} if compression_level is None else {"compression_level": compression_level}
+    sf.write(str(p), wav, sample_rate, subtype=subtype, **kw)

@@ -85,10 +85,11 @@ class Utterance:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (phones as lists)."""
-        d = dataclasses.asdict(self)
-        if self.phones is not None:
-            d["phones"] = [[s, round(a, 6), round(b, 6)] for s, a, b in self.phones]
-        return d
+        # Built by hand: dataclasses.asdict deep-copies every phone tuple (slow for big corpora).
+        phones = None if self.phones is None else [[s, round(a, 6), round(b, 6)] for s, a, b in self.phones]
+        return {"id": self.id, "audio": self.audio, "duration": self.duration,
+                "sample_rate": self.sample_rate, "speaker": self.speaker, "text": self.text,
+                "phones": phones, "keyword": self.keyword}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Utterance":

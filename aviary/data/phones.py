@@ -127,14 +127,16 @@ ESPEAK_TO_PHONE: dict[str, str] = {
     # nasals, liquids, glides
     "m": "M", "n": "N", "N": "NG", "l": "L", "r": "R", "w": "W", "j": "Y",
     "r-": "R", "l/": "L", "l-": "L", "n-": "N", "m-": "M", "W": "W", "w#": "W", "*": "R",
-    "l#": "L", "n#": "N",
+    "l#": "L", "n#": "N", "@L": "L",
+    # ";" is espeak's palatal glide between vowels ("onion" in en-029, "behind" in West Midlands)
+    ";": "Y",
     # vowels
     "@": "AH", "@2": "AH", "@5": "AH", "@-": "AH", "a#": "AH", "V": "AH",
     "3": "ER", "3:": "ER", "IR": "ER", "VR": "ER", "@r": "ER",
     "a": "AE", "aa": "AE", "A:": "AA", "0": "AA", "0#": "AA", "A": "AA", "A#": "AA",
     "E": "EH", "e": "EH", "eI": "EY", "I": "IH", "I2": "IH", "I#": "IH", "i": "IY", "i:": "IY",
-    "O:": "AO", "O": "AO", "O@": "AO", "o@": "AO", "OI": "OY", "oU": "OW", "o": "OW", "oU#": "OW",
-    "aU": "AW", "aU@": "AW", "aI": "AY", "aI@": "AY", "aI3": "AY",
+    "O:": "AO", "O": "AO", "O2": "AO", "O@": "AO", "o@": "AO", "OI": "OY", "oU": "OW", "o": "OW", "oU#": "OW",
+    "aU": "AW", "aU@": "AW", "aI": "AY", "aI@": "AY", "aI3": "AY", "aI2": "AY",
     "u:": "UW", "u": "UW", "U": "UH", "U@": "UH", "u@": "UW",
     # vowel + r diphthongs -> nucleus (module doc)
     "e@": "EH", "i@": "IH", "i@3": "IH", "A@": "AA", "A@r": "AA",
