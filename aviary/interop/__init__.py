@@ -1,1 +1,8 @@
+"""Other toolkits' checkpoints in and out of aviary.
 
+* :mod:`aviary.interop.s3prl`: s3prl Mockingjay / TERA / Audio ALBERT upstream checkpoints
+  (import, ``aviary.load("s3prl:CKPT")``, export for SUPERB).
+* :mod:`aviary.interop.ssast`: released SSAST checkpoints (import).
+
+Every reader uses ``torch.load(weights_only=True)``: foreign files never run code here.
+"""

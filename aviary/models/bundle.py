@@ -1,0 +1,228 @@
+"""aviary's own checkpoint format, seen from the outside: save a bundle, describe any checkpoint.
+
+A *bundle* is one ``.safetensors`` file: the pretraining model's tensors plus, in the
+safetensors metadata, ``aviary.format_version``, ``aviary.sha256`` and ``aviary.config``
+(JSON ``{"model": <pretraining config>, "train": <train config or null>, "step": N,
+"format_version": V, ...}``). A run directory's ``model.safetensors`` is such a bundle, so
+:func:`aviary.load` needs nothing else (see :mod:`aviary.train.checkpoint` for the writer and
+the atomic / checksum guarantees). Format versions only go up; every older version keeps
+loading, which ``tests/interop/test_format.py`` checks against a checked-in checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from aviary.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def save_bundle(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], model_config: Config | Mapping[str, Any],
+                *, step: int | None = None, train: Config | Mapping[str, Any] | None = None,
+                extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a single-file bundle that :func:`aviary.load` and ``aviary info`` understand.
+
+    Args:
+        path: destination ``.safetensors`` file (written atomically).
+        tensors: the pretraining model's state dict (or an upstream's own state dict).
+        model_config: the pretraining config (with its ``family`` field).
+        step: optimizer updates done, if known.
+        train: the train config, if any.
+        extra: further JSON-able entries for the stored config (e.g. ``source``).
+
+    Returns:
+        ``path``.
+    """
+    from aviary.train import checkpoint as ckpt
+
+    def plain(c: Any) -> Any:
+        return c.to_dict() if isinstance(c, Config) else (dict(c) if c is not None else None)
+
+    config = {"model": plain(model_config), "train": plain(train), "step": step,
+              "format_version": ckpt.FORMAT_VERSION, **(extra or {})}
+    path = Path(path)
+    ckpt.save_tensors(path, tensors, config=config)
+    return path
+
+
+def _leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def match_preset(model_config: Mapping[str, Any]) -> tuple[str | None, list[str]]:
+    """The registered preset a model config equals, or the closest one.
+
+    Returns:
+        ``(name, differing keys)``: ``(name, [])`` for an exact match, the closest preset of
+        the same family and its differing dotted keys otherwise, ``(None, [])`` when the
+        family has no presets.
+    """
+    from aviary.models.registry import get_preset, list_presets
+
+    mine = _leaves(model_config)
+    best: tuple[str | None, list[str]] = (None, [])
+    for name in list_presets():
+        try:
+            theirs = _leaves(get_preset(name).to_dict())
+        except Exception as e:  # a broken preset must not break `aviary info`
+            log.debug("preset %s: %s", name, e)
+            continue
+        if theirs.get("family") != mine.get("family"):
+            continue
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if not diff:
+            return name, []
+        if best[0] is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    return best
+
+
+def _describe_frontend(fe: Mapping[str, Any]) -> str:
+    kind = fe.get("kind", "?")
+    sr = fe.get("sample_rate", 16000)
+    if kind == "linear":
+        dims = f"{fe.get('n_fft', 400) // 2 + 1} linear bins"
+    else:
+        dims = f"{fe.get('n_mels')} {'mel' if kind == 'logmel' else 'fbank'} bins"
+    parts = [f"{kind}: {dims}"]
+    if fe.get("delta_order"):
+        parts.append(f"+{'delta' if fe['delta_order'] == 1 else 'delta+delta-delta'}")
+    parts.append(f"{1000 * fe.get('win_length', 400) / sr:g} ms / {1000 * fe.get('hop_length', 160) / sr:g} ms")
+    if fe.get("cmvn", "none") != "none":
+        parts.append(f"CMVN {fe['cmvn']}")
+    if fe.get("normalize_db") is not None:
+        parts.append(f"waveform at {fe['normalize_db']:g} dB")
+    return ", ".join(parts) + f" ({sr} Hz)"
+
+
+def _frontends(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """Descriptions of every front-end config found in a model config (``input``, ``target``...)."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, Mapping) and v.get("kind") in ("logmel", "linear", "fbank"):
+            out[k] = _describe_frontend(v)
+    return out
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint is: model, preset, parameters, front-end, training steps, corpus.
+
+    Args:
+        path: a run directory, a bundle file, or ``s3prl:CKPT`` (a torch-saved s3prl
+            checkpoint file is also recognised without the prefix).
+
+    Returns:
+        A JSON-able dict (see :func:`format_description`).
+
+    Raises:
+        CheckpointError / S3prlError: unreadable, corrupted or refused files, naming the file.
+    """
+    from aviary.models.registry import config_from_dict, count_parameters, get_family
+    from aviary.models.upstream import _find_weights
+    from aviary.train import checkpoint as ckpt
+
+    spath = str(path)
+    source_kind = "aviary"
+    if spath.startswith("s3prl:") or (Path(spath).is_file() and Path(spath).read_bytes()[:2] == b"PK"):
+        # torch.save's zip container: another toolkit's checkpoint.
+        from aviary.interop.s3prl import read_s3prl_checkpoint
+
+        file = Path(spath[len("s3prl:"):] if spath.startswith("s3prl:") else spath)
+        cfg, tensors, info = read_s3prl_checkpoint(file)
+        stored = {"model": cfg.to_dict(), "step": info["step"], "source": info["source"]}
+        weights, version, run_json = file, None, {"data": info["data"]}
+        source_kind = "s3prl"
+    else:
+        weights = _find_weights(Path(spath))
+        tensors, meta = ckpt.load_tensors(weights)
+        stored = ckpt.load_config_from_metadata(weights, meta)
+        version = int(meta.get("aviary.format_version", ckpt.FORMAT_VERSION))
+        run_json = {}
+        for cand in (weights.parent / "run.json", weights.parent.parent.parent / "run.json"):
+            if cand.is_file():
+                try:
+                    run_json = ckpt.read_json(cand)
+                except ckpt.CheckpointError as e:
+                    log.warning("%s", e)
+                break
+    model_cfg = stored.get("model", stored)
+    cfg = config_from_dict(model_cfg)
+    family = get_family(cfg.family)
+    upstream = family.build_upstream(cfg)
+    preset, diff = match_preset(model_cfg)
+    train = stored.get("train") or run_json.get("train") or {}
+    d: dict[str, Any] = {
+        "path": spath,
+        "weights": str(weights),
+        "format": source_kind,
+        "format_version": version,
+        "family": cfg.family,
+        "variant": model_cfg.get("variant"),
+        "preset": preset if not diff else None,
+        "closest_preset": preset if diff else None,
+        "differs_from_preset": diff,
+        "parameters_upstream": count_parameters(upstream),
+        "tensors_in_file": int(sum(t.numel() for t in tensors.values())),
+        "hidden_size": getattr(upstream, "hidden_size", None),
+        "num_hidden_states": getattr(upstream, "num_hidden_states", None),
+        "frame_shift_ms": round(1000 * float(getattr(upstream, "frame_shift", 0.0)), 3),
+        "frontends": _frontends(model_cfg),
+        "encoder": model_cfg.get("encoder"),
+        "step": stored.get("step"),
+        "train_steps": train.get("steps") if isinstance(train, Mapping) else None,
+        "data": run_json.get("data"),
+        "source": stored.get("source"),
+        "git_commit": run_json.get("git_commit"),
+    }
+    return d
+
+
+def format_description(d: Mapping[str, Any]) -> str:
+    """Human-readable lines for :func:`describe`'s dict."""
+    if d.get("preset"):
+        preset = d["preset"]
+    elif d.get("closest_preset"):
+        keys = d["differs_from_preset"]
+        preset = (f"custom (closest: {d['closest_preset']}; {len(keys)} setting(s) differ: "
+                  f"{', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''})")
+    else:
+        preset = "custom"
+    lines = [
+        f"checkpoint   {d['weights']}",
+        f"format       {d['format']}" + (f" (aviary format version {d['format_version']}, checksum verified)"
+                                          if d["format"] == "aviary" else " (imported on the fly, read with weights_only)"),
+        f"model        {d['family']}" + (f" / {d['variant']}" if d.get("variant") else ""),
+        f"preset       {preset}",
+        f"parameters   {d['parameters_upstream']:,} (upstream); {d['tensors_in_file']:,} values in the file",
+        f"output       {d['num_hidden_states']} hidden states of size {d['hidden_size']}, one every {d['frame_shift_ms']:g} ms",
+    ]
+    enc = d.get("encoder")
+    if isinstance(enc, Mapping):
+        lines.append(f"encoder      {enc.get('num_layers')} layers{' (shared)' if enc.get('share_layers') else ''}, "
+                     f"{enc.get('num_heads')} heads, FFN {enc.get('ffn_size')}, R={enc.get('downsample')}, "
+                     f"{'pre' if enc.get('pre_ln') else 'post'}-LN")
+    for name, desc in (d.get("frontends") or {}).items():
+        lines.append(f"{name + ' features':<12} {desc}")
+    steps = d.get("step")
+    total = d.get("train_steps")
+    lines.append(f"trained      {steps if steps is not None else 'unknown'} steps"
+                 + (f" of {total}" if total else ""))
+    lines.append(f"corpus       {d.get('data') or 'unknown'}")
+    src = d.get("source")
+    if isinstance(src, Mapping):
+        lines.append(f"imported     from {src.get('toolkit')}: {src.get('path')}")
+    if d.get("git_commit"):
+        lines.append(f"git commit   {d['git_commit']}")
+    return "\n".join(lines)
