@@ -155,20 +155,25 @@ def _weights_of(model: ProbeModel) -> list[float] | None:
 
 
 class _EarlyStopper:
-    """Keeps the best valid accuracy's state dict; stops after ``patience`` worse epochs."""
+    """Keeps the best epoch's state dicts; stops after ``patience`` epochs without a better one.
+
+    "Better" = higher valid accuracy, ties broken by lower valid loss: with small valid sets
+    several epochs share the top accuracy, and the first of them is often under-trained.
+    """
 
     def __init__(self, modules: dict[str, nn.Module], patience: int) -> None:
         self.modules = modules
         self.patience = patience
         self.best = -1.0
+        self.best_loss = math.inf
         self.best_epoch = -1
         self.bad = 0
         self.state: dict[str, Any] = {}
 
-    def update(self, acc: float, epoch: int) -> bool:
+    def update(self, acc: float, loss: float, epoch: int) -> bool:
         """Record an epoch; returns True when training should stop."""
-        if acc > self.best:
-            self.best, self.best_epoch, self.bad = acc, epoch, 0
+        if acc > self.best or (acc == self.best and loss < self.best_loss):
+            self.best, self.best_loss, self.best_epoch, self.bad = acc, loss, epoch, 0
             self.state = {k: copy.deepcopy(m.state_dict()) for k, m in self.modules.items()}
             return False
         self.bad += 1
@@ -235,15 +240,18 @@ class _PooledData:
             yield self.x[idx], self.y[idx]
 
 
-def _accuracy(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def _evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over all examples of the batches."""
     model.eval()
     correct = total = 0
+    loss_sum = 0.0
     with torch.no_grad():
         for x, y in batches:
-            pred = model(x.float()).argmax(-1)
-            correct += int((pred == y).sum())
+            logits = model(x.float())
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
             total += int(y.numel())
-    return correct / max(total, 1)
+    return correct / max(total, 1), loss_sum / max(total, 1)
 
 
 def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequence[Any]],
@@ -292,15 +300,15 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        acc = _accuracy(model, data["valid"].batches(batch, None))
+        acc, vloss = _evaluate(model, data["valid"].batches(batch, None))
         history.append(acc)
         if progress is not None:
             progress.set_postfix_str(f"{cfg.task}/{cfg.head}/L{cfg.layer} ep{epoch} valid {acc:.3f}")
-        if stopper.update(acc, epoch):
+        if stopper.update(acc, vloss, epoch):
             break
     train_seconds = time.perf_counter() - t0
     stopper.restore()
-    test = _accuracy(model, data["test"].batches(batch, None))
+    test, _ = _evaluate(model, data["test"].batches(batch, None))
     return ProbeResult(valid_acc=stopper.best, test_acc=test, best_epoch=stopper.best_epoch, epochs=epoch + 1,
                        train_seconds=train_seconds, train_examples=n_train, weights=_weights_of(model),
                        history=history)
@@ -372,10 +380,11 @@ def train_finetune(cfg: ProbeConfig, upstream: nn.Module, splits: dict[str, Sequ
     durs = {k: [float(u.duration) for u in v] for k, v in splits.items()}
     frame_shift = float(upstream.frame_shift)
 
-    def accuracy(split: str) -> float:
+    def evaluate(split: str) -> tuple[float, float]:
         upstream.eval()
         model.eval()
         correct = total = 0
+        loss_sum = 0.0
         utts = splits[split]
         order = sorted(range(len(utts)), key=lambda i: durs[split][i])
         with torch.no_grad():
@@ -385,9 +394,11 @@ def train_finetune(cfg: ProbeConfig, upstream: nn.Module, splits: dict[str, Sequ
                 y = _finetune_targets(bu, spec.level, lengths.cpu(), logits.shape[1] if spec.level == "frame" else 0,
                                       frame_shift, cfg.task, cid).to(device)
                 valid = y != IGNORE_INDEX
+                loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                  ignore_index=IGNORE_INDEX, reduction="sum"))
                 correct += int(((logits.argmax(-1) == y) & valid).sum())
                 total += int(valid.sum())
-        return correct / max(total, 1)
+        return correct / max(total, 1), loss_sum / max(total, 1)
 
     n_train = len(splits["train"])
     history = []
@@ -411,15 +422,15 @@ def train_finetune(cfg: ProbeConfig, upstream: nn.Module, splits: dict[str, Sequ
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        acc = accuracy("valid")
+        acc, vloss = evaluate("valid")
         history.append(acc)
         if progress is not None:
             progress.set_postfix_str(f"finetune {cfg.task}/{cfg.head} ep{epoch} valid {acc:.3f}")
-        if stopper.update(acc, epoch):
+        if stopper.update(acc, vloss, epoch):
             break
     train_seconds = time.perf_counter() - t0
     stopper.restore()
-    test = accuracy("test")
+    test, _ = evaluate("test")
     upstream.eval()
     return ProbeResult(valid_acc=stopper.best, test_acc=test, best_epoch=stopper.best_epoch, epochs=epoch + 1,
                        train_seconds=train_seconds, train_examples=n_train, weights=_weights_of(model),

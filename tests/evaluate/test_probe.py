@@ -1,0 +1,145 @@
+"""Probes: every task, head and featurizer; perfect features -> ~100 %, noise -> chance."""
+import pytest
+import torch
+
+from aviary.evaluate.cache import open_cache
+from aviary.evaluate.probe import ProbeConfig, run_probe
+from aviary.evaluate.tasks import label_fraction_subset, load_splits
+from aviary.evaluate.upstreams import describe_upstream
+from aviary.config import ConfigError
+
+from evaluate_fakes import N_CODES, N_PHONES, OracleUpstream
+
+FAST = dict(max_epochs=12, patience=12, lr=1e-2, batch_frames=256, batch_utterances=8)
+
+
+@pytest.fixture(scope="module")
+def phone_splits(corpus):
+    return load_splits(corpus, "phone")
+
+
+@pytest.fixture(scope="module")
+def cache(oracle_cache):
+    return open_cache(oracle_cache)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp1", "mlp2"])
+def test_phone_probe_perfect_layer_reaches_100(cache, phone_splits, head):
+    rec = run_probe(ProbeConfig(task="phone", head=head, layer="1", hidden=32, **FAST), phone_splits, cache=cache)
+    assert rec["test_acc"] > 0.98 and rec["valid_acc"] > 0.98
+    assert rec["layer"] == 1 and rec["head"] == head and rec["mode"] == "frozen"
+    assert rec["num_classes"] == 40 and rec["train_seconds"] > 0
+
+
+def test_phone_probe_noise_layer_is_chance(cache, phone_splits):
+    rec = run_probe(ProbeConfig(task="phone", head="linear", layer="0", **FAST), phone_splits, cache=cache)
+    # Six roughly balanced phones: chance ~ 1/6; the majority class is at most ~25 %.
+    assert rec["test_acc"] < 0.35
+
+
+def test_speaker_probe_perfect_and_chance(cache, corpus):
+    splits = load_splits(corpus, "speaker")
+    assert {u.speaker for u in splits["test"]} <= {u.speaker for u in splits["train"]}
+    good = run_probe(ProbeConfig(task="speaker", head="linear", layer="last", **FAST), splits, cache=cache)
+    assert good["test_acc"] == pytest.approx(1.0) and good["layer"] == "last"
+    bad = run_probe(ProbeConfig(task="speaker", head="mlp1", layer="0", hidden=32, **FAST), splits, cache=cache)
+    assert bad["test_acc"] < 0.5  # 6 speakers: chance 1/6
+
+
+def test_weighted_sum_learns_to_favour_the_informative_layer(cache, phone_splits):
+    rec = run_probe(ProbeConfig(task="phone", head="linear", layer="weighted", **{**FAST, "max_epochs": 12}),
+                    phone_splits, cache=cache)
+    w = rec["weights"]
+    assert len(w) == 3 and sum(w) == pytest.approx(1.0, abs=1e-4)
+    assert w[0] < 1 / 3  # the noise layer lost weight
+    assert rec["test_acc"] > 0.95 and rec["layer"] == "weighted"
+    ln = run_probe(ProbeConfig(task="phone", head="linear", layer="weighted", layer_norm=True,
+                               **{**FAST, "max_epochs": 12}),
+                   phone_splits, cache=cache)
+    assert ln["layer_norm"] is True and ln["test_acc"] > 0.9
+
+
+def test_keyword_probe_on_speaker_disjoint_split(kw_corpus, tmp_path):
+    from aviary.data import load_manifest
+    from aviary.evaluate.cache import extract_to_cache
+
+    splits = load_splits(kw_corpus, "keyword")
+    train_spk = {u.speaker for u in splits["train"]}
+    assert train_spk.isdisjoint({u.speaker for u in splits["test"]})
+    extract_to_cache(OracleUpstream(), load_manifest(kw_corpus), tmp_path / "c", name="oracle", progress=False)
+    cache = open_cache(tmp_path / "c")
+    rec = run_probe(ProbeConfig(task="keyword", head="linear", layer="1", **{**FAST, "max_epochs": 25, "lr": 3e-2}),
+                    splits, cache=cache)
+    assert {u.keyword for u in splits["test"]} <= {u.keyword for u in splits["train"]}
+    assert rec["test_acc"] == pytest.approx(1.0)
+    assert rec["num_classes"] <= N_CODES
+
+
+def test_label_fraction_subsets_are_seeded_and_nested(phone_splits, cache):
+    train = phone_splits["train"]
+    a = label_fraction_subset(train, 0.1, seed=3)
+    b = label_fraction_subset(train, 0.5, seed=3)
+    assert a == label_fraction_subset(train, 0.1, seed=3)
+    assert len(a) == round(0.1 * len(train)) and {u.id for u in a} <= {u.id for u in b}
+    assert len(label_fraction_subset(train, 0.001, seed=0)) == 1
+    rec = run_probe(ProbeConfig(task="phone", head="linear", layer="1", label_fraction=0.1, **FAST),
+                    phone_splits, cache=cache)
+    full = run_probe(ProbeConfig(task="phone", head="linear", layer="1", max_epochs=1, patience=1), phone_splits,
+                     cache=cache)
+    assert rec["label_fraction"] == 0.1 and rec["train_examples"] < full["train_examples"] / 5
+
+
+def test_seeded_probes_repeat(cache, phone_splits):
+    cfg = ProbeConfig(task="phone", head="mlp1", layer="2", hidden=16, max_epochs=3, patience=3)
+    a = run_probe(cfg, phone_splits, cache=cache)
+    b = run_probe(cfg, phone_splits, cache=cache)
+    assert a["valid_history"] == b["valid_history"] and a["test_acc"] == b["test_acc"]
+
+
+def _params(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_frozen_keeps_and_finetune_changes_upstream(corpus, cache, phone_splits):
+    up = OracleUpstream()
+    info = describe_upstream(up, "oracle").to_dict()
+    before = _params(up)
+    # Frozen: the probe reads the cache; the upstream object is untouched even if passed.
+    run_probe(ProbeConfig(task="phone", head="linear", layer="2", max_epochs=2), phone_splits, cache=cache,
+              upstream=up, upstream_info=info)
+    assert all(torch.equal(before[k], v) for k, v in _params(up).items())
+    rec = run_probe(ProbeConfig(task="phone", head="linear", layer="2", finetune=True, max_epochs=2, lr=1e-2,
+                                upstream_lr=1e-2, batch_seconds=8.0), phone_splits, upstream=up, upstream_info=info)
+    assert not torch.equal(before["mix.weight"], up.mix.weight.detach())
+    assert rec["mode"] == "finetune" and rec["upstream_lr"] == 1e-2 and rec["lr"] == 1e-2
+    assert rec["test_acc"] > 0.5
+
+
+def test_finetune_speaker_weighted(corpus):
+    splits = load_splits(corpus, "speaker")
+    up = OracleUpstream()
+    info = describe_upstream(up, "oracle").to_dict()
+    rec = run_probe(ProbeConfig(task="speaker", head="linear", layer="weighted", finetune=True, max_epochs=3,
+                                lr=3e-2, upstream_lr=1e-3, batch_seconds=8.0), splits, upstream=up, upstream_info=info)
+    assert rec["weights"] is not None and len(rec["weights"]) == 3
+    assert 0.0 <= rec["test_acc"] <= 1.0
+
+
+def test_probe_config_is_validated():
+    with pytest.raises(ConfigError, match="label_fraction"):
+        ProbeConfig(label_fraction=0.0)
+    with pytest.raises(ConfigError, match="layer"):
+        ProbeConfig(layer="middle")
+    with pytest.raises(ConfigError, match="head"):
+        ProbeConfig(head="mlp3")
+
+
+def test_probe_needs_cached_layers(tmp_path, corpus, phone_splits):
+    from aviary.data import load_manifest
+    from aviary.evaluate.cache import extract_to_cache
+
+    extract_to_cache(OracleUpstream(), load_manifest(corpus), tmp_path / "c", name="oracle", layers="1",
+                     progress=False)
+    c = open_cache(tmp_path / "c")
+    with pytest.raises(ValueError, match="not available"):
+        run_probe(ProbeConfig(task="phone", layer="weighted", max_epochs=1), phone_splits, cache=c)
