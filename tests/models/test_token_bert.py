@@ -56,6 +56,8 @@ def test_padded_batch_equals_one_by_one():
 def test_learns_a_deterministic_sequence():
     # A repeating pattern is predictable from context: masked accuracy must beat the unigram baseline.
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, more only contend
     m = TokenBertPretraining(tiny(dropout=0.0, attn_dropout=0.0))
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     pattern = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 3, 3, 3, 3])
@@ -66,6 +68,7 @@ def test_learns_a_deterministic_sequence():
         opt.zero_grad()
         out.loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     assert out.metrics["accuracy"].item() > out.metrics["unigram_accuracy"].item() + 0.2
 
 
