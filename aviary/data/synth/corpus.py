@@ -242,21 +242,41 @@ def _to16k(wav: np.ndarray, sr: int) -> np.ndarray:
     return soxr.resample(x, sr, SAMPLE_RATE).astype(np.float32) if sr != SAMPLE_RATE else x
 
 
-class _Worker:
-    """Per-process state: the espeak engine, the grammar and the babble pool."""
+def make_babble(cfg: SynthConfig, tts: Any, grammar: Grammar) -> np.ndarray:
+    """~20 s of four-talker babble from voices that are not corpus speakers (seeded), unit RMS."""
+    rng = np.random.default_rng([cfg.seed, _STREAM_BABBLE])
+    streams = []
+    for k in range(4):
+        voice = f"{ACCENTS[k % len(ACCENTS)]}+{('klatt', 'norbert', 'iven', 'Denis')[k]}"
+        parts, total = [], 0
+        while total < 20 * SAMPLE_RATE:
+            wav, _ = tts.synth(grammar.sentence(rng, 2), voice, int(rng.integers(150, 200)),
+                               int(rng.integers(30, 70)), 60)
+            x = _to16k(wav, tts.sample_rate)
+            parts.append(x)
+            total += x.size
+        x = np.concatenate(parts)[: 20 * SAMPLE_RATE]
+        streams.append(np.roll(x, int(rng.integers(x.size))))
+    b = np.sum(streams, axis=0)
+    return (b / (np.sqrt(np.mean(b ** 2)) + 1e-12)).astype(np.float32)
 
-    def __init__(self, cfg: SynthConfig) -> None:
+
+class _Worker:
+    """Per-process state: the espeak engine, the grammar and the noise pools."""
+
+    def __init__(self, cfg: SynthConfig, babble: np.ndarray | None = None,
+                 colour: dict[str, np.ndarray] | None = None) -> None:
         from aviary.data.synth.espeak import engine
 
         self.cfg = cfg
         self.tts = engine()
         self.grammar = Grammar()
         self.keywords = _read_categories("keywords.txt")
-        self._babble: np.ndarray | None = None
-        self._colour: dict[str, np.ndarray] = {}
+        self._babble = babble
+        self._colour: dict[str, np.ndarray] = dict(colour or {})
 
     def colour_pool(self, kind: str) -> np.ndarray:
-        """65 s of coloured noise (seeded), from which utterances take random segments.
+        """16 s of coloured noise (seeded), from which utterances take random segments.
 
         One FFT per worker instead of one per utterance: utterance lengths are arbitrary
         integers, and FFTs of prime lengths are slow.
@@ -264,27 +284,13 @@ class _Worker:
         if kind not in self._colour:
             alpha = {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind]
             rng = np.random.default_rng([self.cfg.seed, _STREAM_BABBLE, int(alpha) + 1])
-            self._colour[kind] = coloured_noise(rng, 2 ** 20, alpha)
+            self._colour[kind] = coloured_noise(rng, 2 ** 18, alpha)
         return self._colour[kind]
 
     def babble(self) -> np.ndarray:
-        """~20 s of four-talker babble from voices that are not corpus speakers (seeded)."""
+        """The babble pool (made once per corpus by :func:`make_babble`, passed in)."""
         if self._babble is None:
-            rng = np.random.default_rng([self.cfg.seed, _STREAM_BABBLE])
-            streams = []
-            for k in range(4):
-                voice = f"{ACCENTS[k % len(ACCENTS)]}+{('klatt', 'norbert', 'iven', 'Denis')[k]}"
-                parts, total = [], 0
-                while total < 20 * SAMPLE_RATE:
-                    wav, _ = self.tts.synth(self.grammar.sentence(rng, 2), voice,
-                                            int(rng.integers(150, 200)), int(rng.integers(30, 70)), 60)
-                    x = _to16k(wav, self.tts.sample_rate)
-                    parts.append(x)
-                    total += x.size
-                x = np.concatenate(parts)[: 20 * SAMPLE_RATE]
-                streams.append(np.roll(x, int(rng.integers(x.size))))
-            b = np.sum(streams, axis=0)
-            self._babble = (b / (np.sqrt(np.mean(b ** 2)) + 1e-12)).astype(np.float32)
+            self._babble = make_babble(self.cfg, self.tts, self.grammar)
         return self._babble
 
     def noise(self, rng: np.random.Generator, n: int) -> tuple[str, np.ndarray]:
@@ -392,13 +398,22 @@ class _Worker:
 _WORKER: _Worker | None = None
 
 
-def _init_worker(cfg_dict: dict) -> None:
+def _init_worker(cfg_dict: dict, babble: np.ndarray | None, colour: dict[str, np.ndarray]) -> None:
     global _WORKER
-    _WORKER = _Worker(SynthConfig.from_dict(cfg_dict))
+    _WORKER = _Worker(SynthConfig.from_dict(cfg_dict), babble, colour)
 
 
-def _speaker_job(args: tuple[dict, str]) -> list[dict[str, Any]]:
-    """Synthesise and write all utterances of one speaker; return their manifest records."""
+def _babble_job(cfg_dict: dict) -> tuple[np.ndarray, float]:
+    from aviary.data.synth.espeak import engine
+
+    cpu0 = time.process_time()
+    b = make_babble(SynthConfig.from_dict(cfg_dict), engine(), Grammar())
+    return b, time.process_time() - cpu0
+
+
+def _speaker_job(args: tuple[dict, str]) -> tuple[list[dict[str, Any]], float]:
+    """Synthesise and write all utterances of one speaker; return their records and CPU seconds."""
+    cpu0 = time.process_time()
     spk_dict, out_dir = args
     spk = Speaker(**spk_dict)
     w = _WORKER
@@ -414,7 +429,7 @@ def _speaker_job(args: tuple[dict, str]) -> list[dict[str, Any]]:
                      "speaker": spk.id, "text": r["text"], "keyword": r["keyword"],
                      "phones": [(s, round(a, 5), round(b, 5)) for s, a, b in r["phones"]],
                      "info": r["info"]})
-    return recs
+    return recs, time.process_time() - cpu0
 
 
 def synthesize_corpus(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: bool = True) -> dict[str, Any]:
@@ -440,16 +455,28 @@ def synthesize_corpus(out: str | Path, cfg: SynthConfig = SynthConfig(), progres
     t0 = time.perf_counter()
     speakers = make_speakers(cfg.speakers, cfg.seed)
     jobs = [(dataclasses.asdict(s), str(out)) for s in speakers]
-    if cfg.workers == 1:
-        _init_worker(cfg.to_dict())
-        results = [_speaker_job(j) for j in tqdm(jobs, desc="synth", unit="spk", disable=not progress)]
-    else:
-        # spawn: a fresh interpreter per worker, so each has its own espeak-ng global state.
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(min(cfg.workers, len(jobs)), initializer=_init_worker,
-                      initargs=(cfg.to_dict(),)) as pool:
-            results = list(tqdm(pool.imap(_speaker_job, jobs), total=len(jobs), desc="synth",
-                                unit="spk", disable=not progress))
+    # espeak-ng carries hidden state from one synthesis to the next (its output for the same
+    # text and settings differs by a few samples after other calls, and neither re-initialising
+    # nor its random seed resets it). For the same bytes whatever the worker count, every job
+    # (one speaker, or the babble pool) runs in a fresh process from a forkserver whose
+    # process never loaded espeak: the synthesis sequence of each job is then fixed.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["aviary.data.synth.corpus"])
+    babble, cpu = None, 0.0
+    if cfg.noise:
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            babble, cpu = pool.apply(_babble_job, (cfg.to_dict(),))
+    # The coloured-noise pools are made once here, not in every (fresh) job process.
+    pools = _Worker.__new__(_Worker)
+    pools.cfg, pools._colour = cfg, {}
+    colour = {k: pools.colour_pool(k) for k in ("white", "pink", "brown")} if cfg.noise else {}
+    with ctx.Pool(min(cfg.workers, len(jobs)), initializer=_init_worker,
+                  initargs=(cfg.to_dict(), babble, colour), maxtasksperchild=1) as pool:
+        results = []
+        for recs, job_cpu in tqdm(pool.imap(_speaker_job, jobs), total=len(jobs), desc="synth",
+                                  unit="spk", disable=not progress):
+            results.append(recs)
+            cpu += job_cpu
     elapsed = time.perf_counter() - t0
     utts, counts, conditions = [], Counter(), []
     for spk, recs in zip(speakers, results):
@@ -489,7 +516,9 @@ def synthesize_corpus(out: str | Path, cfg: SynthConfig = SynthConfig(), progres
     audio_seconds = hours * 3600
     summary = {"utterances": len(utts), "speakers": len(speakers), "hours": round(hours, 4),
                "synth_seconds": round(elapsed, 2), "total_seconds": round(time.perf_counter() - t0, 2),
-               "x_real_time": round(audio_seconds / elapsed, 1), "phone_counts": phone_counts}
+               "x_real_time": round(audio_seconds / elapsed, 1), "cpu_seconds": round(cpu, 2),
+               "x_real_time_per_cpu_second": round(audio_seconds / max(cpu, 1e-9), 1),
+               "phone_counts": phone_counts}
     log.info("wrote %d utterances (%.2f h, %d speakers) to %s in %.1f s (%.0fx real time)",
              len(utts), hours, len(speakers), out, elapsed, audio_seconds / elapsed)
     return summary
