@@ -182,7 +182,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "encoder": model_cfg.get("encoder"),
         "step": stored.get("step"),
         "train_steps": train.get("steps") if isinstance(train, Mapping) else None,
-        "data": run_json.get("data"),
+        "data": run_json.get("data") or stored.get("data"),
         "source": stored.get("source"),
         "git_commit": run_json.get("git_commit"),
     }
@@ -214,7 +214,7 @@ def format_description(d: Mapping[str, Any]) -> str:
                      f"{enc.get('num_heads')} heads, FFN {enc.get('ffn_size')}, R={enc.get('downsample')}, "
                      f"{'pre' if enc.get('pre_ln') else 'post'}-LN")
     for name, desc in (d.get("frontends") or {}).items():
-        lines.append(f"{name + ' features':<12} {desc}")
+        lines.append(f"{name:<12} {desc}")
     steps = d.get("step")
     total = d.get("train_steps")
     lines.append(f"trained      {steps if steps is not None else 'unknown'} steps"
