@@ -1,0 +1,131 @@
+"""`aviary extract`, `aviary probe`, `aviary results`: the downstream evaluation commands."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from aviary.cli import register
+
+log = logging.getLogger(__name__)
+
+_UPSTREAM_HELP = ("run directory or weights file, a front-end baseline (fbank, logmel, logmel+delta) "
+                  "or random:PRESET (randomly initialised encoder of a preset, fixed seed)")
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of numbers") from None
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
+
+
+def _words(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="UPSTREAM", help=_UPSTREAM_HELP)
+    p.add_argument("--data", required=True, metavar="CORPUS", help="corpus directory or manifest file")
+    p.add_argument("--out", required=True, metavar="CACHE", help="cache directory (an interrupted one is resumed)")
+    p.add_argument("--layers", default="all", help="'all', 'last' or comma-separated hidden-state indices")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision")
+    p.add_argument("--split", help="only this split (train, valid, test, train-spk, ...); default: all utterances")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="forward-pass precision (bf16 is several times faster on AMX CPUs)")
+    p.add_argument("--batch-seconds", type=float, default=80.0, help="padded audio seconds per forward pass")
+    p.add_argument("--shard-seconds", type=float, default=600.0, help="audio seconds per shard (unit of resumption)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed of random:PRESET")
+    p.add_argument("--name", help="display name (default: the run directory's name or the baseline's)")
+    p.add_argument("--device", default="cpu")
+
+
+def _extract_run(args: argparse.Namespace) -> int:
+    from aviary.evaluate.sweep import run_extract
+
+    stats = run_extract(args.checkpoint, args.data, args.out, layers=args.layers, dtype=args.dtype,
+                        split=args.split, device=args.device, random_seed=args.seed, name=args.name,
+                        autocast=args.autocast, batch_seconds=args.batch_seconds, shard_seconds=args.shard_seconds)
+    print(f"{stats.path}: {stats.utterances} utterances in {stats.shards_total} shards "
+          f"({stats.shards_written} written now, {stats.audio_seconds:.0f} s of audio in {stats.seconds:.1f} s, "
+          f"{stats.x_real_time:.0f}x real time)")
+    return 0
+
+
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upstream", metavar="UPSTREAM", help=_UPSTREAM_HELP + "; optional with --cache")
+    p.add_argument("--data", required=True, metavar="CORPUS", help="corpus directory or manifest file")
+    p.add_argument("--task", type=_words, default=["phone"],
+                   help="phone, speaker, keyword, or a comma-separated list")
+    p.add_argument("--head", type=_words, default=["linear"], help="linear, mlp1, mlp2, or a comma-separated list")
+    p.add_argument("--layers", default="last",
+                   help="'all' (every layer), 'last', 'weighted', an index K, or a list such as 'all,weighted'")
+    p.add_argument("--label-fraction", type=_floats, default=[1.0],
+                   help="fraction(s) of the training labels, e.g. 0.01,0.1,1.0")
+    p.add_argument("--seed", type=_ints, default=[0], help="probe seed(s)")
+    p.add_argument("--finetune", action="store_true", help="train the upstream with the head (its own --upstream-lr)")
+    p.add_argument("--cache", metavar="CACHE", help="existing feature cache from `aviary extract` (frozen mode)")
+    p.add_argument("--out", required=True, metavar="DIR", help="results directory (results.jsonl, feature cache)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden width of mlp heads (default 256; s3prl 768)")
+    p.add_argument("--layer-norm", action="store_true", help="parameter-free layer norm per layer before the weighted sum")
+    p.add_argument("--lr", type=float, default=None, help="head learning rate (default 1e-3)")
+    p.add_argument("--upstream-lr", type=float, default=None, help="upstream learning rate when fine-tuning (default 5e-5)")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs at most (default 30)")
+    p.add_argument("--patience", type=int, default=None, help="epochs without improvement before stopping (default 4)")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none", help="extraction / fine-tuning precision")
+    p.add_argument("--random-seed", type=int, default=0, help="initialisation seed of random:PRESET")
+    p.add_argument("--name", help="display name of the upstream in the results")
+    p.add_argument("--device", default="cpu")
+
+
+def _probe_run(args: argparse.Namespace) -> int:
+    from aviary.evaluate.results import format_table
+    from aviary.evaluate.sweep import run_sweep
+
+    if args.upstream is None and args.cache is None:
+        raise ValueError("give --upstream, --cache, or both")
+    overrides = {k: v for k, v in (("hidden", args.hidden), ("lr", args.lr), ("upstream_lr", args.upstream_lr),
+                                   ("max_epochs", args.max_epochs), ("patience", args.patience)) if v is not None}
+    if args.layer_norm:
+        overrides["layer_norm"] = True
+    if args.finetune:
+        overrides["autocast"] = args.autocast
+    recs = run_sweep(args.upstream, args.data, args.out, tasks=args.task, heads=args.head, layers=args.layers,
+                     label_fractions=args.label_fraction, seeds=args.seed, finetune=args.finetune, cache=args.cache,
+                     name=args.name, overrides=overrides, extract={"autocast": args.autocast}, device=args.device,
+                     random_seed=args.random_seed)
+    if recs:
+        print(format_table(recs))
+    else:
+        print(f"every requested probe is already in {args.out}/results.jsonl")
+    return 0
+
+
+def _results_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="results directory of `aviary probe --out DIR`")
+
+
+def _results_run(args: argparse.Namespace) -> int:
+    from aviary.evaluate.results import summarize
+
+    s = summarize(args.dir)
+    print(s["table"])
+    print(f"\nwrote {s['csv']}")
+    for kind, path in s["plots"].items():
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
+register("extract", "run an upstream over a corpus once and cache every layer's features (resumable)",
+         _extract_args, _extract_run)
+register("probe", "train probes (linear / mlp1 / mlp2) on an upstream's layers for phone, speaker or keyword "
+         "classification; frozen from the feature cache or fine-tuned", _probe_args, _probe_run)
+register("results", "print the probe results table and write results.csv and the probing plots",
+         _results_args, _results_run)

@@ -1,0 +1,140 @@
+"""Sweeps (resume without duplicates), results files and plots, the baselines, the CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from aviary.cli import main
+from aviary.evaluate import sweep as sweep_mod
+from aviary.evaluate.results import append_record, load_records, summarize
+from aviary.evaluate.sweep import expand_layers, run_sweep
+from aviary.evaluate.upstreams import FeatureUpstream, resolve_upstream
+
+from evaluate_fakes import H, OracleUpstream
+
+FAST = {"max_epochs": 3, "patience": 3, "lr": 1e-2, "batch_frames": 512}
+
+
+def test_expand_layers():
+    assert expand_layers("all", 3) == [0, 1, 2]
+    assert expand_layers("all,weighted", 3) == [0, 1, 2, "weighted"]
+    assert expand_layers("last,1,1", 3) == ["last", 1]
+    with pytest.raises(ValueError, match="out of range"):
+        expand_layers("3", 3)
+
+
+def test_sweep_resumes_without_duplicates(corpus, oracle_cache, tmp_path, monkeypatch):
+    out = tmp_path / "probes"
+    grid = dict(tasks=["phone", "speaker"], heads=["linear", "mlp1"], layers="all,weighted",
+                overrides={**FAST, "hidden": 16}, progress=False)
+    real = sweep_mod.run_probe
+    calls = {"n": 0}
+
+    def dying_probe(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # killed during the fifth probe
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "run_probe", dying_probe)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(OracleUpstream(), corpus, out, name="oracle", cache=oracle_cache, **grid)
+    assert len(load_records(out)) == 4
+    # A kill in the middle of an append leaves a truncated line: it is skipped, not fatal.
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"key": "trunc')
+    monkeypatch.setattr(sweep_mod, "run_probe", real)
+    written = run_sweep(OracleUpstream(), corpus, out, name="oracle", cache=oracle_cache, **grid)
+    assert len(written) == 2 * 2 * 4 - 4
+    recs = load_records(out)
+    keys = [r["key"] for r in recs]
+    assert len(recs) == 16 and len(set(keys)) == 16
+    lines = [l for l in (out / "results.jsonl").read_text().splitlines() if l.strip()]
+    assert len(lines) == 17  # 16 records + the truncated fragment, which load_records ignores
+    # Nothing left to do: a third call trains nothing.
+    assert run_sweep(OracleUpstream(), corpus, out, name="oracle", cache=oracle_cache, **grid) == []
+    r = next(r for r in recs if r["layer"] == "weighted")
+    assert len(r["weights"]) == 3 and r["upstream"] == "oracle" and r["upstream_params"] == H * H + H
+    for k in ("upstream", "upstream_params", "task", "head", "layer", "mode", "label_fraction", "seed",
+              "valid_acc", "test_acc", "train_seconds"):
+        assert k in r
+
+
+def test_append_is_one_line_per_record(tmp_path):
+    append_record(tmp_path, {"key": "a", "x": 1})
+    (tmp_path / "results.jsonl").open("a").write('{"key": "b", "x"')  # truncated by a kill
+    append_record(tmp_path, {"key": "c", "x": 3})
+    assert [r["key"] for r in load_records(tmp_path)] == ["a", "c"]
+
+
+def test_results_table_csv_and_plots(corpus, oracle_cache, tmp_path, capsys):
+    out = tmp_path / "probes"
+    run_sweep(OracleUpstream(), corpus, out, name="oracle", cache=oracle_cache, tasks=["phone"],
+              heads=["linear"], layers="all,weighted", label_fractions=[0.1, 1.0], overrides=FAST, progress=False)
+    # A one-state baseline drawn as a horizontal line.
+    base = dict(load_records(out)[0])
+    base.update(key="baseline", upstream="fbank", upstream_params=0, num_hidden_states=1, layer=0, weights=None,
+                label_fraction=1.0, test_acc=0.5)
+    append_record(out, base)
+    assert main(["results", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "oracle" in printed and "weighted" in printed and "fbank" in printed
+    csv = (out / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("upstream,upstream_params,task,head,layer") and len(csv) == 1 + 9
+    for png in ("accuracy_vs_layer.png", "accuracy_vs_label_fraction.png", "weighted_sum_weights.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_feature_baselines_are_one_state_upstreams():
+    wav = torch.randn(2, 16000)
+    for name, dim in (("fbank", 128), ("logmel", 80), ("logmel+delta", 160)):
+        up, disp = resolve_upstream(name)
+        assert isinstance(up, FeatureUpstream) and disp == name
+        states, lengths = up.extract(wav, torch.tensor([16000, 8000]))
+        assert len(states) == 1 and up.num_hidden_states == 1
+        assert states[0].shape[-1] == dim == up.hidden_size and up.frame_shift == pytest.approx(0.01)
+        assert int(lengths[0]) == states[0].shape[1] and int(lengths[1]) < int(lengths[0])
+
+
+def test_random_upstream_is_seeded():
+    a, name = resolve_upstream("random:mockingjay-tiny")
+    b, _ = resolve_upstream("random:mockingjay-tiny")
+    c, name_c = resolve_upstream("random:mockingjay-tiny", seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert name == "random:mockingjay-tiny" and name_c != name
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].dtype.is_floating_point)
+
+
+def test_cli_extract_probe_results(corpus, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["extract", "--checkpoint", "logmel", "--data", str(corpus), "--out", str(cache),
+                 "--dtype", "float32"]) == 0
+    idx = json.loads((cache / "index.json").read_text())
+    assert idx["upstream"]["name"] == "logmel" and idx["layers"] == [0]
+    out = tmp_path / "probes"
+    args = ["probe", "--upstream", "logmel", "--data", str(corpus), "--task", "phone,speaker", "--head", "linear",
+            "--layers", "last", "--cache", str(cache), "--out", str(out), "--max-epochs", "2"]
+    assert main(args) == 0
+    recs = load_records(out)
+    assert {r["task"] for r in recs} == {"phone", "speaker"} and all(r["upstream"] == "logmel" for r in recs)
+    assert main(args) == 0
+    assert "already" in capsys.readouterr().out
+    assert len(load_records(out)) == 2
+    # A cache made by another upstream is refused, naming it.
+    rc = main(["probe", "--upstream", "fbank", "--data", str(corpus), "--cache", str(cache), "--out", str(out)])
+    assert rc == 2
+
+
+def test_cli_random_preset_sweep_extracts_once(corpus, tmp_path):
+    out = tmp_path / "probes"
+    args = ["probe", "--upstream", "random:mockingjay-tiny", "--data", str(corpus), "--layers", "all,weighted",
+            "--out", str(out), "--max-epochs", "1"]
+    assert main(args) == 0
+    caches = list((out / "cache").glob("*/index.json"))
+    assert len(caches) == 1
+    recs = load_records(out)
+    nhs = recs[0]["num_hidden_states"]
+    assert len(recs) == nhs + 1 and recs[0]["upstream_params"] > 0
