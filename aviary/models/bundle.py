@@ -116,6 +116,14 @@ def _frontends(cfg: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _is_torch_zip(path: Path) -> bool:
+    """``torch.save`` writes a zip archive; safetensors files start with a header length."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
+
+
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint is: model, preset, parameters, front-end, training steps, corpus.
 
@@ -135,7 +143,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
     spath = str(path)
     source_kind = "aviary"
-    if spath.startswith("s3prl:") or (Path(spath).is_file() and Path(spath).read_bytes()[:2] == b"PK"):
+    if spath.startswith("s3prl:") or _is_torch_zip(Path(spath)):
         # torch.save's zip container: another toolkit's checkpoint.
         from aviary.interop.s3prl import read_s3prl_checkpoint
 

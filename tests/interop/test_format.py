@@ -126,6 +126,7 @@ class _Evil:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("writer", ["pickle", "torch.save"])
 def test_malicious_pickle_at_a_checkpoint_path_is_refused_not_executed(tmp_path, writer):
     """Issue 9: a pickle whose loading would create a file, placed where aviary looks for weights."""

@@ -246,6 +246,11 @@ def test_import_cli_writes_a_loadable_run_dir(tmp_path):
     t, _ = load_tensors(run / "model.safetensors")
     assert torch.equal(t["head.out.weight"], ck["SpecHead"]["output.weight"])
     assert cli_main(["import", "s3prl", str(path), "--out", str(run)]) == 2  # refuses to overwrite
+    from aviary.models.bundle import describe
+    for src in (run, f"s3prl:{path}", path):
+        d = describe(src)
+        assert d["step"] == 1234 and d["variant"] == "mockingjay" and d["source"]["toolkit"] == "s3prl"
+        assert d["data"] == "/data/LibriSpeech/ ['train-clean-100']"
 
 
 def test_shared_layers_must_be_equal(tmp_path):
