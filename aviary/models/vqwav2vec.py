@@ -443,7 +443,13 @@ class VqWav2VecPretraining(nn.Module):
         preds = self.predictor(c).view(b, t, cfg.prediction_steps, ch)  # (B, T, K, C)
         negs = batch.get("negatives")
         if negs is None:
-            negs = sample_negatives(lens, t, cfg.num_negatives)
+            if t < 2:
+                raise ValueError(f"vq-wav2vec needs utterances of >= 2 frames ({cfg.receptive_field + cfg.stride} "
+                                 f"samples); the longest in this batch has {t} (wav lengths "
+                                 f"{batch['wav_lengths'].tolist()}); raise train.min_seconds")
+            # Rows under 2 frames have no positive (t + k >= length), so their negatives are
+            # never used; clamping only keeps the sampler's precondition.
+            negs = sample_negatives(lens.clamp(min=2), t, cfg.num_negatives)
         pred_loss, metrics = future_prediction_loss(preds, qo.quantized, lens, negs, cfg.prediction_offset)
         loss = pred_loss
         metrics = {"prediction_loss": pred_loss.detach(), **metrics,

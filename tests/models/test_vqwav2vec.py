@@ -178,3 +178,12 @@ def test_aviary_load_roundtrip(tmp_path):
     a, _ = m.upstream.extract(wavs)
     b, _ = up.extract(wavs)
     assert all(torch.allclose(x, y) for x, y in zip(a, b))
+
+
+def test_too_short_rows_do_not_break_a_batch():
+    torch.manual_seed(0)
+    m = VqWav2VecPretraining(tiny())
+    out = m({"wavs": torch.randn(2, 4000), "wav_lengths": torch.tensor([4000, 500])})  # 23 and 1 frames
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="min_seconds"):
+        m({"wavs": torch.randn(1, 500), "wav_lengths": torch.tensor([500])})
