@@ -10,7 +10,6 @@ loading, which ``tests/interop/test_format.py`` checks against a checked-in chec
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
