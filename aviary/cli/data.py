@@ -36,8 +36,9 @@ def _synth_run(args: argparse.Namespace) -> int:
                       seed=args.seed, noise=args.noise, snr_min=args.snr[0], snr_max=args.snr[1],
                       reverb=args.reverb, words=args.words, workers=args.workers)
     s = synthesize_corpus(args.out, cfg)
-    log.info("%d utterances, %d speakers, %.2f h in %.1f s (%.0fx real time); phone counts: %s",
-             s["utterances"], s["speakers"], s["hours"], s["total_seconds"], s["x_real_time"],
+    log.info("%d utterances, %d speakers, %.2f h in %.1f s (%.0fx real time; %.0fx per CPU-second "
+             "of synthesis); phone counts: %s", s["utterances"], s["speakers"], s["hours"],
+             s["total_seconds"], s["x_real_time"], s["x_real_time_per_cpu_second"],
              json.dumps(s["phone_counts"]))
     return 0
 

@@ -242,6 +242,16 @@ def _to16k(wav: np.ndarray, sr: int) -> np.ndarray:
     return soxr.resample(x, sr, SAMPLE_RATE).astype(np.float32) if sr != SAMPLE_RATE else x
 
 
+def colour_pool(seed: int, kind: str) -> np.ndarray:
+    """16 s of white / pink / brown noise (seeded), from which utterances take random segments.
+
+    One FFT per corpus instead of one per utterance: utterance lengths are arbitrary integers,
+    and FFTs of prime lengths are slow.
+    """
+    alpha = {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind]
+    return coloured_noise(np.random.default_rng([seed, _STREAM_BABBLE, int(alpha) + 1]), 2 ** 18, alpha)
+
+
 def make_babble(cfg: SynthConfig, tts: Any, grammar: Grammar) -> np.ndarray:
     """~20 s of four-talker babble from voices that are not corpus speakers (seeded), unit RMS."""
     rng = np.random.default_rng([cfg.seed, _STREAM_BABBLE])
@@ -276,15 +286,8 @@ class _Worker:
         self._colour: dict[str, np.ndarray] = dict(colour or {})
 
     def colour_pool(self, kind: str) -> np.ndarray:
-        """16 s of coloured noise (seeded), from which utterances take random segments.
-
-        One FFT per worker instead of one per utterance: utterance lengths are arbitrary
-        integers, and FFTs of prime lengths are slow.
-        """
         if kind not in self._colour:
-            alpha = {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind]
-            rng = np.random.default_rng([self.cfg.seed, _STREAM_BABBLE, int(alpha) + 1])
-            self._colour[kind] = coloured_noise(rng, 2 ** 18, alpha)
+            self._colour[kind] = colour_pool(self.cfg.seed, kind)
         return self._colour[kind]
 
     def babble(self) -> np.ndarray:
@@ -467,9 +470,7 @@ def synthesize_corpus(out: str | Path, cfg: SynthConfig = SynthConfig(), progres
         with ctx.Pool(1, maxtasksperchild=1) as pool:
             babble, cpu = pool.apply(_babble_job, (cfg.to_dict(),))
     # The coloured-noise pools are made once here, not in every (fresh) job process.
-    pools = _Worker.__new__(_Worker)
-    pools.cfg, pools._colour = cfg, {}
-    colour = {k: pools.colour_pool(k) for k in ("white", "pink", "brown")} if cfg.noise else {}
+    colour = {k: colour_pool(cfg.seed, k) for k in ("white", "pink", "brown")} if cfg.noise else {}
     with ctx.Pool(min(cfg.workers, len(jobs)), initializer=_init_worker,
                   initargs=(cfg.to_dict(), babble, colour), maxtasksperchild=1) as pool:
         results = []
