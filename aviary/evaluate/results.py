@@ -101,7 +101,7 @@ def format_table(recs: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of the records, sorted by task, upstream, head, fraction, layer."""
     rows = [["task", "upstream", "params", "mode", "head", "frac", "layer", "seed", "valid", "test", "secs"]]
     for r in sort_records(recs):
-        rows.append([r["task"], r["upstream"], f"{r['upstream_params'] / 1e6:.2f}M", r["mode"], r["head"],
+        rows.append([r["task"], r["upstream"], _fmt_params(r["upstream_params"]), r["mode"], r["head"],
                      f"{r['label_fraction']:g}", str(r["layer"]), str(r["seed"]),
                      f"{100 * r['valid_acc']:.2f}", f"{100 * r['test_acc']:.2f}", f"{r['train_seconds']:.1f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -130,8 +130,12 @@ def write_csv(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     return path
 
 
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k" if n >= 100 else str(n)
+
+
 def _upstream_label(r: dict[str, Any]) -> str:
-    return f"{r['upstream']} ({r['upstream_params'] / 1e6:.2f}M)" if r["upstream_params"] else r["upstream"]
+    return f"{r['upstream']} ({_fmt_params(r['upstream_params'])})" if r["upstream_params"] else r["upstream"]
 
 
 def plot_layers(recs: Sequence[dict[str, Any]], path: str | os.PathLike, label_fraction: float = 1.0) -> Path | None:
@@ -183,15 +187,16 @@ def plot_layers(recs: Sequence[dict[str, Any]], path: str | os.PathLike, label_f
                 ax.plot([max_layer + 0.6], [mean["weighted"]], marker="*", ms=13, color=c, ls="none",
                         label=f"{up} weighted sum")
         ax.set_title(f"{task} / {head} head")
-        ax.set_xlabel("layer (0 = embedding output; * = weighted sum)")
+        ax.set_xlabel("layer (0 = embedding output; w = weighted sum)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_xticks(list(range(max_layer + 1)))
+        ax.set_xticks(list(range(max_layer + 1)) + [max_layer + 0.6],
+                      [str(k) for k in range(max_layer + 1)] + ["w"])
         ax.set_xlim(-0.4, max_layer + 1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"Probing accuracy per layer (frozen, {label_fraction:g} of the labels)")
+    fig.suptitle(f"Probing accuracy per layer (frozen upstream, {100 * label_fraction:g} % of the training labels)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -199,34 +204,61 @@ def plot_layers(recs: Sequence[dict[str, Any]], path: str | os.PathLike, label_f
 
 
 def plot_label_fractions(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path | None:
-    """Test accuracy vs label fraction (log x), one line per (upstream, head, layer, mode)."""
+    """Test accuracy vs label fraction (log x), one panel per (task, head).
+
+    Per upstream and mode, two lines at most: the layer with the best valid accuracy at the
+    largest fraction (the layer a practitioner would pick) and the weighted sum.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    pts: dict[tuple, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in recs:
-        lines[(r["task"], r["upstream"], r["head"], str(r["layer"]), r["mode"])][r["label_fraction"]].append(
-            100 * r["test_acc"])
-    lines = {k: v for k, v in lines.items() if len(v) >= 2}
-    if not lines:
+        pts[(r["task"], r["head"], r["upstream"], r["mode"], str(r["layer"]))][r["label_fraction"]].append(r)
+    pts = {k: v for k, v in pts.items() if len(v) >= 2}
+    if not pts:
         return None
-    tasks = sorted({k[0] for k in lines})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes.flat, tasks):
-        for (t, up, head, layer, mode), pts in sorted(lines.items()):
-            if t != task:
+    chosen: dict[tuple, list[str]] = defaultdict(list)
+    for (task, head, up, mode, layer), by_frac in pts.items():
+        if layer == "weighted":
+            chosen[(task, head, up, mode)].append(layer)
+    best: dict[tuple, tuple[float, str]] = {}
+    for (task, head, up, mode, layer), by_frac in pts.items():
+        if layer == "weighted":
+            continue
+        top = by_frac[max(by_frac)]
+        v = sum(r["valid_acc"] for r in top) / len(top)
+        key = (task, head, up, mode)
+        if key not in best or v > best[key][0]:
+            best[key] = (v, layer)
+    for key, (_, layer) in best.items():
+        chosen[key].insert(0, layer)
+    panels = sorted({(k[0], k[1]) for k in chosen})
+    ncol = min(3, len(panels))
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.8 * nrow), squeeze=False)
+    for ax, (task, head) in zip(axes.flat, panels):
+        for (t, h, up, mode), layers in sorted(chosen.items()):
+            if (t, h) != (task, head):
                 continue
-            xs = sorted(pts)
-            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o",
-                    label=f"{up} {head} L{layer}{' ft' if mode == 'finetune' else ''}")
+            for layer in layers:
+                by_frac = pts[(t, h, up, mode, layer)]
+                xs = sorted(by_frac)
+                ys = [100 * sum(r["test_acc"] for r in by_frac[x]) / len(by_frac[x]) for x in xs]
+                name = "weighted sum" if layer == "weighted" else f"layer {layer}"
+                ax.plot(xs, ys, marker="*" if layer == "weighted" else "o", ls="--" if layer == "weighted" else "-",
+                        label=f"{up} {name}{' (fine-tuned)' if mode == 'finetune' else ''}")
         ax.set_xscale("log")
-        ax.set_title(f"{task}: accuracy vs labelled data")
+        ax.set_title(f"{task} / {head} head")
         ax.set_xlabel("fraction of training labels")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("Accuracy vs amount of labelled data (best layer on valid, and the weighted sum)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -234,29 +266,34 @@ def plot_label_fractions(recs: Sequence[dict[str, Any]], path: str | os.PathLike
 
 
 def plot_weights(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path | None:
-    """Bar chart of the learned weighted-sum weights, one group of bars per probe."""
+    """Heatmap of the learned weighted-sum weights: one row per probe, one column per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     sel = [r for r in sort_records(recs) if r.get("weights")]
     if not sel:
         return None
     n_layers = max(len(r["weights"]) for r in sel)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.9 * n_layers * max(1, len(sel)) / 3), 4))
-    width = 0.8 / len(sel)
+    mat = np.full((len(sel), n_layers), np.nan)
     for i, r in enumerate(sel):
-        xs = [k + (i - (len(sel) - 1) / 2) * width for k in range(len(r["weights"]))]
-        ax.bar(xs, r["weights"], width=width,
-               label=f"{r['upstream']} {r['task']}/{r['head']} frac {r['label_fraction']:g} {r['mode']}")
-    ax.axhline(1.0 / n_layers, color="gray", ls=":", lw=1, label="uniform (initial)")
-    ax.set_xticks(list(range(n_layers)))
+        mat[i, : len(r["weights"])] = r["weights"]
+    fig, ax = plt.subplots(figsize=(2.5 + 0.75 * n_layers + 2.5, 1.2 + 0.38 * len(sel)))
+    im = ax.imshow(mat, cmap="viridis", aspect="auto", vmin=0.0, vmax=float(np.nanmax(mat)))
+    for i in range(len(sel)):
+        for j in range(n_layers):
+            if not np.isnan(mat[i, j]):
+                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if mat[i, j] < 0.6 * np.nanmax(mat) else "black")
+    ax.set_xticks(range(n_layers))
     ax.set_xlabel("hidden state (0 = embedding output)")
-    ax.set_ylabel("softmax weight")
-    ax.set_title("Learned weighted-sum layer weights")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
+    ax.set_yticks(range(len(sel)))
+    ax.set_yticklabels([f"{r['upstream']} {r['task']}/{r['head']} frac {r['label_fraction']:g}"
+                        f"{' ft' if r['mode'] == 'finetune' else ''}" for r in sel], fontsize=7)
+    ax.set_title(f"Learned weighted-sum weights (softmax; uniform start = {1 / n_layers:.2f})")
+    fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
