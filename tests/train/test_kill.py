@@ -1,0 +1,78 @@
+"""Kill `aviary pretrain` with SIGKILL at random points, resume, and get the same weights.
+
+The reference is an uninterrupted run of the same configuration (in this process, one
+thread, as the subprocesses); the interrupted one is killed three times at random moments
+(after it has made some progress: mid-step, mid-validation or mid-checkpoint-write) and
+resumed with ``--resume`` each time. Final weights must be bitwise equal.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from aviary.train import checkpoint as ckpt
+from aviary.train.loop import pretrain
+from aviary.train.recipe import resolve_configs
+
+OVERRIDES = ["train.checkpoint_every=2", "train.precision=fp32", "train.log_every=1",
+             "train.val_every=6", "train.max_batch_seconds=3", "train.crop_seconds=1",
+             "train.tensorboard=false", "train.keep_last=2"]
+STEPS = 12
+
+
+def _launch(corpus, out, log):
+    cmd = [sys.executable, "-m", "aviary", "pretrain", "--model", "mockingjay-tiny", "--data",
+           str(corpus), "--out", str(out), "--steps", str(STEPS), "--resume", *OVERRIDES]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def _newest(out):
+    found = ckpt.list_checkpoints(out)
+    return found[0][0] if found else 0
+
+
+def test_sigkill_and_resume_is_bitwise(sine_corpus, tmp_path):
+    model_cfg, train_cfg = resolve_configs("mockingjay-tiny", overrides=OVERRIDES, steps=STEPS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same kernels as the single-threaded subprocesses
+    try:
+        pretrain(model_cfg, train_cfg, sine_corpus, tmp_path / "ref")
+    finally:
+        torch.set_num_threads(threads)
+    ref = ckpt.load_tensors(tmp_path / "ref/model.safetensors")[0]
+
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+    with open(tmp_path / "stderr.txt", "wb") as log:
+        for _ in range(3):
+            before = _newest(out)
+            p = _launch(sine_corpus, out, log)
+            deadline = time.monotonic() + 180
+            while p.poll() is None and _newest(out) <= before and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.5))  # somewhere in the next step(s)
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+            p.wait()
+        assert kills >= 2, "the run finished before it could be killed; make it longer"
+        p = _launch(sine_corpus, out, log)
+        assert p.wait(timeout=300) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+
+    got = ckpt.load_tensors(out / "model.safetensors")[0]
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    # metrics.jsonl holds each step once, although steps after a checkpoint were redone.
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x).get("split") != "valid"]
+    assert steps == list(range(1, STEPS + 1))
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [12, 10]  # keep_last=2
