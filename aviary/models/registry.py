@@ -104,3 +104,33 @@ def count_parameters(module: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def describe_preset(name: str) -> dict[str, Any]:
+    """Summary of preset ``name`` for listings (``aviary models``).
+
+    The model is built on the meta device (shapes only, no memory, no initialisation), so
+    listing even 85M-parameter presets is instant.
+
+    Returns:
+        ``{"family", "description", "params"}`` (upstream parameters, shared ones counted
+        once; ``None`` when the preset needs data to be built, e.g. a token vocabulary,
+        with the reason under ``"note"``), plus ``"pretrain_params"`` (with heads),
+        ``"hidden_size"``, ``"num_hidden_states"`` and ``"frame_shift"`` when known.
+    """
+    import torch
+
+    cfg = get_preset(name)
+    info: dict[str, Any] = {"family": cfg.family, "description": PRESET_INFO.get(name, "")}
+    try:
+        with torch.device("meta"):
+            model = get_family(cfg.family).build_pretrain(cfg)
+    except ConfigError as e:
+        info.update(params=None, note=str(e))
+        return info
+    up = model.upstream
+    info.update(params=count_parameters(up), pretrain_params=count_parameters(model),
+                hidden_size=getattr(up, "hidden_size", None),
+                num_hidden_states=getattr(up, "num_hidden_states", None),
+                frame_shift=getattr(up, "frame_shift", None))
+    return info
