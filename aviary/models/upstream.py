@@ -104,6 +104,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: 
     from aviary.train.checkpoint import load_config_from_metadata, load_tensors
 
     wpath = _find_weights(Path(spath))
+    with open(wpath, "rb") as f:
+        head = f.read(2)
+    if head == b"PK" or head[:1] == b"\x80":
+        from aviary.train.checkpoint import CheckpointError
+
+        # A torch.save zip or a raw pickle: another toolkit's file, never unpickled here.
+        raise CheckpointError(f"{wpath}: a torch/pickle file, not an aviary safetensors checkpoint; "
+                              f"for s3prl checkpoints use aviary.load('s3prl:{wpath}') or `aviary import s3prl`")
     tensors, meta = load_tensors(wpath)
     cfg_dict = load_config_from_metadata(wpath, meta)
     model_cfg = cfg_dict.get("model", cfg_dict)
