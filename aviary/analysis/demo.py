@@ -71,8 +71,14 @@ class DemoConfig(Config):
     speaker_heads: tuple[str, ...] = ("linear",)
     baselines: tuple[str, ...] = ("logmel", "fbank")
     random_init: bool = True
+    val_batches: int = 20  # validation micro-batches per pass (4 passes per run)
     probe_max_epochs: int = 20
     probe_patience: int = 3
+    probe_lr: float = 2e-3
+    # Small probe batches: with whole-corpus batches an epoch would be one or two updates
+    # and a linear probe would stop far from convergence within the epoch budget.
+    probe_batch_frames: int = 8192
+    probe_batch_utterances: int = 64
     extract_autocast: str = "bf16"
     jsd_utterances: int = 32
     synth_workers: int = 2
@@ -83,6 +89,9 @@ class DemoConfig(Config):
         check_range("steps", self.steps, 1)
         check_range("lr", self.lr, 0.0, lo_open=True)
         check_range("probe_max_epochs", self.probe_max_epochs, 1)
+        check_range("probe_batch_frames", self.probe_batch_frames, 1)
+        check_range("probe_batch_utterances", self.probe_batch_utterances, 1)
+        check_range("val_batches", self.val_batches, 0)
         check_range("jsd_utterances", self.jsd_utterances, 1)
         check(self.extract_autocast in ("none", "bf16"), "extract_autocast", self.extract_autocast, "none or bf16")
         check(len(self.phone_heads) > 0, "phone_heads", self.phone_heads, "at least one head")
@@ -90,9 +99,9 @@ class DemoConfig(Config):
     @classmethod
     def quick(cls) -> "DemoConfig":
         """Toy size for tests and a first look: ~2 minutes on 2 cores."""
-        return cls(speakers=6, utterances_per_speaker=10, preset="aalbert-tiny", steps=40, lr=1e-3,
-                   max_batch_seconds=24.0, crop_seconds=4.0, probe_max_epochs=3, probe_patience=2,
-                   jsd_utterances=8)
+        return cls(speakers=6, utterances_per_speaker=10, preset="aalbert-tiny", steps=30, lr=1e-3,
+                   max_batch_seconds=16.0, crop_seconds=4.0, val_batches=4, probe_max_epochs=4,
+                   probe_patience=2, probe_batch_frames=1024, probe_batch_utterances=8, jsd_utterances=6)
 
 
 def model_configs(cfg: DemoConfig) -> dict[str, Config]:
@@ -120,7 +129,7 @@ def train_config(cfg: DemoConfig):
     return TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_fraction=cfg.warmup_fraction,
                        max_batch_seconds=cfg.max_batch_seconds, crop_seconds=cfg.crop_seconds,
                        precision=cfg.precision, seed=cfg.seed, log_every=max(1, min(25, cfg.steps // 10)),
-                       val_every=max(1, cfg.steps // 4), val_batches=20,
+                       val_every=max(1, cfg.steps // 4), val_batches=cfg.val_batches,
                        checkpoint_every=max(1, cfg.steps // 3), keep_last=2, tensorboard=False)
 
 
@@ -233,7 +242,8 @@ def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[
     from aviary.evaluate.results import load_records
     from aviary.evaluate.sweep import run_sweep
 
-    overrides = {"max_epochs": cfg.probe_max_epochs, "patience": cfg.probe_patience}
+    overrides = {"max_epochs": cfg.probe_max_epochs, "patience": cfg.probe_patience, "lr": cfg.probe_lr,
+                 "batch_frames": cfg.probe_batch_frames, "batch_utterances": cfg.probe_batch_utterances}
     extract = {"autocast": cfg.extract_autocast}
     upstreams: list[tuple[str, Any]] = [(MOCKINGJAY, None), (AALBERT, None)]
     if cfg.random_init:

@@ -58,3 +58,12 @@ def test_reconstruction_figure(tmp_path):
     assert ex2.reconstruction.shape[1] == 201
     plot_reconstruction([ex, ex2], str(tmp_path / "rec.png"))
     assert (tmp_path / "rec.png").stat().st_size > 5000
+
+
+def test_mask_runs():
+    import numpy as np
+
+    from aviary.analysis.spectrogram import mask_runs
+
+    assert mask_runs(np.array([0, 1, 1, 0, 0, 1, 0, 1], dtype=bool)) == [(1, 3), (5, 6), (7, 8)]
+    assert mask_runs(np.zeros(4, dtype=bool)) == []

@@ -1,0 +1,96 @@
+"""Key results, generated findings and the self-contained HTML report, from hand-made records."""
+import base64
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from aviary.analysis.report import best_layer, findings, format_key_results, key_results, write_report  # noqa: E402
+
+
+def _rec(up, task, head, layer, valid, test, params=1000, nhs=4, kind="mam"):
+    return {"upstream": up, "task": task, "head": head, "layer": layer, "mode": "frozen", "label_fraction": 1.0,
+            "valid_acc": valid, "test_acc": test, "upstream_params": params, "num_hidden_states": nhs,
+            "upstream_kind": kind}
+
+
+def _records():
+    recs = []
+    # Mockingjay: best valid at layer 2 (test 0.70), layer 3 has a higher TEST but lower valid.
+    for layer, (v, t) in enumerate([(0.40, 0.41), (0.60, 0.61), (0.72, 0.70), (0.65, 0.75)]):
+        recs.append(_rec("mj", "phone", "linear", layer, v, t, params=4000))
+    recs.append(_rec("mj", "phone", "linear", "weighted", 0.73, 0.72, params=4000))
+    for layer, (v, t) in enumerate([(0.35, 0.36), (0.55, 0.56), (0.68, 0.66), (0.66, 0.64)]):
+        recs.append(_rec("aa", "phone", "linear", layer, v, t, params=1000))
+    recs.append(_rec("aa", "speaker", "linear", 1, 0.9, 0.88, params=1000))
+    recs.append(_rec("mj", "speaker", "linear", 1, 0.95, 0.93, params=4000))
+    recs.append(_rec("logmel", "phone", "linear", 0, 0.50, 0.49, params=0, nhs=1, kind="features"))
+    recs.append(_rec("random-init", "phone", "linear", 3, 0.30, 0.31, params=4000))
+    return recs
+
+
+def test_best_layer_is_chosen_on_validation():
+    r = best_layer(_records(), "mj", "phone", "linear")
+    assert r["layer"] == 2 and r["test_acc"] == 0.70
+    assert best_layer(_records(), "mj", "phone", "mlp1") is None
+
+
+def test_key_results_and_findings():
+    recs = _records()
+    rows = key_results(recs, roles={"random-init": "random"})
+    by = {r["upstream"]: r for r in rows}
+    assert by["logmel"]["role"] == "baseline" and by["mj"]["role"] == "pretrained"
+    assert by["random-init"]["role"] == "random"
+    assert by["mj"]["phone_linear"] == 0.70 and by["mj"]["phone_linear_weighted"] == 0.72
+    assert by["aa"]["speaker_linear"] == 0.88
+    table = format_key_results(rows)
+    assert "70.0 (2)" in table and "49.0" in table
+    summary = {"key_results": rows,
+               "models": {"mj": {"shared": False}, "aa": {"shared": True}},
+               "attention": {"mj": {"adjacent_mean": 0.3, "off_diagonal_mean": 0.4},
+                             "aa": {"adjacent_mean": 0.1, "off_diagonal_mean": 0.2}}}
+    text = " ".join(findings(summary))
+    # Every number comes from the records: best pretrained 70.0 vs baseline 49.0 -> +21.0 points.
+    assert "beats the best spectrogram baseline (logmel, 49.0 %) by +21.0 points" in text
+    assert "layer 2 of 3" in text
+    # AALBERT 66.0 / Mockingjay 70.0 = 94.3 %, 1000 / 4000 parameters = 25 %.
+    assert "94.3 % of Mockingjay's" in text and "25 % of its parameters" in text
+    assert "more similar" in text and "+39.0 points" in text  # 70.0 - 31.0 over random init
+
+
+def test_findings_say_when_baseline_wins():
+    recs = [_rec("mj", "phone", "linear", 1, 0.3, 0.3), _rec("logmel", "phone", "linear", 0, 0.5, 0.5, nhs=1,
+                                                                kind="features")]
+    text = " ".join(findings({"key_results": key_results(recs), "models": {"mj": {"shared": False}}}))
+    assert "does not beat" in text and "-20.0 points" in text
+
+
+def test_report_embeds_every_figure(tmp_path):
+    figs = {}
+    for name in ("probing", "weights", "jsd", "spectrogram"):
+        fig, ax = plt.subplots(figsize=(2, 2))
+        ax.plot([0, 1], [0, 1])
+        figs[name] = tmp_path / f"{name}.png"
+        fig.savefig(figs[name])
+        plt.close(fig)
+    rows = key_results(_records())
+    summary = {"corpus": {"path": "c", "utterances": 10, "speakers": 2, "hours": 0.01,
+                          "splits": {"train": 8, "valid": 1, "test": 1}},
+               "models": {"mj": {"params": 4000, "shared": False, "pretrain_steps": 5, "pretrain_seconds": 1.0,
+                                 "final_train_loss": 1.0, "final_valid_loss": None,
+                                 "param_table": [{"component": "transformer layers", "params": 10, "applications": 3,
+                                                  "unshared_params": 10, "shared": False}]}},
+               "probes": _records(), "key_results": rows, "findings": ["a <finding> & more"],
+               "demo": {"command": "aviary demo --out x", "wall_seconds": 60.0, "config": {"steps": 5}}}
+    path = write_report(summary, figs, tmp_path / "report.html")
+    text = path.read_text()
+    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(imgs) == 4
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in imgs)
+    assert "a &lt;finding&gt; &amp; more" in text  # escaped
+    assert "src=\"http" not in text and "<script" not in text  # self-contained, static
+    # A missing figure is said, not silently dropped.
+    text2 = write_report(summary, {**figs, "jsd": None}, tmp_path / "r2.html").read_text()
+    assert "attention JSD heatmaps: not produced" in text2

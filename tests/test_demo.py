@@ -1,0 +1,69 @@
+"""The whole study end to end at toy size: summary keys, every figure embedded, resumability."""
+import base64
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from aviary.analysis.demo import DemoConfig, model_configs, run_demo
+
+
+def _check_outputs(out):
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("corpus", "models", "probes"):
+        assert key in summary
+    for key in ("utterances", "speakers", "hours"):
+        assert summary["corpus"][key] > 0
+    assert set(summary["models"]) == {"mockingjay", "aalbert"}
+    for m in summary["models"].values():
+        for key in ("params", "pretrain_steps", "pretrain_seconds", "final_train_loss", "final_valid_loss"):
+            assert m[key] is not None, key
+    # Same shape, shared layers: AALBERT has fewer parameters.
+    assert summary["models"]["aalbert"]["params"] < summary["models"]["mockingjay"]["params"]
+    ups = {r["upstream"] for r in summary["probes"]}
+    assert {"mockingjay", "aalbert", "random-init", "logmel"} <= ups
+    assert {r["layer"] for r in summary["probes"] if r["upstream"] == "aalbert"} >= {0, 1, 2, "weighted"}
+    assert {r["task"] for r in summary["probes"]} == {"phone", "speaker"}
+    assert summary["findings"]
+    html = (out / "report.html").read_text()
+    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(imgs) == 4, "probing, weights, JSD and spectrogram figures must all be embedded"
+    assert all(base64.b64decode(i)[:4] == b"\x89PNG" for i in imgs)
+    assert "not produced" not in html
+    return summary
+
+
+def test_paired_models_differ_only_in_sharing():
+    cfgs = model_configs(DemoConfig())
+    mj, aa = cfgs["mockingjay"].to_dict(), cfgs["aalbert"].to_dict()
+    assert mj["encoder"].pop("share_layers") is False and aa["encoder"].pop("share_layers") is True
+    mj.pop("variant"), aa.pop("variant")
+    assert mj == aa
+
+
+@pytest.mark.slow
+def test_micro_demo_and_resume(tmp_path):
+    cfg = DemoConfig.quick().replace(speakers=4, utterances_per_speaker=6, steps=4, phone_heads=["linear"],
+                                     baselines=["logmel"], probe_max_epochs=1, jsd_utterances=2, val_batches=1)
+    out = tmp_path / "demo"
+    run_demo(out, cfg)
+    _check_outputs(out)
+    n_records = len((out / "probes" / "results.jsonl").read_text().splitlines())
+    mtime = (out / "runs" / "aalbert" / "model.safetensors").stat().st_mtime
+    run_demo(out, cfg)  # resumes: nothing is retrained or re-probed
+    assert len((out / "probes" / "results.jsonl").read_text().splitlines()) == n_records
+    assert (out / "runs" / "aalbert" / "model.safetensors").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="other settings"):
+        run_demo(out, cfg.replace(steps=5))
+
+
+@pytest.mark.slow
+def test_quick_demo_cli(tmp_path):
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, "-m", "aviary", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Key results" in proc.stdout and "aalbert" in proc.stdout
+    _check_outputs(out)
