@@ -548,7 +548,11 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
                     result.train_loss = rec.get("loss", math.nan)
                     bar.set_postfix(loss=f"{rec.get('loss', math.nan):.4f}",
                                     **{f"{train_data.unit}/s": f"{rec['throughput']:.1f}"})
-                    log.debug("step %d %s", step, rec)
+                    if bar.disable and info.is_main:
+                        # No progress bar (not a terminal, e.g. a batch job): log a line instead.
+                        log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.1f %s/s", step,
+                                 cfg.steps, rec.get("loss", math.nan), lr, rec.get("grad_norm", math.nan),
+                                 rec["throughput"], train_data.unit)
                     window, window_steps, window_amount = {}, 0, 0.0
                     window_t0 = time.perf_counter()
                 bar.update(1)
