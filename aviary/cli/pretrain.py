@@ -14,7 +14,7 @@ _EPILOG = """\
 examples:
   aviary pretrain --model mockingjay-small --data corpora/synth --out runs/mj-small --steps 2000
   aviary pretrain --model aalbert-3l --data corpora/synth/train.jsonl --out runs/aa3 \\
-      train.lr=4e-4 train.grad_accum=4 model.hidden_dropout=0.0
+      train.lr=4e-4 train.grad_accum=4 model.encoder.dropout=0.0
   aviary pretrain --out runs/mj-small --resume            # continue after a crash or Ctrl-C
   torchrun --nproc_per_node 2 -m aviary pretrain ...      # DistributedDataParallel
 
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from the newest good checkpoint in RUN_DIR (starts fresh "
                         "when there is none)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. train.lr=1e-4 model.num_layers=3")
+                   help="config overrides, e.g. train.lr=1e-4 model.encoder.num_layers=3")
 
 
 def run(args: argparse.Namespace) -> int:

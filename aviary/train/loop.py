@@ -361,7 +361,7 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
             # Token corpora fix settings of the model (vocabulary size) themselves.
             model_cfg = train_data.configure_model(model_cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
-        _prepare_run_dir(run_dir, resume, model_cfg, cfg, str(data), info)
+        _prepare_run_dir(run_dir, resume, model_cfg, cfg, None if data is None else str(data), info)
         barrier(info)
 
         # Same initial weights on every rank and in every run of this seed.

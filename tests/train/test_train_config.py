@@ -80,3 +80,20 @@ def test_shipped_recipes_resolve():
         except ConfigError as e:
             if "unknown model preset" not in str(e):  # families still being written
                 raise
+
+
+def test_cli_rejects_bad_keys_before_any_work(tmp_path, caplog):
+    from aviary.cli import main
+
+    out = tmp_path / "run"
+    for bad, msg in [("train.lern_rate=1", "unknown config key 'lern_rate'"),
+                     ("train.grad_clip=-1", "'grad_clip' = -1.0 is invalid: allowed [0.0, inf]"),
+                     ("hiddn=3", "unknown config key 'hiddn'")]:
+        caplog.clear()
+        assert main(["pretrain", "--model", "tiny-test", "--data", str(tmp_path / "nowhere"),
+                     "--out", str(out), bad]) == 2
+        assert msg in caplog.text
+    assert not out.exists()  # nothing was created
+    assert main(["pretrain", "--model", "tiny-test", "--data", str(tmp_path / "nowhere"),
+                 "--out", str(out)]) == 2
+    assert "no such manifest file or corpus directory" in caplog.text and not out.exists()
