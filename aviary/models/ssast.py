@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from aviary.config import Config, check, check_range
-from aviary.features import FrontEndConfig, build_frontend
+from aviary.features import FrontEndConfig, build_frontend, compute_global_stats
 from aviary.models.layers import TransformerStack, lengths_to_padding_mask
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
@@ -435,6 +436,21 @@ class SSASTPretrainModel(nn.Module):
         feats, flen = crop_frames(feats, flen, self.config.max_frames, self.training, generator)
         return self.objective(self.upstream.encoder, feats, flen, mask=batch.get("patch_mask"),
                               generator=generator)
+
+
+def with_fbank_stats(cfg: SSASTConfig, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> SSASTConfig:
+    """``cfg`` with the front-end's fbank mean / std measured on a corpus (SSAST normalises
+    with dataset statistics; the AudioSet values are only the default).
+
+    Args:
+        cfg: an SSAST pretraining config.
+        batches: iterable of (wavs (B, N), lengths (B,)) from the pretraining corpus.
+
+    Returns:
+        The config with ``frontend.fbank_mean`` / ``fbank_std`` filled in; it is stored in
+        every checkpoint, so a loaded model normalises exactly as in pretraining.
+    """
+    return cfg.replace(frontend=compute_global_stats(cfg.frontend, batches).to_dict())
 
 
 def build_pretrain(cfg: SSASTConfig) -> SSASTPretrainModel:

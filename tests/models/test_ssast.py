@@ -177,6 +177,19 @@ def test_crop_frames():
     assert out[1, :3, 0].tolist() == [10.0, 11.0, 12.0] and out[1, 3, 0] == 0
 
 
+def test_with_fbank_stats():
+    from aviary.models.ssast import with_fbank_stats
+
+    cfg = tiny_config("frame")
+    wavs = torch.randn(2, 8000) * 0.3
+    out = with_fbank_stats(cfg, [(wavs, torch.tensor([8000, 6000]))])
+    assert out.frontend.fbank_mean != cfg.frontend.fbank_mean and out.encoder == cfg.encoder
+    up = get_family("ssast").build_upstream(out)
+    feats, lengths = up.frontend(wavs[:1])
+    # With the corpus's own statistics the normalised fbank has mean ~0 and std ~0.5.
+    assert abs(float(feats.mean())) < 0.2 and abs(float(feats.std()) - 0.5) < 0.15
+
+
 def test_pretrain_checkpoint_round_trip(tmp_path):
     import aviary.models.upstream as upstream_mod
     from aviary.train.checkpoint import save_tensors
