@@ -63,7 +63,7 @@ class ProbeConfig(Config):
     batch_frames: int = 32768  # frozen frame-level: frames per step (whole utterances)
     batch_utterances: int = 256  # frozen utterance-level: utterances per step
     batch_seconds: float = 40.0  # fine-tuning: padded audio seconds per step
-    autocast: Literal["none", "bf16"] = "none"  # fine-tuning forward pass
+    autocast: Literal["none", "bf16"] = "none"  # head (frozen) / upstream + head (fine-tune) matmuls
 
     def validate(self) -> None:
         check_choice("head", self.head, HEADS)
@@ -188,7 +188,12 @@ class _EarlyStopper:
 
 
 class _FrameData:
-    """Frame-level examples of one split, read from the cache utterance by utterance."""
+    """Frame-level examples of one split, read from the cache utterance by utterance.
+
+    A batch is whole utterances concatenated up to ``batch_frames`` frames, read as float16
+    slices of the memory-mapped layer files (one copy to concatenate, one to float32).
+    Unaligned frames keep label -100 and are ignored by the loss and the accuracy.
+    """
 
     def __init__(self, cache: FeatureCache, utts: Sequence[Any], layers: list[int]) -> None:
         self.cache = cache
@@ -197,18 +202,19 @@ class _FrameData:
         self.labels = [phone_frame_labels(u, cache.length(str(u.id)), cache.frame_shift) for u in utts]
         self.num_frames = int(sum(int((lab != IGNORE_INDEX).sum()) for lab in self.labels))
 
+    def _features(self, uid: str) -> np.ndarray:
+        if len(self.layers) == 1:
+            return self.cache.get(uid, self.layers[0])[:, None, :]  # (T, 1, H) view, no copy
+        return np.stack([self.cache.get(uid, k) for k in self.layers], axis=1)  # (T, N, H)
+
     def batches(self, batch_frames: int, rng: np.random.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = np.arange(len(self.ids)) if rng is None else rng.permutation(len(self.ids))
         xs: list[np.ndarray] = []
         ys: list[np.ndarray] = []
         n = 0
         for i in order:
-            lab = self.labels[i]
-            keep = lab != IGNORE_INDEX
-            if not keep.any():
-                continue
-            xs.append(self.cache.get_stacked(self.ids[i], self.layers)[keep])  # (T', N, H)
-            ys.append(lab[keep])
+            xs.append(self._features(self.ids[i]))
+            ys.append(self.labels[i])
             n += len(ys[-1])
             if n >= batch_frames:
                 yield torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
@@ -240,17 +246,20 @@ class _PooledData:
             yield self.x[idx], self.y[idx]
 
 
-def _evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over all examples of the batches."""
+def _evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+              autocast: str = "none") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over the labelled examples of the batches."""
     model.eval()
     correct = total = 0
     loss_sum = 0.0
     with torch.no_grad():
         for x, y in batches:
-            logits = model(x.float())
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-            total += int(y.numel())
+            with autocast_context(autocast, x.device):
+                logits = model(x.float()).float()
+            valid = y != IGNORE_INDEX
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE_INDEX))
+            correct += int(((logits.argmax(-1) == y) & valid).sum())
+            total += int(valid.sum())
     return correct / max(total, 1), loss_sum / max(total, 1)
 
 
@@ -296,11 +305,15 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
         model.train()
         rng = np.random.default_rng([cfg.seed, epoch])
         for x, y in data["train"].batches(batch, rng):
-            loss = F.cross_entropy(model(x.float()), y)
+            if not bool((y != IGNORE_INDEX).any()):
+                continue  # a batch of unaligned frames only: nothing to learn, and a NaN loss
+            with autocast_context(cfg.autocast, x.device):
+                logits = model(x.float()).float()
+            loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        acc, vloss = _evaluate(model, data["valid"].batches(batch, None))
+        acc, vloss = _evaluate(model, data["valid"].batches(batch, None), cfg.autocast)
         history.append(acc)
         if progress is not None:
             progress.set_postfix_str(f"{cfg.task}/{cfg.head}/L{cfg.layer} ep{epoch} valid {acc:.3f}")
@@ -308,7 +321,7 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
             break
     train_seconds = time.perf_counter() - t0
     stopper.restore()
-    test, _ = _evaluate(model, data["test"].batches(batch, None))
+    test, _ = _evaluate(model, data["test"].batches(batch, None), cfg.autocast)
     return ProbeResult(valid_acc=stopper.best, test_acc=test, best_epoch=stopper.best_epoch, epochs=epoch + 1,
                        train_seconds=train_seconds, train_examples=n_train, weights=_weights_of(model),
                        history=history)

@@ -1,0 +1,137 @@
+"""Benchmark: probe every layer of a 3-layer base-size model with all three heads.
+
+Times, separately, (1) one extraction of every hidden state of ``mockingjay-base``
+(768/3/12/3072, random init: the speed does not depend on the weights) over a synthetic
+corpus into the feature cache and (2) the frozen phoneme probes on that cache: layers 0..3 x
+heads linear / mlp1 / mlp2 = 12 probes with the default :class:`ProbeConfig` (early stopping
+on valid). The default corpus of ``aviary synth`` (40 speakers x 50 utterances) is large
+for a shared 2-core CPU, so by default a scaled-down corpus is made with the same generator
+and the times are extrapolated linearly in audio duration (extraction and every probe epoch
+are linear in the number of frames; the number of epochs is taken as measured).
+
+    .venv/bin/python -m benchmarks.bench_probe            # writes benchmarks/results/probe.json
+    .venv/bin/python -m benchmarks.bench_probe --speakers 40 --utterances 50   # the full default corpus
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import write_result
+
+DEFAULT_SPEAKERS, DEFAULT_UTTERANCES = 40, 50  # `aviary synth` defaults
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mockingjay-base")
+    p.add_argument("--speakers", type=int, default=10)
+    p.add_argument("--utterances", type=int, default=20, help="utterances per speaker")
+    p.add_argument("--corpus", help="use this corpus directory instead of synthesising one")
+    p.add_argument("--work", help="working directory (default: a temporary one, deleted afterwards)")
+    p.add_argument("--extract-autocast", choices=("none", "bf16"), default="bf16")
+    p.add_argument("--probe-autocast", choices=("none", "bf16"), default="none")
+    p.add_argument("--max-epochs", type=int, default=None, help="override ProbeConfig.max_epochs")
+    p.add_argument("--name", default="probe", help="result file stem")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from aviary.data import load_manifest
+    from aviary.evaluate.cache import extract_to_cache, open_cache
+    from aviary.evaluate.probe import ProbeConfig, run_probe
+    from aviary.evaluate.tasks import load_splits
+    from aviary.evaluate.upstreams import describe_upstream, resolve_upstream
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="aviary-bench-probe-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        corpus = Path(args.corpus) if args.corpus else work / "corpus"
+        synth_seconds = None
+        if not (corpus / "manifest.jsonl").is_file():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "aviary", "-q", "synth", "--out", str(corpus), "--speakers",
+                            str(args.speakers), "--utterances-per-speaker", str(args.utterances)], check=True)
+            synth_seconds = time.perf_counter() - t0
+        utts = load_manifest(corpus)
+        audio_seconds = sum(u.duration for u in utts)
+        mean_duration = audio_seconds / len(utts)
+        default_audio = DEFAULT_SPEAKERS * DEFAULT_UTTERANCES * mean_duration
+        scale = default_audio / audio_seconds
+
+        upstream, name = resolve_upstream(f"random:{args.preset}")
+        info = describe_upstream(upstream, name)
+        cache_dir = work / "cache"
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)
+        t0 = time.perf_counter()
+        stats = extract_to_cache(upstream, utts, cache_dir, name=name, layers="all", dtype="float16",
+                                 autocast=args.extract_autocast, info=info)
+        extract_seconds = time.perf_counter() - t0
+        cache = open_cache(cache_dir, utterances=utts)
+        cache_bytes = sum(f.stat().st_size for f in cache_dir.rglob("*.npy"))
+        del upstream
+
+        splits = load_splits(corpus, "phone")
+        probes = []
+        t_all = time.perf_counter()
+        for head in ("linear", "mlp1", "mlp2"):
+            for layer in range(info.num_hidden_states):
+                over = {"max_epochs": args.max_epochs} if args.max_epochs else {}
+                cfg = ProbeConfig(task="phone", head=head, layer=str(layer), autocast=args.probe_autocast, **over)
+                t0 = time.perf_counter()
+                rec = run_probe(cfg, splits, cache=cache)
+                wall = time.perf_counter() - t0
+                probes.append({"head": head, "layer": layer, "wall_seconds": round(wall, 2),
+                               "train_seconds": rec["train_seconds"], "epochs": rec["epochs"],
+                               "seconds_per_epoch": round(rec["train_seconds"] / rec["epochs"], 3),
+                               "valid_acc": rec["valid_acc"], "test_acc": rec["test_acc"]})
+                logging.info("probe %s layer %d: %.1fs, %d epochs, test %.3f", head, layer, wall, rec["epochs"],
+                             rec["test_acc"])
+        probe_seconds = time.perf_counter() - t_all
+        train_frames = sum(cache.length(u.id) for u in splits["train"])
+        results = {
+            "preset": args.preset, "upstream_params": info.params, "num_hidden_states": info.num_hidden_states,
+            "corpus": {"utterances": len(utts), "audio_seconds": round(audio_seconds, 1),
+                       "speakers": len({u.speaker for u in utts}), "synth_seconds": synth_seconds,
+                       "train_frames": train_frames},
+            "extract": {"seconds": round(extract_seconds, 2), "x_real_time": round(audio_seconds / extract_seconds, 1),
+                        "autocast": args.extract_autocast, "dtype": "float16", "cache_bytes": cache_bytes},
+            "probes": probes,
+            "probe_autocast": args.probe_autocast,
+            "probe_total_seconds": round(probe_seconds, 1),
+            "extrapolated_to_default_corpus": {
+                "corpus": f"{DEFAULT_SPEAKERS} speakers x {DEFAULT_UTTERANCES} utterances",
+                "audio_seconds": round(default_audio, 0), "scale": round(scale, 2),
+                "extract_seconds": round(extract_seconds * scale, 0),
+                "probe_seconds": round(probe_seconds * scale, 0),
+                "total_minutes": round((extract_seconds + probe_seconds) * scale / 60, 1),
+                "cache_gigabytes": round(cache_bytes * scale / 1e9, 2),
+                "note": "linear in audio duration; epochs per probe as measured on the small corpus",
+            },
+            "torch_threads": torch.get_num_threads(),
+            # The CPU is shared: the load average says how contended these timings were.
+            "load_average_1m": round(os.getloadavg()[0], 2),
+        }
+        path = write_result(args.name, results)
+        print(f"extraction: {extract_seconds:.1f} s for {audio_seconds:.0f} s of audio "
+              f"({audio_seconds / extract_seconds:.0f}x real time, {args.extract_autocast})")
+        print(f"12 probes: {probe_seconds:.1f} s; extrapolated to the default corpus: "
+              f"{results['extrapolated_to_default_corpus']['total_minutes']} min in all")
+        print(f"wrote {path}")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
