@@ -165,8 +165,9 @@ class ExtractStats:
         return self.audio_seconds / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _load_wavs(utts: Sequence[Any], sample_rate: int, normalize_db: float | None
+def load_waveforms(utts: Sequence[Any], sample_rate: int, normalize_db: float | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read utterances' audio as one zero-padded batch ``(B, N)`` with lengths ``(B,)``."""
     from aviary.audio import load_audio
 
     arrays = [load_audio(u.audio, sample_rate=sample_rate, normalize_db=normalize_db) for u in utts]
@@ -266,7 +267,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         feats: dict[int, list[np.ndarray]] = {k: [] for k in layer_list}
         lengths_out: list[int] = []
         for batch in batches_by_duration(pos, durations, batch_seconds):
-            wavs, wav_lengths = _load_wavs([utterances[i] for i in batch], info_sample_rate(upstream), normalize_db)
+            wavs, wav_lengths = load_waveforms([utterances[i] for i in batch], _sample_rate(upstream), normalize_db)
             with torch.no_grad(), autocast_context(autocast, device):
                 states, lengths = upstream.extract(wavs.to(device), wav_lengths.to(device), max_layer=max_layer)
             if len(states) < max_layer + 1:
@@ -286,7 +287,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
                         audio_seconds=audio_todo, seconds=elapsed)
 
 
-def info_sample_rate(upstream: Upstream) -> int:
+def _sample_rate(upstream: Upstream) -> int:
     return int(getattr(upstream, "sample_rate", 16000))
 
 
@@ -322,6 +323,7 @@ class FeatureCache:
         upstream: the stored :func:`describe_upstream` dict (name, params, fingerprint ...).
         frame_shift: seconds per frame.
         hidden_size: H.
+        memo: per-process memo of data derived from the cache (frame labels), filled by probes.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -340,6 +342,7 @@ class FeatureCache:
         self.frame_shift = float(index["frame_shift"])
         self.hidden_size = int(index["hidden_size"])
         self.dtype = index["dtype"]
+        self.memo: dict[Any, Any] = {}
         # utterance id -> (shard, offset, length)
         self._where: dict[str, tuple[int, int, int]] = {}
         self._durations: dict[str, float] = {}

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import Config, check, check_choice, check_range
-from aviary.evaluate.cache import FeatureCache, autocast_context, batches_by_duration
+from aviary.evaluate.cache import FeatureCache, autocast_context, batches_by_duration, load_waveforms
 from aviary.evaluate.featurizers import WeightedSum, build_featurizer, layer_index, parse_layer_spec
 from aviary.evaluate.heads import DEFAULT_HIDDEN, HEADS, build_head
 from aviary.evaluate.tasks import (IGNORE_INDEX, class_names, get_task, label_fraction_subset,
@@ -60,8 +60,10 @@ class ProbeConfig(Config):
     weight_decay: float = 0.0
     max_epochs: int = 30
     patience: int = 4  # epochs without a better valid accuracy before stopping
-    batch_frames: int = 32768  # frozen frame-level: frames per step (whole utterances)
-    batch_utterances: int = 256  # frozen utterance-level: utterances per step
+    # Frozen frame-level: frames per step (whole utterances). Small enough for many steps per
+    # epoch (so early stopping triggers after a few epochs), large enough to amortise overhead.
+    batch_frames: int = 4096
+    batch_utterances: int = 64  # frozen utterance-level: utterances per step
     batch_seconds: float = 40.0  # fine-tuning: padded audio seconds per step
     autocast: Literal["none", "bf16"] = "none"  # head (frozen) / upstream + head (fine-tune) matmuls
 
@@ -187,6 +189,18 @@ class _EarlyStopper:
 # ----------------------------------------------------------------------------- frozen mode
 
 
+def _cached_frame_labels(cache: FeatureCache, utt: Any) -> np.ndarray:
+    """Frame labels of ``utt`` at the cache's frame rate, computed once per cache and process.
+
+    A sweep trains many probes on the same cache; the labels only depend on the alignment,
+    the cached length and the frame shift, so they are memoised on the cache object.
+    """
+    key = ("phone_labels", str(utt.id))
+    if key not in cache.memo:
+        cache.memo[key] = phone_frame_labels(utt, cache.length(str(utt.id)), cache.frame_shift)
+    return cache.memo[key]
+
+
 class _FrameData:
     """Frame-level examples of one split, read from the cache utterance by utterance.
 
@@ -199,7 +213,7 @@ class _FrameData:
         self.cache = cache
         self.layers = layers
         self.ids = [str(u.id) for u in utts]
-        self.labels = [phone_frame_labels(u, cache.length(str(u.id)), cache.frame_shift) for u in utts]
+        self.labels = [_cached_frame_labels(cache, u) for u in utts]
         self.num_frames = int(sum(int((lab != IGNORE_INDEX).sum()) for lab in self.labels))
 
     def _features(self, uid: str) -> np.ndarray:
@@ -330,16 +344,10 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
 # -------------------------------------------------------------------------- fine-tune mode
 
 
-def _load_batch(utts: Sequence[Any], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from aviary.evaluate.cache import _load_wavs
-
-    return _load_wavs(utts, sample_rate, None)
-
-
 def _finetune_logits(upstream: nn.Module, model: ProbeModel, utts: Sequence[Any], stacked: list[int],
                      level: str, device: torch.device, autocast: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward raw audio through upstream + probe; returns logits and valid-frame lengths."""
-    wavs, wav_lengths = _load_batch(utts, int(getattr(upstream, "sample_rate", 16000)))
+    wavs, wav_lengths = load_waveforms(utts, int(getattr(upstream, "sample_rate", 16000)), None)
     with autocast_context(autocast, device):
         states, lengths = upstream.extract(wavs.to(device), wav_lengths.to(device), max_layer=max(stacked))
         x = torch.stack([states[k] for k in stacked], dim=2).float()  # (B, T, N, H)
@@ -522,8 +530,6 @@ def run_probe(cfg: ProbeConfig, splits: dict[str, Sequence[Any]], *, cache: Feat
     Returns:
         The record (see :func:`make_record`).
     """
-    if math.isnan(cfg.label_fraction):
-        raise ValueError("label_fraction is NaN")
     parts = prepare_splits(cfg, splits)
     classes = class_names(cfg.task, splits)
     if cfg.finetune:
