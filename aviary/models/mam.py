@@ -229,7 +229,10 @@ register_family(Family(name="mam", config_cls=MAMConfig, build_pretrain=MAMPretr
 # section 1; "small" variants (H=256, 6 layers) pretrain on a 2-core CPU; "tiny" ones are
 # for tests.
 _BASE = dict(hidden_size=768, num_heads=12, ffn_size=3072)
-_SMALL = dict(hidden_size=256, num_layers=6, num_heads=4, ffn_size=1024)
+# CPU-sized presets train without attention dropout: PyTorch's fused CPU attention kernel
+# has no dropout, so attn_dropout > 0 falls back to materialising the T x T probabilities
+# (measured 1.3-1.6x slower per layer here). Hidden dropout stays at 0.1.
+_SMALL = dict(hidden_size=256, num_layers=6, num_heads=4, ffn_size=1024, attn_dropout=0.0)
 _TINY = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=256)
 _R3 = MaskingConfig(span=3)  # C = 3 with R = 3
 _TERA_MASK = MaskingConfig(span=7, freq_mask_ratio=0.2, noise_prob=0.15, noise_std=0.2)
