@@ -138,3 +138,30 @@ def test_cli_random_preset_sweep_extracts_once(corpus, tmp_path):
     recs = load_records(out)
     nhs = recs[0]["num_hidden_states"]
     assert len(recs) == nhs + 1 and recs[0]["upstream_params"] > 0
+
+
+def test_finetune_sweep_starts_each_probe_from_the_same_weights(corpus, tmp_path):
+    up = OracleUpstream()
+    before = {k: v.clone() for k, v in up.state_dict().items()}
+    recs = run_sweep(up, corpus, tmp_path / "ft", name="oracle", finetune=True, heads=["linear", "mlp1"], layers="2",
+                     overrides={"max_epochs": 1, "batch_seconds": 8.0, "hidden": 8, "upstream_lr": 1e-2},
+                     progress=False)
+    assert [r["mode"] for r in recs] == ["finetune", "finetune"] and all(r["upstream_lr"] == 1e-2 for r in recs)
+    # The caller's upstream is untouched: each probe fine-tunes its own copy.
+    assert all(torch.equal(before[k], v) for k, v in up.state_dict().items())
+    assert not (tmp_path / "ft" / "cache").exists()  # fine-tuning never extracts a cache
+
+
+def test_sweep_from_a_run_directory(corpus, tmp_path):
+    from aviary.models.registry import get_family, get_preset
+    from aviary.train.checkpoint import save_tensors
+
+    cfg = get_preset("mockingjay-tiny")
+    torch.manual_seed(0)
+    up = get_family(cfg.family).build_upstream(cfg)
+    run = tmp_path / "my-run"
+    save_tensors(run / "model.safetensors", {f"upstream.{k}": v for k, v in up.state_dict().items()},
+                 config={"model": cfg.to_dict(), "step": 0})
+    recs = run_sweep(str(run), corpus, tmp_path / "p", layers="last", overrides={"max_epochs": 1}, progress=False)
+    assert recs[0]["upstream"] == "my-run" and recs[0]["layer"] == "last"
+    assert recs[0]["upstream_params"] == sum(p.numel() for p in up.parameters())
