@@ -187,3 +187,23 @@ def test_too_short_rows_do_not_break_a_batch():
     assert torch.isfinite(out.loss)
     with pytest.raises(ValueError, match="min_seconds"):
         m({"wavs": torch.randn(1, 500), "wav_lengths": torch.tensor([500])})
+
+
+def test_masked_group_norm_matches_group_norm():
+    from aviary.models.vqwav2vec import MaskedGroupNorm
+    torch.manual_seed(0)
+    for groups in (1, 4):
+        norm = MaskedGroupNorm(groups, 8)
+        ref = torch.nn.GroupNorm(groups, 8)
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+            ref.weight.copy_(norm.weight)
+            ref.bias.copy_(norm.bias)
+        x = 3 + 2 * torch.randn(3, 8, 20)
+        mask = torch.arange(20)[None] < torch.tensor([20, 13, 5])[:, None]
+        y = norm(x, mask)
+        for i, n in enumerate((20, 13, 5)):
+            assert torch.allclose(y[i, :, :n], ref(x[i:i + 1, :, :n])[0], atol=1e-4)
+            assert (y[i, :, n:] == 0).all()
+        assert torch.allclose(norm(x, None), ref(x), atol=1e-5)
