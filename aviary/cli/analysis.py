@@ -47,16 +47,22 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help="output directory: corpus/, runs/, probes/, analysis/, summary.json, report.html")
     p.add_argument("--quick", action="store_true",
                    help="toy size (tiny corpus, tiny models, few steps): about 2 minutes")
-    p.add_argument("--steps", type=int, help="pretraining steps per model (default: 1500, --quick: 40)")
+    p.add_argument("--steps", type=int, help="pretraining steps per model (same for both models)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="other DemoConfig settings, e.g. speakers=20 utterances_per_speaker=25 lr=5e-4 "
+                        "(see aviary/analysis/demo.py)")
 
 
 def _demo_run(args: argparse.Namespace) -> int:
     from aviary.analysis.demo import DemoConfig, run_demo
     from aviary.analysis.report import format_key_results
 
+    from aviary.config import apply_overrides
+
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.steps is not None:
         cfg = cfg.replace(steps=args.steps)
+    cfg = apply_overrides(cfg, args.overrides)
     command = "aviary " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     summary = run_demo(args.out, cfg, quick=args.quick, command=command)
     print()
