@@ -81,8 +81,9 @@ class MAMConfig(Config):
               f"equal to input.hop_length ({self.input.hop_length})")
         check(self.target.sample_rate == self.input.sample_rate, "target.sample_rate", self.target.sample_rate,
               f"equal to input.sample_rate ({self.input.sample_rate})")
-        check(self.input.kind != "fbank" and self.target.kind != "fbank", "input.kind", self.input.kind,
-              "'logmel' or 'linear' (fbank frames are not centred like the others)")
+        # Kaldi fbank frames are not centred, so they do not line up with logmel / linear ones.
+        check(self.input.kind != "fbank", "input.kind", self.input.kind, "'logmel' or 'linear'")
+        check(self.target.kind != "fbank", "target.kind", self.target.kind, "'logmel' or 'linear'")
         check_range("chunk_seconds", self.chunk_seconds, 1.0, 600.0)
 
 
@@ -151,15 +152,15 @@ class MAMUpstream(Upstream):
         starts = torch.arange(n, device=stacked.device) * C  # (n,)
         clen = (lengths[:, None] - starts[None, :]).clamp(0, C).reshape(B * n)  # (B*n,)
         rows = clen.nonzero().squeeze(1)  # windows holding at least one valid frame
-        n_states = (self.encoder.num_layers if max_layer is None
-                    else max(0, min(int(max_layer), self.encoder.num_layers))) + 1
-        out = [stacked.new_zeros(B * n, C, self.hidden_size) for _ in range(n_states)]
+        out: list[torch.Tensor] = []
         step = max(1, max_frames_per_pass // C)
         for i in range(0, rows.numel(), step):
             r = rows[i:i + step]
             hs, _ = self.encoder.encode(x[r], clen[r], max_layer)
+            if not out:  # same dtype as the unchunked path gives (bf16 under autocast)
+                out = [h.new_zeros(B * n, C, self.hidden_size) for h in hs]
             for k, h in enumerate(hs):
-                out[k][r] = h.to(out[k].dtype)
+                out[k][r] = h
         return [o.reshape(B, n * C, self.hidden_size)[:, :T] for o in out]
 
 

@@ -139,3 +139,14 @@ def test_config_validation_names_keys():
     with pytest.raises(ConfigError, match="family"):
         MAMConfig(family="ssast")
     assert MAMConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_chunked_and_whole_extraction_agree_in_dtype_under_autocast():
+    wav = _batch([25000])["wavs"]
+    dtypes = []
+    for chunk in (1.0, 20.0):
+        up = MAMUpstream(get_preset("mockingjay-tiny").replace(chunk_seconds=chunk)).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            hs, _ = up.extract(wav)
+        dtypes.append({h.dtype for h in hs})
+    assert dtypes[0] == dtypes[1] == {torch.bfloat16}
