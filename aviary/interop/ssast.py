@@ -179,51 +179,66 @@ def convert_ssast_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.Path
     return cfg, {k: v.detach().clone().float() for k, v in out.items()}
 
 
-def import_ssast_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                            num_heads: int | None = None, fbank_mean: float = AUDIOSET_MEAN,
-                            fbank_std: float = AUDIOSET_STD) -> SSASTPretrainModel:
-    """Load a released SSAST checkpoint as an aviary pretraining model (``aviary import ssast``).
+def load_ssast_checkpoint(path: str | os.PathLike, num_heads: int | None = None,
+                          fbank_mean: float = AUDIOSET_MEAN, fbank_std: float = AUDIOSET_STD
+                          ) -> SSASTPretrainModel:
+    """Load a released SSAST checkpoint as an aviary pretraining model, in memory.
 
     Args:
         path: the ``.pth`` file (e.g. ``SSAST-Base-Patch-400.pth``).
-        out_dir: if given, write an aviary run directory there: ``model.safetensors`` (config
-            in its metadata, so ``aviary.load(out_dir)`` works) and ``run.json``.
         num_heads: attention heads for non-released widths.
         fbank_mean, fbank_std: fbank statistics of the pretraining data (AudioSet defaults).
 
     Returns:
         The :class:`~aviary.models.ssast.SSASTPretrainModel` in eval mode; its ``upstream``
-        extracts hidden states, and it can be pretrained further with ``aviary pretrain``.
+        extracts hidden states, and it can be pretrained further.
 
     Raises:
-        SSASTImportError: unreadable or unsupported file; FileExistsError if ``out_dir``
-            holds a model already.
+        SSASTImportError: unreadable or unsupported file.
     """
-    from aviary.train import checkpoint as ckpt
-
     path = Path(path)
-    if out_dir is not None:
-        out = Path(out_dir)
-        if (out / ckpt.MODEL_FILE).exists() or ckpt.list_checkpoints(out):
-            raise FileExistsError(f"{out} already holds an aviary model; choose another --out")
     cfg, tensors = convert_ssast_state_dict(_read_state_dict(path), path, num_heads, fbank_mean, fbank_std)
     model = SSASTPretrainModel(cfg)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise SSASTImportError(f"{path}: mapped weights do not fit the aviary model "
                                f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    model.eval()
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        source = {"toolkit": "ssast", "path": str(path.resolve())}
-        meta: dict[str, Any] = {"model": cfg.to_dict(), "train": None, "step": 0,
-                                "format_version": ckpt.FORMAT_VERSION, "source": source}
-        ckpt.save_tensors(out / ckpt.MODEL_FILE, model.state_dict(), config=meta)
-        ckpt.write_json_atomic(out / "run.json", {"model": cfg.to_dict(), "train": None, "data": None,
-                                                  "source": source, "step": 0,
-                                                  "format_version": ckpt.FORMAT_VERSION})
-        log.info("imported %s (SSAST %s, D=%d, %d layers) into %s", path,
-                 "frame" if cfg.encoder.grid_freq == 1 else "patch", cfg.encoder.hidden_size,
-                 cfg.encoder.num_layers, out)
-    return model
+    return model.eval()
+
+
+def import_ssast_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
+                            num_heads: int | None = None, fbank_mean: float = AUDIOSET_MEAN,
+                            fbank_std: float = AUDIOSET_STD) -> Path:
+    """``aviary import ssast CKPT --out RUN_DIR``: write an aviary run directory.
+
+    Writes ``RUN_DIR/model.safetensors`` (the pretraining model, config in its metadata, so
+    ``aviary.load(RUN_DIR)`` works and ``aviary pretrain --resume``-style continuation can
+    start from it) and ``RUN_DIR/run.json``. Arguments as :func:`load_ssast_checkpoint`.
+
+    Returns:
+        The path of the weights file.
+
+    Raises:
+        SSASTImportError: unreadable or unsupported file; FileExistsError if ``RUN_DIR``
+            holds a model already.
+    """
+    from aviary.train import checkpoint as ckpt
+
+    path, out = Path(path), Path(out_dir)
+    if (out / ckpt.MODEL_FILE).exists() or ckpt.list_checkpoints(out):
+        raise FileExistsError(f"{out} already holds an aviary model; choose another --out")
+    model = load_ssast_checkpoint(path, num_heads, fbank_mean, fbank_std)
+    cfg = model.config
+    out.mkdir(parents=True, exist_ok=True)
+    source = {"toolkit": "ssast", "path": str(path.resolve())}
+    meta: dict[str, Any] = {"model": cfg.to_dict(), "train": None, "step": 0,
+                            "format_version": ckpt.FORMAT_VERSION, "source": source}
+    weights = out / ckpt.MODEL_FILE
+    ckpt.save_tensors(weights, model.state_dict(), config=meta)
+    ckpt.write_json_atomic(out / "run.json", {"model": cfg.to_dict(), "train": None, "data": None,
+                                              "source": source, "step": 0,
+                                              "format_version": ckpt.FORMAT_VERSION})
+    log.info("imported %s (SSAST %s, D=%d, %d layers) into %s", path,
+             "frame" if cfg.encoder.grid_freq == 1 else "patch", cfg.encoder.hidden_size,
+             cfg.encoder.num_layers, out)
+    return weights

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import aviary.models.upstream as upstream_mod
-from aviary.interop.ssast import SSASTImportError, import_ssast_checkpoint
+from aviary.interop.ssast import SSASTImportError, import_ssast_checkpoint, load_ssast_checkpoint
 
 
 def reference_state_dict(D=24, L=2, fshape=16, tshape=16, fdim=128, tdim=64, prefix=2, seed=0):
@@ -92,7 +92,7 @@ def test_import_matches_reference_forward(tmp_path, kind, prefix):
     sd = reference_state_dict(fshape=fshape, tshape=tshape, tdim=tdim, prefix=prefix)
     ckpt = tmp_path / "SSAST-Tiny.pth"
     torch.save(sd, ckpt)
-    model = import_ssast_checkpoint(ckpt, num_heads=3)
+    model = load_ssast_checkpoint(ckpt, num_heads=3)
     assert model.upstream.encoder.num_prefix_tokens == prefix
     assert model.config.objective.masking == ("cluster" if kind == "patch" else "random")
 
@@ -127,7 +127,8 @@ def test_import_writes_loadable_run_dir(tmp_path):
     sd = reference_state_dict(D=192, L=1, tdim=32)  # a released width: heads inferred (3)
     ckpt = tmp_path / "ssast.pth"
     torch.save(sd, ckpt)
-    model = import_ssast_checkpoint(ckpt, out_dir=tmp_path / "run")
+    weights = import_ssast_checkpoint(ckpt, tmp_path / "run")
+    assert weights == tmp_path / "run" / "model.safetensors"
     up = upstream_mod.load(tmp_path / "run")
     wav = torch.randn(1, 400 + 160 * 31) * 0.1  # exactly p_input_tdim = 32 fbank frames
     with torch.no_grad():
@@ -139,8 +140,8 @@ def test_import_writes_loadable_run_dir(tmp_path):
     torch.testing.assert_close(hs[-1], _to_time_major(ref[:, 2:], 8, 2), atol=1e-4, rtol=1e-4)
     assert up.frontend.config.fbank_mean == pytest.approx(-4.2677393)
     with pytest.raises(FileExistsError):
-        import_ssast_checkpoint(ckpt, out_dir=tmp_path / "run")
-    assert model.config.max_frames == 32
+        import_ssast_checkpoint(ckpt, tmp_path / "run")
+    assert up.checkpoint_meta["model"]["max_frames"] == 32
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -149,12 +150,12 @@ def test_import_errors_name_the_problem(tmp_path):
     del sd["module.v.blocks.0.attn.qkv.weight"]
     torch.save(sd, tmp_path / "broken.pth")
     with pytest.raises(SSASTImportError, match="v.blocks.0.attn.qkv.weight"):
-        import_ssast_checkpoint(tmp_path / "broken.pth", num_heads=3)
+        load_ssast_checkpoint(tmp_path / "broken.pth", num_heads=3)
     with pytest.raises(SSASTImportError, match="pass num_heads"):
         torch.save(reference_state_dict(D=20), tmp_path / "odd.pth")
-        import_ssast_checkpoint(tmp_path / "odd.pth")
+        load_ssast_checkpoint(tmp_path / "odd.pth")
     with pytest.raises(SSASTImportError, match="not found"):
-        import_ssast_checkpoint(tmp_path / "missing.pth")
+        load_ssast_checkpoint(tmp_path / "missing.pth")
     # A pickled object that is not plain tensors is refused (weights_only=True).
     import pickle  # noqa: S403 - writing a hostile file for the test only
 
@@ -164,4 +165,4 @@ def test_import_errors_name_the_problem(tmp_path):
 
     (tmp_path / "evil.pth").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(SSASTImportError, match="weights-only"):
-        import_ssast_checkpoint(tmp_path / "evil.pth")
+        load_ssast_checkpoint(tmp_path / "evil.pth")
