@@ -31,6 +31,46 @@ from benchmarks.common import write_result
 DEFAULT_SPEAKERS, DEFAULT_UTTERANCES = 40, 50  # `aviary synth` defaults
 
 
+def extrapolate(results: dict, max_epochs: int, patience: int, batch_frames: int) -> dict:
+    """Estimate the time of the same benchmark on the default corpus from a scaled-down run.
+
+    Extraction and one probe epoch cost time linear in the number of frames: both scale by
+    ``scale`` = default audio / measured audio. The number of epochs does not: a bigger
+    corpus gives proportionally more optimizer steps per epoch, and a probe converges after
+    about as many *steps* as measured. So each probe is assumed to need
+    ``ceil(steps_to_best / steps_per_epoch_full) + patience`` epochs (at most ``max_epochs``),
+    where ``steps_to_best`` is the measured number of steps up to its best valid epoch.
+    The linear (pessimistic) estimate, with the measured epoch counts, is given beside it.
+    """
+    import math
+
+    scale = results["extrapolated_to_default_corpus"]["scale"]
+    train_frames = results["corpus"]["train_frames"]
+    steps_small = math.ceil(train_frames / batch_frames)
+    steps_full = math.ceil(train_frames * scale / batch_frames)
+    probe_full = probe_linear = 0.0
+    for pr in results["probes"]:
+        best = pr.get("best_epoch")
+        if best is None:  # older records: stopped early -> best was `patience` epochs before the end
+            best = pr["epochs"] - 1 - (patience if pr["epochs"] < max_epochs else 0)
+        steps_to_best = (best + 1) * steps_small
+        epochs_full = min(max_epochs, math.ceil(steps_to_best / steps_full) + patience)
+        per_epoch = pr["seconds_per_epoch"] * scale
+        pr["estimated_epochs_default_corpus"] = epochs_full
+        probe_full += per_epoch * epochs_full
+        probe_linear += per_epoch * pr["epochs"]
+    ext = results["extrapolated_to_default_corpus"]
+    ext.update({
+        "probe_seconds": round(probe_full, 0),
+        "probe_seconds_same_epochs": round(probe_linear, 0),
+        "total_minutes": round((ext["extract_seconds"] + probe_full) / 60, 1),
+        "total_minutes_same_epochs": round((ext["extract_seconds"] + probe_linear) / 60, 1),
+        "steps_per_epoch": {"measured": steps_small, "default_corpus": steps_full},
+        "note": " ".join(extrapolate.__doc__.split("\n\n")[1].split()),
+    })
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mockingjay-base")
@@ -42,12 +82,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-autocast", choices=("none", "bf16"), default="none")
     p.add_argument("--max-epochs", type=int, default=None, help="override ProbeConfig.max_epochs")
     p.add_argument("--name", default="probe", help="result file stem")
+    p.add_argument("--recompute", action="store_true",
+                   help="only redo the extrapolation of an existing results/<name>.json (no measurement)")
     args = p.parse_args(argv)
+    from aviary.evaluate.probe import ProbeConfig
+
+    defaults = ProbeConfig(**({"max_epochs": args.max_epochs} if args.max_epochs else {}))
+    if args.recompute:
+        import json
+
+        from benchmarks.common import RESULTS_DIR
+
+        old = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
+        res = extrapolate(old["results"], defaults.max_epochs, defaults.patience, defaults.batch_frames)
+        res["recomputed_extrapolation"] = True
+        print(f"wrote {write_result(args.name, res)}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from aviary.data import load_manifest
     from aviary.evaluate.cache import extract_to_cache, open_cache
-    from aviary.evaluate.probe import ProbeConfig, run_probe
+    from aviary.evaluate.probe import run_probe
     from aviary.evaluate.tasks import load_splits
     from aviary.evaluate.upstreams import describe_upstream, resolve_upstream
 
@@ -85,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         t_all = time.perf_counter()
         for head in ("linear", "mlp1", "mlp2"):
             for layer in range(info.num_hidden_states):
-                over = {"max_epochs": args.max_epochs} if args.max_epochs else {}
-                cfg = ProbeConfig(task="phone", head=head, layer=str(layer), autocast=args.probe_autocast, **over)
+                cfg = defaults.replace(task="phone", head=head, layer=str(layer), autocast=args.probe_autocast)
                 t0 = time.perf_counter()
                 rec = run_probe(cfg, splits, cache=cache)
                 wall = time.perf_counter() - t0
                 probes.append({"head": head, "layer": layer, "wall_seconds": round(wall, 2),
                                "train_seconds": rec["train_seconds"], "epochs": rec["epochs"],
+                               "best_epoch": rec["best_epoch"],
                                "seconds_per_epoch": round(rec["train_seconds"] / rec["epochs"], 3),
                                "valid_acc": rec["valid_acc"], "test_acc": rec["test_acc"]})
                 logging.info("probe %s layer %d: %.1fs, %d epochs, test %.3f", head, layer, wall, rec["epochs"],
@@ -113,14 +168,13 @@ def main(argv: list[str] | None = None) -> int:
                 "audio_seconds": round(default_audio, 0), "scale": round(scale, 2),
                 "extract_seconds": round(extract_seconds * scale, 0),
                 "probe_seconds": round(probe_seconds * scale, 0),
-                "total_minutes": round((extract_seconds + probe_seconds) * scale / 60, 1),
                 "cache_gigabytes": round(cache_bytes * scale / 1e9, 2),
-                "note": "linear in audio duration; epochs per probe as measured on the small corpus",
             },
             "torch_threads": torch.get_num_threads(),
             # The CPU is shared: the load average says how contended these timings were.
             "load_average_1m": round(os.getloadavg()[0], 2),
         }
+        results = extrapolate(results, defaults.max_epochs, defaults.patience, defaults.batch_frames)
         path = write_result(args.name, results)
         print(f"extraction: {extract_seconds:.1f} s for {audio_seconds:.0f} s of audio "
               f"({audio_seconds / extract_seconds:.0f}x real time, {args.extract_autocast})")
