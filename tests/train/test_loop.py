@@ -2,6 +2,7 @@
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -252,3 +253,23 @@ def test_weight_decay_groups():
 def test_bf16_autocast_runs(tmp_path):
     res = run(tmp_path / "bf16", precision="bf16", steps=4, val_every=0)
     assert res.step == 4 and res.nonfinite_steps == 0
+
+
+def test_broken_audio_files_are_skipped_and_counted(sine_corpus, tmp_path, caplog):
+    from aviary.data.manifest import load_manifest
+    from aviary.train.recipe import resolve_configs
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(sine_corpus, corpus)
+    train = load_manifest(corpus, "train")
+    (corpus / os.path.basename(train[0].audio)).write_bytes(b"RIFF\x00\x00not a wav")  # corrupt
+    (corpus / os.path.basename(train[1].audio)).write_bytes(b"")                        # empty
+    m, t = resolve_configs("mockingjay-tiny", overrides=[
+        "steps=6", "precision=fp32", "max_batch_seconds=3", "crop_seconds=1", "val_every=0",
+        "tensorboard=false", "log_every=6"])
+    with caplog.at_level(logging.WARNING):
+        res = pretrain(m, t, corpus, tmp_path / "run")
+    assert res.step == 6 and res.nonfinite_steps == 0
+    rec = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
+    assert rec["skipped_items"] >= 1 and math.isfinite(rec["loss"])
+    assert train[0].id in caplog.text or train[1].id in caplog.text
