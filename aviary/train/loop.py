@@ -455,8 +455,8 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
             all_reduce_sum(failed, info)  # let the other ranks stop too, not hang
             if isinstance(e, ckpt.CheckpointError):
                 raise ckpt.CheckpointError(
-                    f"stopping at step {at}: {e}. Free space and continue with --resume "
-                    f"(from step {last_saved}).") from e
+                    f"stopping at step {at}: {e}. Fix the cause (e.g. free disk space), then continue "
+                    f"with --resume (from step {last_saved}).") from e
             raise
         all_reduce_sum(failed, info)
         if failed.item():
