@@ -423,12 +423,9 @@ class SSASTPretrainModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.upstream = SSASTUpstream(cfg.frontend, cfg.encoder)
+        # The heads keep PyTorch's default Linear initialisation, as in the reference code
+        # (only the ViT gets timm's truncated normal init).
         self.objective = MSPM(cfg.objective, cfg.encoder.hidden_size, cfg.encoder.patch_dim)
-        std = cfg.encoder.init_std
-        for m in self.objective.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(m.bias)
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> ObjectiveOutput:
         wavs, lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"))
