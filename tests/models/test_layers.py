@@ -94,3 +94,27 @@ def test_init_and_activation_errors():
         FeedForward(8, 16, 0.0, activation="swish")
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadSelfAttention(10, 3)
+
+
+def test_fast_dropout_rate_scale_and_gradient():
+    from aviary.models.layers import fast_dropout
+    torch.manual_seed(0)
+    x = torch.ones(400, 1000, requires_grad=True)
+    y = fast_dropout(x, 0.1)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.003
+    assert abs(y.mean().item() - 1.0) < 0.01  # inverted dropout keeps the expectation
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)
+    assert fast_dropout(x, 0.0) is x
+
+
+def test_training_attention_path_matches_eval_without_dropout():
+    # The explicit CPU training path (used when attn_dropout > 0) computes the same attention.
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(32, 4, attn_dropout=1e-9)
+    x = torch.randn(2, 7, 32)
+    kpm = lengths_to_padding_mask(torch.tensor([7, 4]), 7)
+    train_out, _ = attn.train()(x, kpm)
+    eval_out, _ = attn.eval()(x, kpm)
+    torch.testing.assert_close(train_out, eval_out, atol=1e-5, rtol=1e-5)
