@@ -376,6 +376,9 @@ class SSASTUpstream(Upstream):
             (hidden_states, lengths): ``min(max_layer, L) + 1`` tensors (B, N, D) with
             N = Tg * Fg time-major tokens, and (B,) valid tokens per clip. For the frame
             model a token is a 20 ms frame; for the patch model mean-pool over ``lengths``.
+            ``hidden_states[0]`` is the embedding output (patches + positions), ``[k]`` the
+            residual stream after layer k, and ``[L]`` is taken after the final LayerNorm
+            (what the SSAST heads and its fine-tuning classifier read).
         """
         wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
         feats, flen = self.frontend(wavs, wav_lengths)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from aviary.config import ConfigError
 from aviary.features import FrontEndConfig
-from aviary.models.registry import PRESETS, count_parameters, get_family, get_preset, list_presets
+from aviary.models.registry import count_parameters, get_family, get_preset, list_presets
 from aviary.models.ssast import (SSASTConfig, SSASTEncoder, SSASTEncoderConfig, SSASTUpstream, crop_frames,
                                  ssast_config)
 from aviary.objectives.mspm import MSPMConfig
