@@ -128,10 +128,10 @@ def bench_extract(preset: str, bf16: bool, batch: int, seconds: float, reps: int
     return res
 
 
-def long_file_rss(preset: str, minutes: float) -> dict:
+def long_file_rss(preset: str, minutes: float, threads: int) -> dict:
     """Extract one ``minutes``-long recording in a fresh process; report time and peak RSS."""
     code = (
-        "import json,resource,time,torch\n"
+        f"import json,resource,time,torch\ntorch.set_num_threads({threads})\n"
         "from aviary.models.mam import MAMUpstream\nfrom aviary.models.registry import get_preset\n"
         f"up=MAMUpstream(get_preset({preset!r})).eval()\n"
         f"w=torch.randn(int(16000*60*{minutes}))*0.1\n"
@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seconds", type=float, default=4.0, help="seconds per utterance")
     p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0 = torch's default); on a CPU shared with other jobs 1 thread "
+                        "wastes far less CPU time in OpenMP spin-waits")
     p.add_argument("--long-minutes", type=float, default=10.0)
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = p.parse_args(argv)
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     extract = [bench_extract(name, bf16, 4, 10.0, 1) for name in args.presets[:1] for bf16 in (False, True)]
     peaks.update(fp32_after=matmul_peak(torch.float32), bf16_after=matmul_peak(torch.bfloat16))
     log.info("matmul peak: %s", peaks)
-    long = long_file_rss(args.presets[0], args.long_minutes)
+    long = long_file_rss(args.presets[0], args.long_minutes, torch.get_num_threads())
     try:
         load = open("/proc/loadavg").read().split()[:3]
     except OSError:
