@@ -150,3 +150,23 @@ def test_chunked_and_whole_extraction_agree_in_dtype_under_autocast():
             hs, _ = up.extract(wav)
         dtypes.append({h.dtype for h in hs})
     assert dtypes[0] == dtypes[1] == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_ten_minute_recording_stays_under_4gb_rss():
+    # Chunked extraction bounds memory: one 10-minute file through mockingjay-base in a
+    # fresh process (so the peak RSS is this extraction's own).
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json,resource,torch\n"
+            "from aviary.models.mam import MAMUpstream\nfrom aviary.models.registry import get_preset\n"
+            "up=MAMUpstream(get_preset('mockingjay-base')).eval()\n"
+            "with torch.no_grad():\n    hs,n=up.extract(torch.randn(16000*600)*0.1)\n"
+            "print(json.dumps({'frames':int(n[0]),'states':len(hs),"
+            "'rss_mb':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=900)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["frames"] == 60001 and r["states"] == 4
+    assert r["rss_mb"] < 4096, r
