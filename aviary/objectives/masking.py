@@ -20,9 +20,21 @@ s3prl's ``process_train_MAM_data`` does: the features are stacked first, spans o
 frames are chosen (C = 3 with R = 3), and a masked stacked frame hides all R original frames
 it holds. Callers therefore pass the stacked features and lengths here.
 
-Only time-masked frames are scored by aviary's loss; s3prl's TERA additionally scores the
-zeroed frequency band (it keeps an element-wise mask), which aviary leaves out because a
-band of input bins has no counterpart in a different target (e.g. 201 linear bins).
+Compared with s3prl's ``process_train_MAM_data`` (checked against its source):
+
+* same: masking at the stacked rate, ``round(len * 0.15 / C)`` distinct span starts
+  (``randperm``), overlapping spans allowed, one 80/10/10 dice per utterance, rows without
+  any masked frame contributing nothing to the loss (s3prl drops them from the batch);
+* starts: s3prl draws them from ``[0, len - C - 1]``, aviary from ``[0, len - C]`` (a span
+  may end on the last frame);
+* "random" replacement: s3prl copies random spans, aviary frames from random positions
+  (REFERENCE.md's wording), per frame;
+* frequency band: s3prl's width is ``U{0..mask_frequency}`` bins and the band is also scored
+  (element-wise loss mask); aviary uses ``U{0..floor(0.2 D)}`` (TERA paper) and scores time-
+  masked frames only, since a band of input bins has no counterpart in a different target
+  (e.g. 201 linear bins);
+* magnitude noise: s3prl throws one dice per batch and also noises padding; aviary throws
+  one per utterance and noises valid frames only.
 
 Everything is batched: no Python loop runs over utterances, and every random number comes
 from the ``torch.Generator`` passed in, so a seeded call repeats exactly.
