@@ -108,6 +108,11 @@ def format_table(recs: Sequence[dict[str, Any]]) -> str:
     lines = ["  ".join(c.ljust(w) if i < 7 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    weighted = [r for r in sort_records(recs) if r.get("weights")]
+    if weighted:
+        lines += ["", "learned weighted-sum weights (hidden state 0 .. L):"]
+        lines += [f"  {r['task']} {r['upstream']} {r['mode']} {r['head']} frac {r['label_fraction']:g} seed {r['seed']}: "
+                  + " ".join(f"{w:.3f}" for w in r["weights"]) for r in weighted]
     return "\n".join(lines)
 
 
