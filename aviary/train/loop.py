@@ -464,6 +464,10 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
         last_saved = at
 
     try:
+        if valid_data is not None and cfg.val_every and step == 0:
+            # The untrained model's loss: the baseline a falling validation curve starts from.
+            result.valid_loss = _validate(core, valid_data, cfg, device, amp_dtype, 0, metrics,
+                                          result, info)
         with StopFlag() as stop:
             while step < cfg.steps:
                 lr = linear_warmup_decay(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.lr * cfg.min_lr_ratio)

@@ -72,7 +72,8 @@ def test_run_dir_layout_and_load(reference):
     train = [r for r in lines if r.get("split") != "valid"]
     valid = [r for r in lines if r.get("split") == "valid"]
     assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
-    assert [r["step"] for r in valid] == [6, 12]
+    assert [r["step"] for r in valid] == [0, 6, 12]
+    assert valid[-1]["loss"] < valid[0]["loss"]
     assert train[-1]["loss"] < train[0]["loss"]
     up = __import__("aviary").load(str(out))  # the run dir is loadable as an upstream
     hs, lengths = up.extract(torch.randn(2, 1600), torch.tensor([1600, 800]))
