@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from aviary.train import checkpoint as ckpt
