@@ -27,6 +27,9 @@ class Family:
         build_upstream: config -> bare upstream (weights loaded afterwards from the pretraining
             model's state dict, whose keys start with ``upstream.``).
         batch_kind: ``"audio"`` (batches of waveforms) or ``"tokens"`` (token-id sequences).
+        fit_corpus_stats: optional ``(config, batches of (wavs, lengths)) -> config`` that
+            measures corpus statistics the model normalises with (SSAST's fbank mean / std)
+            and returns the config holding them; the loop calls it once before training.
     """
 
     name: str
@@ -34,6 +37,7 @@ class Family:
     build_pretrain: Callable[[Any], nn.Module]
     build_upstream: Callable[[Any], nn.Module]
     batch_kind: str = "audio"
+    fit_corpus_stats: Callable[[Any, Any], Any] | None = None
 
 
 FAMILIES: dict[str, Family] = {}

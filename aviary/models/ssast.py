@@ -462,7 +462,8 @@ def build_upstream(cfg: SSASTConfig) -> SSASTUpstream:
 
 
 register_family(Family(name="ssast", config_cls=SSASTConfig, build_pretrain=build_pretrain,
-                       build_upstream=build_upstream, batch_kind="audio"))
+                       build_upstream=build_upstream, batch_kind="audio",
+                       fit_corpus_stats=with_fbank_stats))
 
 
 # name -> (hidden, layers, heads); tiny / small / base are DeiT's sizes used by SSAST.

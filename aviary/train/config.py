@@ -46,6 +46,9 @@ class TrainConfig(Config):
     num_workers: int = 0             # DataLoader worker processes (0: load in the main process)
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     tensorboard: bool = True         # also write RUN_DIR/tb/ when tensorboard is importable
+    # Families that normalise with corpus statistics (SSAST: fbank mean / std) measure them on
+    # this many training utterances before step 0 and store them in the model config.
+    corpus_stats_utterances: int = 500  # 0: keep the config's statistics (e.g. AudioSet's)
 
     def validate(self) -> None:
         check_range("steps", self.steps, 1)
@@ -73,6 +76,7 @@ class TrainConfig(Config):
         check_range("keep_last", self.keep_last, 1)
         check_range("max_nonfinite_steps", self.max_nonfinite_steps, 1)
         check_range("num_workers", self.num_workers, 0, 64)
+        check_range("corpus_stats_utterances", self.corpus_stats_utterances, 0)
         check(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
                                                         and self.device[5:].isdigit()),
               "device", self.device, "auto, cpu, cuda or cuda:N")

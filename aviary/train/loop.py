@@ -360,6 +360,10 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
         if hasattr(train_data, "configure_model"):
             # Token corpora fix settings of the model (vocabulary size) themselves.
             model_cfg = train_data.configure_model(model_cfg)
+        if family.fit_corpus_stats is not None and cfg.corpus_stats_utterances > 0:
+            # Deterministic (same items, same order, float64 sums), so every DDP rank and a
+            # resumed run arrive at the same config.
+            model_cfg = family.fit_corpus_stats(model_cfg, _stat_batches(train_data, cfg))
         run_dir.mkdir(parents=True, exist_ok=True)
         _prepare_run_dir(run_dir, resume, model_cfg, cfg, None if data is None else str(data), info)
         barrier(info)
@@ -402,6 +406,18 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
                       device, amp_dtype, info, step, start, counters)
     finally:
         cleanup_distributed(info)
+
+
+def _stat_batches(train_data: TrainData, cfg: TrainConfig, batch_size: int = 8):
+    """(wavs, lengths) batches of the first ``corpus_stats_utterances`` usable training items."""
+    n = min(len(train_data), cfg.corpus_stats_utterances)
+    log.info("measuring corpus statistics on %d training utterances", n)
+    for start in range(0, n, batch_size):
+        items = [it for i in range(start, min(n, start + batch_size))
+                 if (it := train_data.load_item(i, cfg.seed + i)) is not None]
+        if items:
+            batch = train_data.collate(items)
+            yield batch["wavs"], batch["wav_lengths"]
 
 
 def _open_splits(batch_kind: str, data: str | os.PathLike, cfg: TrainConfig, model_cfg: Config
