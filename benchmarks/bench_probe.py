@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-autocast", choices=("none", "bf16"), default="none")
     p.add_argument("--max-epochs", type=int, default=None, help="override ProbeConfig.max_epochs")
     p.add_argument("--name", default="probe", help="result file stem")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (on a CPU shared with other jobs, 1 avoids OpenMP oversubscription)")
     p.add_argument("--recompute", action="store_true",
                    help="only redo the extrapolation of an existing results/<name>.json (no measurement)")
     args = p.parse_args(argv)
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {write_result(args.name, res)}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from aviary.data import load_manifest
     from aviary.evaluate.cache import extract_to_cache, open_cache

@@ -44,11 +44,22 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of random:PRESET")
     p.add_argument("--name", help="display name (default: the run directory's name or the baseline's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 can be "
+                        "several times faster)")
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def _extract_run(args: argparse.Namespace) -> int:
     from aviary.evaluate.sweep import run_extract
 
+    _set_threads(args.threads)
     stats = run_extract(args.checkpoint, args.data, args.out, layers=args.layers, dtype=args.dtype,
                         split=args.split, device=args.device, random_seed=args.seed, name=args.name,
                         autocast=args.autocast, batch_seconds=args.batch_seconds, shard_seconds=args.shard_seconds)
@@ -82,12 +93,16 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-seed", type=int, default=0, help="initialisation seed of random:PRESET")
     p.add_argument("--name", help="display name of the upstream in the results")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 can be "
+                        "several times faster)")
 
 
 def _probe_run(args: argparse.Namespace) -> int:
     from aviary.evaluate.results import format_table
     from aviary.evaluate.sweep import run_sweep
 
+    _set_threads(args.threads)
     if args.upstream is None and args.cache is None:
         raise ValueError("give --upstream, --cache, or both")
     overrides = {k: v for k, v in (("hidden", args.hidden), ("lr", args.lr), ("upstream_lr", args.upstream_lr),
