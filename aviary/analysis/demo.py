@@ -202,18 +202,27 @@ def pretrain_models(cfg: DemoConfig, corpus: Path, runs: Path, state: _State) ->
     """Pretrain (or resume / reuse) both models; return their summary entries."""
     from aviary.analysis.params import parameter_summary
     from aviary.models.registry import get_family
+    from aviary.train.checkpoint import list_checkpoints
     from aviary.train.loop import pretrain
 
     tcfg = train_config(cfg)
     out: dict[str, dict[str, Any]] = {}
     for name, mcfg in model_configs(cfg).items():
         run_dir = runs / name
+        done_before = max((step for step, _ in list_checkpoints(run_dir)), default=0)
         t0 = time.perf_counter()
         result = pretrain(mcfg, tcfg, corpus, run_dir, resume=True)
         took = time.perf_counter() - t0
+        if result.interrupted:
+            # Ctrl-C / SIGTERM: the loop wrote a checkpoint; stop the whole demo here (a
+            # re-run resumes this model) instead of going on to the next stage.
+            state.set(f"pretrain_seconds.{name}", state.get(f"pretrain_seconds.{name}", 0.0) + took)
+            raise KeyboardInterrupt(f"pretraining of {name} interrupted at step {result.step}; "
+                                    f"re-run the same command to resume")
         key = f"pretrain_seconds.{name}"
-        # A finished run returns at once: keep the seconds of the run that did the work.
-        seconds = state.get(key, 0.0) + (took if took > 1.0 or state.get(key) is None else 0.0)
+        # Seconds summed over the invocations that trained; a finished run returns at once
+        # and adds nothing.
+        seconds = state.get(key, 0.0) + (took if result.step > done_before else 0.0)
         state.set(key, seconds)
         train_loss, valid_loss = _read_metrics(run_dir)
         psum = parameter_summary(get_family(mcfg.family).build_pretrain(mcfg))
@@ -375,6 +384,20 @@ def spectrogram_stage(corpus: Path, runs: Path, out: Path, seed: int = 0) -> Pat
     return Path(plot_reconstruction(examples, str(out / "reconstruction.png")))
 
 
+def layer_spreads(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Frame spread per layer (collapse check, :mod:`aviary.analysis.spread`) of every
+    multi-layer upstream, from the feature caches its probes used."""
+    from aviary.analysis.spread import cache_spread
+
+    out: dict[str, list[float]] = {}
+    for r in records:
+        up, cache = r["upstream"], r.get("cache")
+        if up in out or not cache or int(r.get("num_hidden_states", 1)) < 2 or not Path(cache).is_dir():
+            continue
+        out[up] = [round(v, 5) for v in cache_spread(cache)]
+    return out
+
+
 def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False,
              command: str | None = None) -> dict[str, Any]:
     """Run (or resume) the whole study and write ``OUT/summary.json`` and ``OUT/report.html``.
@@ -412,6 +435,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
     layers_png = plot_layers(records, probes / "accuracy_vs_layer.png")
     weights_png = plot_weights(records, probes / "weighted_sum_weights.png")
 
+    spread = layer_spreads(records)
     roles = {MOCKINGJAY: "pretrained", AALBERT: "pretrained", RANDOM_INIT: "random",
              **{b: "baseline" for b in cfg.baselines}}
     # Cumulative over resumed invocations: the cost of the whole study.
@@ -424,6 +448,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
         "probes": records,
         "key_results": key_results(records, roles),
         "attention": attention,
+        "layer_spread": spread,
         "demo": {"quick": quick, "config": cfg.to_dict(), "wall_seconds": round(wall, 1),
                  "this_invocation_seconds": round(this_run, 1),
                  "command": command or f"aviary demo{' --quick' if quick else ''} --out {out}"},

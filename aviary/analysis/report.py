@@ -184,6 +184,17 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
             out.append(f"On speaker identification (linear, mean-pooled) AALBERT gets {_pct(a['speaker_linear'])} % "
                        f"and Mockingjay {_pct(m['speaker_linear'])} %.")
 
+    from aviary.analysis.spread import COLLAPSE_THRESHOLD, collapsed_layers
+
+    for name, spread in summary.get("layer_spread", {}).items():
+        bad = collapsed_layers(spread)
+        if bad and rows.get(name, {}).get("role") == ROLE_PRETRAINED:
+            out.append(f"Warning: layers {', '.join(map(str, bad))} of {name} hardly vary from frame to frame "
+                       f"(frame spread {min(spread[k] for k in bad):.4f}-{max(spread[k] for k in bad):.4f} < "
+                       f"{COLLAPSE_THRESHOLD}; healthy layers are > 0.3): the model is still on the "
+                       f"'average spectrum' plateau of early pretraining, and linear probes on those layers "
+                       f"stay at the majority class. Pretrain longer (more steps) before reading the layer curve.")
+
     att = summary.get("attention", {})
     if mockingjay in att and aalbert in att:
         am = att[mockingjay]["adjacent_mean"]
@@ -304,6 +315,16 @@ def write_report(summary: dict[str, Any], figures: dict[str, str | Path | None],
             parts.append(_table(["component", "parameters", "applications per forward", "without sharing", "shared"],
                                 [[r["component"], f"{r['params']:,}", r["applications"], f"{r['unshared_params']:,}",
                                   "yes" if r["shared"] else "no"] for r in rows]))
+
+    spread = summary.get("layer_spread", {})
+    if spread:
+        n = max(len(v) for v in spread.values())
+        parts.append("<h3>Frame spread per layer (collapse check)</h3><p>Mean over dimensions of the "
+                     "standard deviation across frames, relative to the features' RMS: ~1 varies freely, "
+                     "near 0 means every frame gets the same vector.</p>")
+        parts.append(_table(["upstream"] + [f"layer {k}" for k in range(n)],
+                            [[name] + [f"{v:.3f}" for v in vals] + [""] * (n - len(vals))
+                             for name, vals in spread.items()]))
 
     parts.append("<h2>Attention: Jensen-Shannon divergence between layers</h2>")
     parts.append("<p>JSD (bits, in [0, 1]) between the attention distributions of every pair of layers, "

@@ -94,3 +94,10 @@ def test_report_embeds_every_figure(tmp_path):
     # A missing figure is said, not silently dropped.
     text2 = write_report(summary, {**figs, "jsd": None}, tmp_path / "r2.html").read_text()
     assert "attention JSD heatmaps: not produced" in text2
+
+
+def test_findings_warn_about_collapsed_layers():
+    rows = key_results(_records())
+    text = " ".join(findings({"key_results": rows, "models": {},
+                              "layer_spread": {"mj": [0.9, 0.2, 0.001, 0.0005], "logmel": [0.0]}}))
+    assert "layers 2, 3 of mj hardly vary" in text and "logmel" not in text.split("Warning")[1]
