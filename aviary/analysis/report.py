@@ -199,11 +199,14 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
     if mockingjay in att and aalbert in att:
         am = att[mockingjay]["adjacent_mean"]
         aa = att[aalbert]["adjacent_mean"]
+        pa, pm = att[aalbert]["off_diagonal_mean"], att[mockingjay]["off_diagonal_mean"]
         more = "more similar" if aa < am else "less similar"
+        agree = ("as the paper reports for shared layers" if aa < am and pa < pm else
+                 "unlike the paper, which finds shared layers attend more alike" if aa >= am and pa >= pm else
+                 "a mixed picture (the paper finds shared layers attend more alike)")
         out.append(f"Attention: consecutive layers of AALBERT attend {more} to each other than Mockingjay's "
                    f"(mean JSD between adjacent layers {aa:.3f} vs {am:.3f} bits; over all layer pairs "
-                   f"{att[aalbert]['off_diagonal_mean']:.3f} vs {att[mockingjay]['off_diagonal_mean']:.3f}), "
-                   f"as the paper reports for shared layers.")
+                   f"{pa:.3f} vs {pm:.3f}): {agree}.")
     return out
 
 
