@@ -108,6 +108,11 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
         if name is None:
             raise ValueError("run_sweep: pass name=... with an Upstream object")
     if up_obj is not None:
+        frame_tasks = [t for t in tasks if get_task(t).level == "frame"]
+        if frame_tasks and getattr(up_obj, "utterance_level_only", False):
+            # e.g. SSAST patch models: a token covers 16 frames x 16 mel bins, not a time step.
+            raise ValueError(f"{name}: its tokens are not frames, so frame-level task(s) {frame_tasks} "
+                             "cannot be probed; use an utterance-level task (speaker, keyword)")
         info = describe_upstream(up_obj, name).to_dict()
     elif cache is not None:
         info = FeatureCache(cache).upstream

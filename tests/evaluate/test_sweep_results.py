@@ -165,3 +165,14 @@ def test_sweep_from_a_run_directory(corpus, tmp_path):
     recs = run_sweep(str(run), corpus, tmp_path / "p", layers="last", overrides={"max_epochs": 1}, progress=False)
     assert recs[0]["upstream"] == "my-run" and recs[0]["layer"] == "last"
     assert recs[0]["upstream_params"] == sum(p.numel() for p in up.parameters())
+
+
+def test_frame_tasks_refused_for_upstreams_without_frames(corpus, tmp_path):
+    """An SSAST patch model's tokens are 16x16 patches, not time steps: phone probing refuses."""
+    from aviary.models.registry import get_family, get_preset
+
+    cfg = get_preset("ssast-patch-cpu")
+    up = get_family(cfg.family).build_upstream(cfg)
+    assert up.utterance_level_only
+    with pytest.raises(ValueError, match="not frames"):
+        run_sweep(up, corpus, tmp_path / "p", tasks=["phone"], name="patch", progress=False)
