@@ -46,7 +46,9 @@ def _batch(family, cfg, seconds, B=2):
 
 def test_every_family_has_presets():
     assert {"mam"} <= set(FAMILIES)
-    for fam in FAMILIES:
+    # Families registered by tests (e.g. tests/train/tiny.py) have no presets by design.
+    ours = [name for name, fam in FAMILIES.items() if fam.config_cls.__module__.startswith("aviary.")]
+    for fam in ours:
         assert any(get_preset(p).family == fam for p in PRESETS), fam
 
 

@@ -1,8 +1,7 @@
 """Kill `aviary pretrain` with SIGKILL at random points, resume, and get the same weights.
 
-The reference is an uninterrupted run of the same configuration (in this process, one
-thread, as the subprocesses); the interrupted one is killed three times at random moments
-(after it has made some progress: mid-step, mid-validation or mid-checkpoint-write) and
+The reference is an uninterrupted run of the same command in a fresh process; the
+interrupted one is killed three times at random moments (after it has made some progress: mid-step, mid-validation or mid-checkpoint-write) and
 resumed with ``--resume`` each time. Final weights must be bitwise equal.
 """
 import json
@@ -16,8 +15,6 @@ import time
 import torch
 
 from aviary.train import checkpoint as ckpt
-from aviary.train.loop import pretrain
-from aviary.train.recipe import resolve_configs
 
 OVERRIDES = ["train.checkpoint_every=2", "train.precision=fp32", "train.log_every=1",
              "train.val_every=6", "train.max_batch_seconds=3", "train.crop_seconds=1",
@@ -38,13 +35,12 @@ def _newest(out):
 
 
 def test_sigkill_and_resume_is_bitwise(sine_corpus, tmp_path):
-    model_cfg, train_cfg = resolve_configs("mockingjay-tiny", overrides=OVERRIDES, steps=STEPS)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # same kernels as the single-threaded subprocesses
-    try:
-        pretrain(model_cfg, train_cfg, sine_corpus, tmp_path / "ref")
-    finally:
-        torch.set_num_threads(threads)
+    # The reference is the same command run uninterrupted in a fresh process. (In the test
+    # process itself, after other tests have run, CPU kernels may pick other code paths for
+    # differently aligned buffers and differ in the last bits, which is not what is tested.)
+    with open(tmp_path / "ref-stderr.txt", "wb") as log:
+        assert _launch(sine_corpus, tmp_path / "ref", log).wait(timeout=300) == 0, \
+            (tmp_path / "ref-stderr.txt").read_text()[-3000:]
     ref = ckpt.load_tensors(tmp_path / "ref/model.safetensors")[0]
 
     out = tmp_path / "killed"
