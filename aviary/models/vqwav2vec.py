@@ -53,6 +53,10 @@ class VqWav2VecConfig(Config):
             fewer collisions than one huge codebook, and "i-j" tokens for BERT).
         num_vars: V entries per group (320).
         shared_codebook: Gumbel only: one V x (C/G) codebook used by all groups.
+        quantizer_input_norm: normalise each channel of the encoder output over the valid
+            frames of its utterance (a per-channel :class:`MaskedGroupNorm`) before the
+            quantiser picks a code. Not in the paper; see :class:`GumbelQuantizer`. Checkpoints
+            written before this option existed load with it off (:meth:`from_dict`).
         gumbel_hidden: width of the hidden layer of the logits projection (C -> 1024 -> G*V).
         temp_start / temp_end / temp_anneal_fraction: Gumbel temperature, 2 -> 0.5 linearly over
             the first 70 % of updates (paper).
@@ -67,6 +71,10 @@ class VqWav2VecConfig(Config):
             the paper (``q_{t+1}`` .. ``q_{t+K}``). fairseq uses ``ceil(465 / 160) = 3`` so that
             the target's input window does not overlap the current frame's.
         num_negatives: negatives per target frame, drawn from the same utterance (10).
+        prior_logit_bias: start the prediction logits at the log prior odds ``log(1 / N)``
+            (a learnable scalar added to every logit) and the predictor ``h_k`` at zero. Not in
+            the paper; see :class:`VqWav2VecPretraining`. Off: logits ``z^T h_k(c)`` exactly as
+            in Eq. 1, with a default-initialised predictor.
     """
 
     family: str = "vq-wav2vec"
@@ -79,6 +87,7 @@ class VqWav2VecConfig(Config):
     num_groups: int = 2
     num_vars: int = 320
     shared_codebook: bool = False
+    quantizer_input_norm: bool = True
     gumbel_hidden: int = 1024
     temp_start: float = 2.0
     temp_end: float = 0.5
@@ -91,7 +100,15 @@ class VqWav2VecConfig(Config):
     prediction_steps: int = 8
     prediction_offset: int = 1
     num_negatives: int = 10
+    prior_logit_bias: bool = True
     sample_rate: int = 16000
+
+    @classmethod
+    def from_dict(cls, data, _prefix: str = ""):
+        """As :meth:`Config.from_dict`; a dict without the keys added for issue 7 (a checkpoint
+        written before them) rebuilds the model it was trained as: both options off."""
+        legacy = {k: False for k in ("quantizer_input_norm", "prior_logit_bias") if k not in data}
+        return super().from_dict({**data, **legacy} if legacy else data, _prefix)
 
     def validate(self) -> None:
         check(self.family == "vq-wav2vec", "family", self.family, "'vq-wav2vec'")
@@ -161,7 +178,11 @@ class MaskedGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, T), mask (B, T) bool True = valid (or None) -> (B, C, T)."""
-        if mask is None or bool(mask.all()):
+        if mask is None:
+            mask = torch.ones(x.shape[0], x.shape[-1], dtype=torch.bool, device=x.device)
+        # F.group_norm refuses groups of one value in training (a per-channel norm of a
+        # 1-frame input); the masked path gives the same result (zero variance) there.
+        if bool(mask.all()) and x.shape[-1] * (x.shape[1] // self.num_groups) > 1:
             return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
         b, c, t = x.shape
         g = self.num_groups
@@ -261,24 +282,47 @@ class GumbelQuantizer(nn.Module):
     ``gumbel_softmax(logits, tau)`` picks the codeword with the straight-through estimator
     (forward: the hard one-hot, backward: the soft sample's gradient); at inference the
     argmax. Set ``temperature`` from the schedule (:func:`~aviary.objectives.quantize.gumbel_temperature`).
+
+    Two choices keep the first codes informative (issue 7; without them a short run
+    collapses onto one codeword per group, where positives equal negatives and the
+    prediction loss sits at its "all negative" floor):
+
+    * The last layer starts with N(0, 1) weights and zero bias, as fairseq initialises its
+      logit projection: the logits then spread over several units, more than the Gumbel
+      noise at temperature 2 (std ~2.6), so a training code is a (random-projection)
+      function of the input. With PyTorch's default init the logits spread ~0.1, the
+      hard samples are pure noise and there is nothing for the context network to predict.
+    * ``input_norm``: the encoder's log-compressed ReLU features share a large positive
+      per-channel offset (frames of one utterance have cosine similarity ~0.8 at init), so
+      the argmax of a random projection is the same few entries for every frame (argmax
+      perplexity ~3 of 320). Normalising each channel over the utterance's valid frames
+      removes that offset and leaves what changes from frame to frame (argmax
+      perplexity ~35 at init).
     """
 
-    def __init__(self, channels: int, num_groups: int, num_vars: int, hidden: int, shared_codebook: bool = False):
+    def __init__(self, channels: int, num_groups: int, num_vars: int, hidden: int, shared_codebook: bool = False,
+                 input_norm: bool = False):
         super().__init__()
         self.num_groups, self.num_vars = num_groups, num_vars
         self.shared_codebook = shared_codebook
+        # Per-channel statistics over valid frames (num_groups = channels).
+        self.input_norm = MaskedGroupNorm(channels, channels) if input_norm else None
         self.proj = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, num_groups * num_vars))
+        nn.init.normal_(self.proj[-1].weight, mean=0.0, std=1.0)
+        nn.init.zeros_(self.proj[-1].bias)
         # (G or 1, V, C/G); uniform init as fairseq's quantiser.
         self.codebook = nn.Parameter(torch.empty(1 if shared_codebook else num_groups, num_vars, channels // num_groups))
         nn.init.uniform_(self.codebook)
         self.temperature = 2.0
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, G, V)."""
+    def logits(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C), valid (B, T) bool or None (all valid) -> (B, T, G, V)."""
+        if self.input_norm is not None:
+            x = self.input_norm(x.transpose(1, 2), valid).transpose(1, 2)
         return rearrange(self.proj(x), "b t (g v) -> b t g v", g=self.num_groups)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> QuantizerOutput:
-        logits = self.logits(x)  # (B, T, G, V)
+        logits = self.logits(x, valid)  # (B, T, G, V)
         if self.training:
             onehot = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=True, dim=-1).to(x.dtype)
         else:
@@ -288,9 +332,9 @@ class GumbelQuantizer(nn.Module):
         return QuantizerOutput(quantized=rearrange(q, "b t g d -> b t (g d)"),
                                indices=onehot.argmax(-1), logits=logits)
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference codes: x (B, T, C) -> (B, T, G) argmax entries."""
-        return self.logits(x).argmax(-1)
+    def codes(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference codes: x (B, T, C), valid (B, T) or None -> (B, T, G) argmax entries."""
+        return self.logits(x, valid).argmax(-1)
 
 
 class KMeansQuantizer(nn.Module):
@@ -300,18 +344,27 @@ class KMeansQuantizer(nn.Module):
     fairseq) to ``z``; each group takes the nearest of V codewords by Euclidean distance.
     Straight-through: the forward value is the codeword ``e``, the gradient goes to ``z``
     unchanged (``z + sg(e - z)``); the codebook learns from :func:`kmeans_loss`.
+
+    ``input_norm``: as for :class:`GumbelQuantizer`, each encoder channel is first normalised
+    over the utterance's valid frames. The projection's GroupNorm (G groups) keeps each
+    channel's offset, and at init that shared offset decides the nearest codeword for almost
+    every frame (argmax perplexity ~5 of 320, ~40 with the input norm).
     """
 
-    def __init__(self, channels: int, num_groups: int, num_vars: int):
+    def __init__(self, channels: int, num_groups: int, num_vars: int, input_norm: bool = False):
         super().__init__()
         self.num_groups, self.num_vars = num_groups, num_vars
+        self.input_norm = MaskedGroupNorm(channels, channels) if input_norm else None
         self.proj = nn.Conv1d(channels, channels, 1, groups=num_groups, bias=False)
         self.norm = MaskedGroupNorm(num_groups, channels)
         self.codebook = nn.Parameter(0.01 * torch.randn(num_groups, num_vars, channels // num_groups))  # (G, V, d)
 
     def project(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, C) -> z (B, T, G, d)."""
-        z = self.norm(self.proj(x.transpose(1, 2)), valid)  # (B, C, T)
+        x = x.transpose(1, 2)  # (B, C, T)
+        if self.input_norm is not None:
+            x = self.input_norm(x, valid)
+        z = self.norm(self.proj(x), valid)  # (B, C, T)
         return rearrange(z, "b (g d) t -> b t g d", g=self.num_groups)
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
@@ -364,8 +417,9 @@ class ConvAggregator(nn.Module):
 
 def _build_quantizer(cfg: VqWav2VecConfig) -> nn.Module:
     if cfg.quantizer == "gumbel":
-        return GumbelQuantizer(cfg.channels, cfg.num_groups, cfg.num_vars, cfg.gumbel_hidden, cfg.shared_codebook)
-    return KMeansQuantizer(cfg.channels, cfg.num_groups, cfg.num_vars)
+        return GumbelQuantizer(cfg.channels, cfg.num_groups, cfg.num_vars, cfg.gumbel_hidden, cfg.shared_codebook,
+                               cfg.quantizer_input_norm)
+    return KMeansQuantizer(cfg.channels, cfg.num_groups, cfg.num_vars, cfg.quantizer_input_norm)
 
 
 class VqWav2VecUpstream(Upstream):
@@ -417,13 +471,24 @@ class VqWav2VecUpstream(Upstream):
         """
         wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
         z, lens, valid = self.encode(wavs, wav_lengths)
-        if isinstance(self.quantizer, KMeansQuantizer):
-            return self.quantizer.codes(z, valid), lens
-        return self.quantizer.codes(z), lens
+        return self.quantizer.codes(z, valid), lens
 
 
 class VqWav2VecPretraining(nn.Module):
-    """Upstream + step-specific future predictors + losses (the ``build_pretrain`` model)."""
+    """Upstream + step-specific future predictors + losses (the ``build_pretrain`` model).
+
+    ``prior_logit_bias`` (issue 7): with N negatives per positive, the binary cross-entropy
+    of a predictor that cannot yet tell them apart is lowest at ``sigmoid(logit) = 1 / (N+1)``,
+    logit ``log(1 / N)`` (loss 3.35 for N = 10). A default-initialised predictor starts with
+    logits far from there (loss ~19), and while it moves them, the gradient on the targets
+    ``z`` has a large component shared by all frames (about ``(N - 1) / 2`` negatives' worth
+    pushing every ``z`` along ``-h``). Through the straight-through estimator that shared
+    push makes every frame pick the same codeword: positives then equal negatives and
+    the loss is stuck at the 3.35 floor (a 300-step run: perplexity 286 -> 1.3). Starting the
+    logits at the prior odds (a learnable scalar bias, the usual initialisation of a rare-class
+    logit) with ``h_k = 0`` makes the first gradient on the predictor
+    ``-(N / (N+1)) (z_pos - mean z_neg) c^T``, with no shared part, and on the targets zero.
+    """
 
     def __init__(self, cfg: VqWav2VecConfig):
         super().__init__()
@@ -431,6 +496,11 @@ class VqWav2VecPretraining(nn.Module):
         self.upstream = VqWav2VecUpstream(cfg)
         # K affine maps h_k, one Linear producing all of them (fairseq: ConvTranspose2d (1, K)).
         self.predictor = nn.Linear(cfg.channels, cfg.channels * cfg.prediction_steps)
+        self.logit_bias: nn.Parameter | None = None
+        if cfg.prior_logit_bias:
+            nn.init.zeros_(self.predictor.weight)
+            nn.init.zeros_(self.predictor.bias)
+            self.logit_bias = nn.Parameter(torch.tensor(math.log(1.0 / cfg.num_negatives)))
         self.set_progress(0, 1)
 
     def set_progress(self, step: int, total_steps: int) -> None:
@@ -459,7 +529,9 @@ class VqWav2VecPretraining(nn.Module):
             # Rows under 2 frames have no positive (t + k >= length), so their negatives are
             # never used; clamping only keeps the sampler's precondition.
             negs = sample_negatives(lens.clamp(min=2), t, cfg.num_negatives)
-        pred_loss, metrics = future_prediction_loss(preds, qo.quantized, lens, negs, cfg.prediction_offset)
+        bias = self.logit_bias if self.logit_bias is not None else 0.0
+        pred_loss, metrics = future_prediction_loss(preds, qo.quantized, lens, negs, cfg.prediction_offset,
+                                                    logit_bias=bias)
         loss = pred_loss
         metrics = {"prediction_loss": pred_loss.detach(), **metrics,
                    **codebook_metrics(qo.indices, valid, cfg.num_vars)}

@@ -57,7 +57,7 @@ def sample_negatives(lengths: torch.Tensor, max_len: int, num_negatives: int,
 
 
 def future_prediction_loss(predictions: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
-                           negatives: torch.Tensor, offset: int = 1
+                           negatives: torch.Tensor, offset: int = 1, logit_bias: torch.Tensor | float = 0.0
                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Binary cross-entropy of K-step future prediction against sampled negatives.
 
@@ -72,6 +72,9 @@ def future_prediction_loss(predictions: torch.Tensor, targets: torch.Tensor, len
         lengths: (B,) valid frames.
         negatives: (B, T, N) indices from :func:`sample_negatives`.
         offset: how far ahead step 0 predicts (1 in the paper: ``z_{t+1}``).
+        logit_bias: scalar added to every logit (0 in the paper's Eq. 1); a model may start it
+            at the prior log-odds ``log(1 / N)`` so that early gradients have no part shared by
+            all targets (see ``VqWav2VecPretraining``).
 
     Returns:
         (loss, metrics): the summed BCE divided by the number of positives; metrics
@@ -102,7 +105,7 @@ def future_prediction_loss(predictions: torch.Tensor, targets: torch.Tensor, len
             break
         pred = predictions[:, : t_max - shift, k]  # (B, T-s, D)
         cand = cands[:, shift:]  # (B, T-s, 1+N, D)
-        logits = torch.einsum("btd,btnd->btn", pred, cand)  # (B, T-s, 1+N)
+        logits = torch.einsum("btd,btnd->btn", pred, cand) + logit_bias  # (B, T-s, 1+N)
         # Valid where the target frame t + shift is a real frame.
         valid = (frames[shift:].unsqueeze(0) < lengths.unsqueeze(1)).to(logits.dtype)  # (B, T-s)
         bce = F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits), reduction="none")

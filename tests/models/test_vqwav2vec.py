@@ -1,4 +1,6 @@
 """vq-wav2vec: geometry, quantisers, padding invariance, presets, loading."""
+import math
+
 import pytest
 import torch
 
@@ -102,6 +104,9 @@ def test_kmeans_nearest_is_euclidean_argmin():
 def test_kmeans_gradients_reach_encoder_through_straight_through():
     torch.manual_seed(0)
     m = VqWav2VecPretraining(tiny("kmeans", kmeans_weight=0.0))
+    # The predictor starts at zero (prior_logit_bias), which stops every gradient to the
+    # targets at step 0; give it the weights it has after some training.
+    torch.nn.init.normal_(m.predictor.weight, std=0.1)
     wavs = torch.randn(2, 4000)
     out = m({"wavs": wavs, "wav_lengths": torch.tensor([4000, 3500])})
     out.loss.backward()
@@ -207,3 +212,76 @@ def test_masked_group_norm_matches_group_norm():
             assert torch.allclose(y[i, :, :n], ref(x[i:i + 1, :, :n])[0], atol=1e-4)
             assert (y[i, :, n:] == 0).all()
         assert torch.allclose(norm(x, None), ref(x), atol=1e-5)
+
+
+def _tones(seconds=1.5, seed=0):
+    """(1, N) a seeded sequence of 80 ms tones from six pitches: frames that differ in a
+    way an untrained encoder already sees, like phones in a synthetic utterance."""
+    g = torch.Generator().manual_seed(seed)
+    n_seg, seg = int(seconds / 0.08), 1280
+    freqs = torch.tensor([200.0, 350.0, 600.0, 900.0, 1500.0, 2500.0])[torch.randint(0, 6, (n_seg,), generator=g)]
+    t = torch.arange(seg) / 16000
+    wav = torch.cat([torch.sin(2 * torch.pi * f * t) * (0.3 + 0.7 * torch.rand((), generator=g)) for f in freqs])
+    return wav.unsqueeze(0)
+
+
+@pytest.mark.parametrize("name", ["vq-wav2vec-gumbel-cpu", "vq-wav2vec-kmeans-cpu"])
+def test_initial_codes_follow_the_input(name):
+    """Issue 7: at init the codes must already vary with the input, or training collapses.
+
+    Without the quantiser input norm the shared positive offset of the log-compressed
+    features picks the same few entries for every frame (argmax perplexity ~3 of 320);
+    without the N(0, 1) logit init a Gumbel training sample at temperature 2 is noise
+    (two samples of the same input agree on ~1/320 of the frames).
+    """
+    from aviary.objectives.quantize import codebook_metrics
+    torch.manual_seed(0)
+    m = VqWav2VecPretraining(get_preset(name))
+    wav = _tones()
+    with torch.no_grad():
+        codes, lens = m.upstream.eval().tokenize(wav)
+        valid = torch.ones(codes.shape[:2], dtype=torch.bool)
+        met = codebook_metrics(codes, valid, m.config.num_vars)
+        assert met["perplexity_g0"] > 8 and met["perplexity_g1"] > 8, met
+        if m.config.quantizer == "gumbel":
+            m.train()
+            z, _, v = m.upstream.encode(wav, torch.tensor([wav.shape[1]]))
+            a, b = m.upstream.quantizer(z, v).indices, m.upstream.quantizer(z, v).indices
+            assert (a == b).float().mean() > 0.3
+    legacy = VqWav2VecPretraining(get_preset(name).replace(quantizer_input_norm=False)).eval()
+    with torch.no_grad():
+        codes, _ = legacy.upstream.tokenize(wav)
+    assert codebook_metrics(codes, valid, m.config.num_vars)["perplexity"] < met["perplexity"]
+
+
+def test_prediction_starts_at_the_prior_floor_with_no_push_on_targets():
+    """Issue 7: logits start at log(1/N), so the loss is log(N+1) + N log((N+1)/N) and the
+    targets get no gradient at step 0 (the shared push that collapsed the codebook)."""
+    torch.manual_seed(0)
+    cfg = tiny("gumbel")
+    m = VqWav2VecPretraining(cfg)
+    n = cfg.num_negatives
+    wav = _tones(0.5)
+    z, lens, valid = m.upstream.encode(wav, torch.tensor([wav.shape[1]]))
+    qo = m.upstream.quantizer(z, valid)
+    q = qo.quantized.detach().requires_grad_(True)
+    c = m.upstream.aggregator(q.transpose(1, 2), valid)[-1].transpose(1, 2)
+    preds = m.predictor(c).view(1, c.shape[1], cfg.prediction_steps, cfg.channels)
+    from aviary.objectives.contrastive import future_prediction_loss, sample_negatives
+    negs = sample_negatives(lens, c.shape[1], n, torch.Generator().manual_seed(0))
+    loss, _ = future_prediction_loss(preds, q, lens, negs, logit_bias=m.logit_bias)
+    assert loss.item() == pytest.approx(math.log(n + 1) + n * math.log((n + 1) / n), rel=1e-5)
+    loss.backward()
+    assert q.grad.abs().max() == 0
+    assert m.predictor.weight.grad.abs().sum() > 0  # ... but the predictor learns at once
+    legacy = VqWav2VecPretraining(cfg.replace(prior_logit_bias=False))
+    assert legacy.logit_bias is None and legacy.predictor.weight.abs().sum() > 0
+
+
+def test_checkpoint_configs_without_the_issue7_keys_rebuild_the_old_model():
+    d = tiny().to_dict()
+    d.pop("quantizer_input_norm"), d.pop("prior_logit_bias")
+    old = VqWav2VecConfig.from_dict(d)
+    assert not old.quantizer_input_norm and not old.prior_logit_bias
+    assert VqWav2VecPretraining(old).upstream.quantizer.input_norm is None
+    assert tiny().quantizer_input_norm and tiny().prior_logit_bias
