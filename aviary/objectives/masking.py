@@ -184,7 +184,7 @@ def mam_mask(feats: torch.Tensor, lengths: torch.Tensor, cfg: MaskingConfig,
         start = (_rand((B,), generator, device) * (D - width + 1).float()).long()  # (B,)
         f = torch.arange(D, device=device)[None, :]
         freq_mask = (f >= start[:, None]) & (f < (start + width)[:, None])  # (B, D)
-        out = out.masked_fill(freq_mask[:, None, :], 0.0)
+        out = out.masked_fill(freq_mask[:, None, :] & valid[..., None], 0.0)  # padding untouched
 
     # TERA magnitude alteration: Gaussian noise on every valid frame of some utterances.
     noised = torch.zeros(B, dtype=torch.bool, device=device)
