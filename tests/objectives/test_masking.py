@@ -75,11 +75,13 @@ def test_tera_frequency_band_and_noise():
     out = mam_mask(x, lengths, cfg, _gen(2))
     width = out.freq_mask.sum(1)
     assert width.max() <= 16 and width.max() > 0
-    # The band is zeroed over every frame (noise, added last as in s3prl, lands on top);
-    # bins outside it only see the noise, if any.
+    # The band is zeroed over every valid frame (noise, added last as in s3prl, lands on
+    # top); bins outside it only see the noise, if any; padding frames are untouched.
     for b in range(64):
         band = out.freq_mask[b]
-        assert bool(out.noised[b]) or (out.inputs[b][:, band] == 0).all()
+        n = int(lengths[b])
+        assert bool(out.noised[b]) or (out.inputs[b][:n, band] == 0).all()
+        assert torch.equal(out.inputs[b][n:], x[b][n:])
         same = torch.equal(out.inputs[b][:, ~band], x[b][:, ~band])
         assert same != bool(out.noised[b])
     # Noise never lands on padding.
