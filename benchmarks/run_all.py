@@ -14,6 +14,7 @@ import time
 
 BENCHMARKS = {
     "synth": ["benchmarks.bench_synth"],
+    "features": ["benchmarks.bench_features"],
     "mam": ["benchmarks.bench_mam"],
     "ssast": ["benchmarks.bench_ssast"],
     "vq": ["benchmarks.bench_vq"],
