@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from aviary.evaluate.upstreams import UpstreamInfo, describe_upstream
+from aviary.train.checkpoint import fsync_dir
 from aviary.models.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,6 @@ def parse_layers(spec: str | Sequence[int] | None, num_hidden_states: int) -> li
     if not out:
         raise ValueError(f"--layers {spec!r} selects no layer")
     return sorted(set(out))
-
-
-def _fsync_path(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -309,9 +301,9 @@ def _write_shard(out: Path, si: int, ids: list[str], lengths: list[int],
         json.dump(meta, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_path(tmp)
+    fsync_dir(tmp)
     os.replace(tmp, out / _shard_name(si))
-    _fsync_path(out)
+    fsync_dir(out)
 
 
 class FeatureCache:

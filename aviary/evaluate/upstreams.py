@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from aviary.models.registry import count_parameters
 from aviary.models.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -110,17 +111,6 @@ def resolve_upstream(spec: str, device: str | torch.device = "cpu", seed: int = 
     import aviary
 
     return aviary.load(spec, device=device), spec
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    """Distinct parameters (ALBERT's shared layer counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -71,7 +71,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -83,7 +83,8 @@ def atomic_open(path: str | os.PathLike) -> Iterator[Any]:
         raise
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """fsync a directory (or file) so a rename inside it survives a crash; best effort."""
     with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY)
         try:
@@ -283,7 +284,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_tensors: Mappin
             os.replace(final, trash / final.name)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except (OSError, CheckpointError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         cause = e.__cause__ if isinstance(e, CheckpointError) else e
