@@ -217,9 +217,16 @@ def format_description(d: Mapping[str, Any]) -> str:
     ]
     enc = d.get("encoder")
     if isinstance(enc, Mapping):
+        # Only the facts the family's encoder config states (SSAST has patches, not R or pre_ln).
+        facts = [f"{enc.get('num_heads')} heads", f"FFN {enc.get('ffn_size')}"]
+        if "downsample" in enc:
+            facts.append(f"R={enc['downsample']}")
+        if "pre_ln" in enc:
+            facts.append(f"{'pre' if enc['pre_ln'] else 'post'}-LN")
+        if "patch_freq" in enc:
+            facts.append(f"{enc['patch_freq']}x{enc.get('patch_time')} patches, pre-LN")
         lines.append(f"encoder      {enc.get('num_layers')} layers{' (shared)' if enc.get('share_layers') else ''}, "
-                     f"{enc.get('num_heads')} heads, FFN {enc.get('ffn_size')}, R={enc.get('downsample')}, "
-                     f"{'pre' if enc.get('pre_ln') else 'post'}-LN")
+                     + ", ".join(facts))
     for name, desc in (d.get("frontends") or {}).items():
         lines.append(f"{name:<12} {desc}")
     steps = d.get("step")
