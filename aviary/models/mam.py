@@ -245,7 +245,11 @@ def _mockingjay(enc: dict, R: int = 1, target: FrontEndConfig | None = None) -> 
 
 
 def _aalbert(enc: dict) -> MAMConfig:
-    return MAMConfig(variant="aalbert", input=_logmel(delta_order=1, cmvn="utterance"), target=_linear(),
+    # The target is normalised like the input (s3prl's configs set cmvn on both): with a CMVN'd
+    # input and a raw target, each utterance's level is unpredictable and the model settles on
+    # the corpus-average spectrum (measured on the synthetic corpus: L1 flat at 2.85).
+    return MAMConfig(variant="aalbert", input=_logmel(delta_order=1, cmvn="utterance"),
+                     target=_linear(cmvn="utterance"),
                      encoder=EncoderConfig(**enc, share_layers=True, downsample=3), masking=_R3)
 
 
