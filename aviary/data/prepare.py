@@ -87,6 +87,18 @@ def _readme(kind: str, root: Path, coll: _Collector, extra: Sequence[str]) -> st
     return "\n".join(x for x in lines if x)
 
 
+def _readable_info(path: Path, coll: _Collector):
+    """The file's header info, or None after reporting an unreadable or empty file to ``coll``."""
+    try:
+        info = audio_info(path)
+        if info.frames == 0:
+            raise AudioError(f"{path}: no audio samples")
+    except AudioError as e:
+        coll.bad(str(e), AudioError)
+        return None
+    return info
+
+
 def prepare_librispeech(root: str | os.PathLike, out: str | os.PathLike,
                         alignments: str | os.PathLike | None = None,
                         cpc_alignments: str | os.PathLike | None = None,
@@ -133,12 +145,8 @@ def prepare_librispeech(root: str | os.PathLike, out: str | os.PathLike,
             if audio is None:
                 coll.bad(f"{tf}:{lineno}: no audio file for utterance {uid!r} in {tf.parent}", ManifestError)
                 continue
-            try:
-                info = audio_info(audio)
-                if info.frames == 0:
-                    raise AudioError(f"{audio}: no audio samples")
-            except AudioError as e:
-                coll.bad(str(e), AudioError)
+            info = _readable_info(audio, coll)
+            if info is None:
                 continue
             ok, phones = _phones_for(uid, info.duration, textgrids, cpc, coll)
             if not ok:
@@ -202,12 +210,8 @@ def prepare_folder(folder: str | os.PathLike, out: str | os.PathLike, speaker_le
         rel = p.relative_to(root)
         uid = "-".join(rel.with_suffix("").parts)
         speaker = _speaker_of(rel, speaker_level, root)
-        try:
-            info = audio_info(p)
-            if info.frames == 0:
-                raise AudioError(f"{p}: no audio samples")
-        except AudioError as e:
-            coll.bad(str(e), AudioError)
+        info = _readable_info(p, coll)
+        if info is None:
             continue
         text = None
         for ext in (".lab", ".txt"):
