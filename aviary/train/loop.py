@@ -378,10 +378,11 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
         start = StreamPosition()
         counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0, "skipped_items": 0}
         step = 0
+        found = None
         if resume:
             found = ckpt.latest_good_checkpoint(run_dir)
             if found is not None:
-                d, (m_tensors, _conf, t_tensors, state) = found
+                d, (m_tensors, m_config, t_tensors, state) = found
                 model.load_state_dict(m_tensors, strict=True)
                 opt.load_state_dict(ckpt.optimizer_from_tensors(t_tensors, state["optimizer"]))
                 if scaler is not None and state.get("scaler"):
@@ -397,6 +398,10 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
                 log.info("--resume: %s has no checkpoint yet, starting from scratch", run_dir)
         if step >= cfg.steps:
             log.info("%s is already at step %d of %d", run_dir, step, cfg.steps)
+            if resume and found is not None and info.is_main:
+                # A run killed between its last checkpoint and the root bundle left an older
+                # bundle behind: the bundle must hold the final weights.
+                ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, m_tensors, config=m_config)
             return PretrainResult(run_dir, step, nonfinite_steps=counters["nonfinite_steps"], model=model)
 
         if info.enabled:

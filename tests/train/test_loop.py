@@ -94,6 +94,21 @@ def test_resume_from_checkpoint_is_bitwise(reference, tmp_path):
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
 
 
+def test_kill_between_last_checkpoint_and_bundle_is_repaired_on_resume(reference, tmp_path):
+    """Killed after writing the final checkpoint but before the root bundle: the bundle still
+    holds an older step. ``--resume`` finds nothing left to train and must repair it."""
+    ref, _ = reference
+    out = tmp_path / "late-kill"
+    shutil.copytree(ref, out)
+    older = sorted((out / "checkpoints").glob("step-*"))[0]
+    shutil.copy(older / "model.safetensors", out / "model.safetensors")
+    assert not torch.equal(*[next(iter(weights(p).values())) for p in (out / "model.safetensors",
+                                                                       ref / "model.safetensors")])
+    res = run(out, resume=True)
+    assert res.step == 12
+    assert_bitwise(weights(out / "model.safetensors"), weights(ref / "model.safetensors"))
+
+
 def test_resume_with_workers_is_bitwise(reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "workers"
