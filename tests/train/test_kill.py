@@ -29,9 +29,20 @@ def _launch(corpus, out, log):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
-def _newest(out):
-    found = ckpt.list_checkpoints(out)
-    return found[0][0] if found else 0
+def _last_step(out):
+    """The newest training step in metrics.jsonl (0 before the first; torn lines ignored)."""
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("split") != "valid":
+            return int(rec["step"])
+    return 0
 
 
 def test_sigkill_and_resume_is_bitwise(sine_corpus, tmp_path):
@@ -47,13 +58,15 @@ def test_sigkill_and_resume_is_bitwise(sine_corpus, tmp_path):
     rng = random.Random(1234)
     kills = 0
     with open(tmp_path / "stderr.txt", "wb") as log:
-        for _ in range(3):
-            before = _newest(out)
+        # Kill once the run has logged a randomly chosen step, a random fraction of a step
+        # later (mid-step, mid-validation or mid-checkpoint-write). Progress-based rather than
+        # time-based, so that it kills on an idle machine (fast steps) and a loaded one alike.
+        for target in sorted(rng.sample(range(2, STEPS), 3)):
             p = _launch(sine_corpus, out, log)
             deadline = time.monotonic() + 180
-            while p.poll() is None and _newest(out) <= before and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.5))  # somewhere in the next step(s)
+            while p.poll() is None and _last_step(out) < target and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.03))
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 kills += 1
