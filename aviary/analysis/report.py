@@ -85,6 +85,17 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _acc_cell(row: dict[str, Any], key: str, layer_word: str) -> str:
+    """Test accuracy % of ``row[key]``, with its best-valid layer in brackets for multi-layer upstreams."""
+    v = row.get(key)
+    if v is None:
+        return "-"
+    layer = row.get(f"{key}_layer")
+    if row["num_hidden_states"] > 1 and layer is not None:
+        return f"{100 * v:.1f} ({layer_word}{layer})"
+    return f"{100 * v:.1f}"
+
+
 def format_key_results(rows: Sequence[dict[str, Any]]) -> str:
     """A compact plain-text table of :func:`key_results` (test accuracy %, best-valid layer)."""
     header = ["upstream", "params", "phone lin (layer)", "phone lin wsum", "phone mlp1 (layer)",
@@ -92,11 +103,7 @@ def format_key_results(rows: Sequence[dict[str, Any]]) -> str:
     table = [header]
     for r in rows:
         def cell(k: str) -> str:
-            v = r.get(k)
-            if v is None:
-                return "-"
-            layer = r.get(f"{k}_layer")
-            return f"{100 * v:.1f} ({layer})" if r["num_hidden_states"] > 1 and layer is not None else f"{100 * v:.1f}"
+            return _acc_cell(r, k, "")
         table.append([r["upstream"], _fmt_params(r["params"]), cell("phone_linear"), _pct(r.get("phone_linear_weighted")),
                       cell("phone_mlp1"), cell("speaker_linear")])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -277,11 +284,7 @@ def write_report(summary: dict[str, Any], figures: dict[str, str | Path | None],
         rows = []
         for r in kr:
             def cell(k: str) -> str:
-                v = r.get(k)
-                if v is None:
-                    return "-"
-                lay = r.get(f"{k}_layer")
-                return f"{100 * v:.1f} (layer {lay})" if r["num_hidden_states"] > 1 and lay is not None else f"{100 * v:.1f}"
+                return _acc_cell(r, k, "layer ")
             rows.append([r["upstream"], r["role"], _fmt_params(r["params"]), cell("phone_linear"),
                          _pct(r.get("phone_linear_weighted")), cell("phone_mlp1"), _pct(r.get("phone_mlp1_weighted")),
                          cell("speaker_linear"), _pct(r.get("speaker_linear_weighted"))])
