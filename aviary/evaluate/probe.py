@@ -4,8 +4,9 @@ Two modes (REFERENCE.md section 2):
 
 * **frozen** (default): the upstream never runs here. Features come from the on-disk cache
   of :mod:`aviary.evaluate.cache` (memory-mapped), so every layer and head of a sweep
-  shares one extraction. Frame-level batches are whole utterances concatenated up to
-  ``batch_frames`` frames; utterance-level tasks mean-pool each utterance once up front
+  shares one extraction. Frame-level batches are ``batch_frames`` shuffled frames of a
+  split held in memory (or, for splits too big for memory, whole utterances streamed from
+  the cache); utterance-level tasks mean-pool each utterance once up front
   (pooling commutes with the weighted sum, which is linear, and the optional per-frame layer
   norm is applied before pooling), so an epoch is a few matrix products.
 * **fine-tune** (``finetune=True``): upstream + featurizer + head train together on raw
@@ -201,20 +202,58 @@ def _cached_frame_labels(cache: FeatureCache, utt: Any) -> np.ndarray:
     return cache.memo[key]
 
 
-class _FrameData:
-    """Frame-level examples of one split, read from the cache utterance by utterance.
+# Frame-level splits up to this size (bytes over the layers a probe reads) are held in
+# memory and batched as shuffled frames; bigger ones stream whole utterances from the cache.
+# The default synthetic corpus is ~130 MB per layer of a 256-wide model.
+PRELOAD_BYTES = 3 * 1024 ** 3
 
-    A batch is whole utterances concatenated up to ``batch_frames`` frames, read as float16
-    slices of the memory-mapped layer files (one copy to concatenate, one to float32).
-    Unaligned frames keep label -100 and are ignored by the loss and the accuracy.
+
+class _FrameData:
+    """Frame-level examples of one split.
+
+    Small splits (under :data:`PRELOAD_BYTES`) are read once into memory: the labelled frames
+    of every utterance, one ``(N, H)`` array per layer (in the cache's dtype), memoised on the cache so a
+    sweep over layers and heads reads each layer once. Training batches are then
+    ``batch_frames`` frames drawn without replacement from the whole split (frame-level
+    shuffling: each step sees many utterances and speakers, so a probe converges in fewer
+    epochs than with whole-utterance batches), gathered from those arrays.
+
+    Bigger splits stream from the memory-mapped cache: a batch is whole utterances, in
+    shuffled order, concatenated up to ``batch_frames`` frames.
+
+    Unaligned frames (label -100) are dropped when preloading and ignored by the loss and the
+    accuracy when streaming.
     """
 
-    def __init__(self, cache: FeatureCache, utts: Sequence[Any], layers: list[int]) -> None:
+    def __init__(self, cache: FeatureCache, utts: Sequence[Any], layers: list[int],
+                 preload_bytes: int | None = None) -> None:
         self.cache = cache
         self.layers = layers
         self.ids = [str(u.id) for u in utts]
         self.labels = [_cached_frame_labels(cache, u) for u in utts]
         self.num_frames = int(sum(int((lab != IGNORE_INDEX).sum()) for lab in self.labels))
+        limit = PRELOAD_BYTES if preload_bytes is None else preload_bytes
+        itemsize = cache.get(self.ids[0], layers[0]).dtype.itemsize if self.ids else 2
+        self.preloaded = bool(self.ids) and self.num_frames * len(layers) * cache.hidden_size * itemsize <= limit
+        if self.preloaded:
+            self._split_key = hash(tuple(self.ids))
+            keep = [lab != IGNORE_INDEX for lab in self.labels]
+            self._keep = keep
+            self.y = torch.from_numpy(np.concatenate([lab[k] for lab, k in zip(self.labels, keep)]))  # (N,)
+            self.x = [self._layer_frames(k) for k in layers]  # each (N, H)
+
+    def _layer_frames(self, layer: int) -> torch.Tensor:
+        key = ("frames", self._split_key, layer)
+        if key not in self.cache.memo:
+            dtype = self.cache.get(self.ids[0], layer).dtype  # the cache's (float16 by default)
+            out = np.empty((self.num_frames, self.cache.hidden_size), dtype=dtype)
+            n = 0
+            for uid, keep in zip(self.ids, self._keep):
+                rows = self.cache.get(uid, layer)[keep]  # (T_labelled, H)
+                out[n:n + len(rows)] = rows
+                n += len(rows)
+            self.cache.memo[key] = torch.from_numpy(out)
+        return self.cache.memo[key]
 
     def _features(self, uid: str) -> np.ndarray:
         if len(self.layers) == 1:
@@ -222,6 +261,9 @@ class _FrameData:
         return np.stack([self.cache.get(uid, k) for k in self.layers], axis=1)  # (T, N, H)
 
     def batches(self, batch_frames: int, rng: np.random.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.preloaded:
+            yield from self._preloaded_batches(batch_frames, rng)
+            return
         order = np.arange(len(self.ids)) if rng is None else rng.permutation(len(self.ids))
         xs: list[np.ndarray] = []
         ys: list[np.ndarray] = []
@@ -235,6 +277,20 @@ class _FrameData:
                 xs, ys, n = [], [], 0
         if xs:
             yield torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    def _preloaded_batches(self, batch_frames: int, rng: np.random.Generator | None
+                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.y)
+        order = None if rng is None else torch.from_numpy(rng.permutation(n))
+        for s in range(0, n, batch_frames):
+            if order is None:  # evaluation: contiguous slices, no gather
+                xs = [x[s:s + batch_frames] for x in self.x]
+                y = self.y[s:s + batch_frames]
+            else:
+                idx = order[s:s + batch_frames]
+                xs = [x[idx] for x in self.x]
+                y = self.y[idx]
+            yield torch.stack(xs, dim=1), y  # (b, N_layers, H), (b,)
 
 
 class _PooledData:

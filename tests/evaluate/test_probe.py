@@ -143,3 +143,35 @@ def test_probe_needs_cached_layers(tmp_path, corpus, phone_splits):
     c = open_cache(tmp_path / "c")
     with pytest.raises(ValueError, match="not available"):
         run_probe(ProbeConfig(task="phone", layer="weighted", max_epochs=1), phone_splits, cache=c)
+
+
+def test_preloaded_and_streamed_frames_are_the_same_examples(cache, phone_splits):
+    """Held-in-memory splits (shuffled frames) and streamed ones (whole utterances) hold the
+    same labelled (feature, label) pairs; shuffling is seeded and covers every frame once."""
+    import numpy as np
+
+    from aviary.evaluate.probe import _FrameData
+    from aviary.evaluate.tasks import IGNORE_INDEX
+
+    utts = phone_splits["train"]
+    layers = [0, 1]
+    mem = _FrameData(cache, utts, layers)
+    stream = _FrameData(cache, utts, layers, preload_bytes=0)
+    assert mem.preloaded and not stream.preloaded and mem.num_frames == stream.num_frames
+
+    def rows(batches):
+        xs, ys = zip(*batches)
+        x, y = torch.cat(xs).float(), torch.cat(ys)
+        keep = y != IGNORE_INDEX
+        x, y = x[keep], y[keep]
+        key = torch.cat([y[:, None].float(), x.flatten(1)], 1).numpy()
+        return key[np.lexsort(key.T[::-1])]
+
+    np.testing.assert_array_equal(rows(mem.batches(100, None)), rows(stream.batches(100, None)))
+    shuffled = list(mem.batches(100, np.random.default_rng(3)))
+    assert all(len(y) <= 100 for _, y in shuffled) and sum(len(y) for _, y in shuffled) == mem.num_frames
+    np.testing.assert_array_equal(rows(shuffled), rows(mem.batches(100, None)))
+    again = list(mem.batches(100, np.random.default_rng(3)))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(shuffled, again))
+    # Batches mix utterances: the first shuffled batch is not the first utterance's frames.
+    assert not torch.equal(shuffled[0][1], next(mem.batches(100, None))[1])
