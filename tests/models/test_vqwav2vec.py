@@ -121,6 +121,86 @@ def test_kmeans_gradients_reach_encoder_through_straight_through():
     assert m2.upstream.quantizer.codebook.grad.abs().sum() > 0
 
 
+def test_kmeans_dead_codes_restart_onto_batch_frames():
+    """Issue 7: a codeword whose running usage falls below threshold / V moves onto the z
+    of a frame of the batch; live codewords, eval mode and threshold 0 change nothing."""
+    torch.manual_seed(0)
+    q = KMeansQuantizer(8, num_groups=2, num_vars=6, restart_threshold=0.5)
+    x = torch.randn(2, 9, 8)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 6:] = False  # padding frames must never become codewords
+    with torch.no_grad():
+        q.usage.fill_(1 / 6)
+        q.usage[0, 2] = 0.0
+        q.usage[1, 4] = 0.0
+    before = q.codebook.detach().clone()
+    q.eval()
+    q(x, valid)
+    assert torch.equal(q.codebook, before)  # inference never touches the codebook
+    q.train()
+    out = q(x, valid)
+    # this batch was quantised with the old codebook
+    assert torch.equal(out.codewords, before[torch.arange(2).view(1, 1, -1), out.indices])
+    z = q.project(x, valid).detach()[valid]  # (N, G, d) valid frames only
+    counts = torch.stack([torch.bincount(out.indices[valid][:, g], minlength=6) for g in range(2)]).float()
+    restarted = ~torch.isclose(q.codebook, before).all(-1)  # (G, V)
+    assert int(out.restarted) == int(restarted.sum()) >= 1
+    for g, v in restarted.nonzero().tolist():
+        assert (z[:, g] - q.codebook[g, v]).abs().amax(-1).min() < 1e-6, (g, v)  # a real frame's z
+        assert q.usage[g, v] == pytest.approx(1 / 6)  # counted as alive again
+    # usage after this batch: 0.9 * old + 0.1 * share of the batch; only those < 0.5 / V restart
+    old = torch.full((2, 6), 1 / 6)
+    old[0, 2] = old[1, 4] = 0.0
+    live = (0.9 * old + 0.1 * counts / counts.sum(-1, keepdim=True)) >= 0.5 / 6
+    assert torch.equal(restarted, ~live)
+    off = KMeansQuantizer(8, num_groups=2, num_vars=6).train()
+    with torch.no_grad():
+        off.usage.zero_()
+    cb = off.codebook.detach().clone()
+    assert off(x, valid).restarted is None and torch.equal(off.codebook, cb)
+
+
+def test_kmeans_restarts_recover_usage_when_the_codebook_sits_at_the_origin():
+    """The collapse the restarts fix: z at unit scale, codewords near the origin. Nearest
+    codeword = argmax of fixed random directions, so a few codewords take every frame; after
+    restarts the codebook covers the frames and most codewords are used."""
+    from aviary.objectives.quantize import codebook_metrics
+    torch.manual_seed(0)
+    # z varying along essentially one direction, like the collapsed encoder (rank ~1.5)
+    x = torch.randn(4, 50, 1) * torch.randn(1, 1, 16) + 0.1 * torch.randn(4, 50, 16)
+    valid = torch.ones(4, 50, dtype=torch.bool)
+
+    def perplexity(q):
+        q.eval()
+        with torch.no_grad():
+            idx = q.codes(x, valid)
+        return float(codebook_metrics(idx, valid, 32)["perplexity"])
+
+    plain = KMeansQuantizer(16, num_groups=2, num_vars=32)
+    q = KMeansQuantizer(16, num_groups=2, num_vars=32, restart_threshold=0.1)
+    q.load_state_dict(plain.state_dict())
+    q.train()
+    for _ in range(40):  # ~22 batches until an unused codeword's usage falls below 0.1 / V
+        q(x, valid)
+    p0, p1 = perplexity(plain), perplexity(q)
+    assert p0 < 6 and p1 > 3 * p0, (p0, p1)
+
+
+def test_restart_threshold_config():
+    assert get_preset("vq-wav2vec-kmeans-cpu").kmeans_restart_threshold > 0
+    assert get_preset("vq-wav2vec-kmeans").kmeans_restart_threshold == 0  # the paper's model
+    with pytest.raises(ConfigError, match="kmeans_restart_threshold"):
+        tiny("gumbel", kmeans_restart_threshold=0.1)
+    m = VqWav2VecPretraining(tiny("kmeans", kmeans_restart_threshold=0.5))
+    assert "usage" not in m.state_dict() and "upstream.quantizer.usage" not in m.state_dict()
+    with torch.no_grad():
+        m.upstream.quantizer.usage.zero_()  # every codeword dead: all restart after this batch
+    out = m({"wavs": torch.randn(2, 4000), "wav_lengths": torch.tensor([4000, 3500])})
+    assert out.metrics["restarted_codes"] == 2 * 12
+    out.loss.backward()  # the in-place restart leaves this step's graph intact
+    assert m.upstream.quantizer.codebook.grad is not None
+
+
 def test_set_progress_anneals_temperature():
     m = VqWav2VecPretraining(tiny())
     assert m.upstream.quantizer.temperature == pytest.approx(2.0)
