@@ -9,7 +9,9 @@ nothing of objectives. This module holds what only training needs:
 * :func:`kmeans_loss`: the k-means codebook + commitment loss (paper Eq. 3);
 * :func:`codebook_metrics`: perplexity per group and codeword usage (diagnose collapse);
 * :func:`diversity_loss`: optional penalty on the softmax's average distribution (off
-  by default, as in the paper; useful when a tiny model collapses onto few codewords).
+  by default, as in the paper and fairseq's vq-wav2vec recipe, whose model code can add
+  it; wav2vec 2.0 uses it with weight 0.1). On the CPU preset it spreads the codes by
+  flattening the logits, which turns training samples into noise (see ``GumbelQuantizer``).
 """
 from __future__ import annotations
 
