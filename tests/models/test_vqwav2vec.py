@@ -376,10 +376,10 @@ def test_prediction_starts_at_the_prior_floor_with_no_push_on_targets():
 
 
 def test_checkpoint_configs_without_the_issue7_keys_rebuild_the_old_model():
-    d = tiny().to_dict()
-    d.pop("quantizer_input_norm"), d.pop("prior_logit_bias")
+    d = tiny("kmeans", kmeans_restart_threshold=0.1).to_dict()
+    d.pop("quantizer_input_norm"), d.pop("prior_logit_bias"), d.pop("kmeans_restart_threshold")
     old = VqWav2VecConfig.from_dict(d)
-    assert not old.quantizer_input_norm and not old.prior_logit_bias
+    assert not old.quantizer_input_norm and not old.prior_logit_bias and old.kmeans_restart_threshold == 0
     assert VqWav2VecPretraining(old).upstream.quantizer.input_norm is None
     assert tiny().quantizer_input_norm and tiny().prior_logit_bias
 
