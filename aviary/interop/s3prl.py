@@ -493,6 +493,9 @@ def config_to_s3prl(cfg) -> dict[str, Any]:
     if enc.pre_ln:
         raise S3prlError("encoder.pre_ln = True: s3prl's pre-LN model adds per-layer output LayerNorms; "
                          "only post-LN models can be exported")
+    if getattr(enc, "position_bias", "none") != "none":
+        raise S3prlError(f"encoder.position_bias = {enc.position_bias!r}: s3prl's transformer has sinusoidal "
+                         "positions only, so its attention would differ from this model's")
     if enc.activation not in ("gelu", "relu"):
         raise S3prlError(f"encoder.activation = {enc.activation!r}: s3prl has 'gelu' (erf) and 'relu'")
     for key in ("sample_rate", "win_length", "hop_length", "n_fft", "n_mels", "log_eps", "normalize_db"):

@@ -88,6 +88,29 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(module.bias)
 
 
+def alibi_bias(num_heads: int, T: int, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Symmetric ALiBi attention bias (Press et al. 2022): ``-m_h * |i - j|``.
+
+    Head ``h`` (0-based) gets slope ``m_h = 2^(-8 (h + 1) / num_heads)``, the paper's
+    geometric sequence: the first head sees a few frames around the query, the last one
+    almost the whole sequence. Being a fixed function of the distance it needs no training
+    and extends to any length.
+
+    Args:
+        num_heads: h.
+        T: sequence length.
+        device, dtype: of the result.
+
+    Returns:
+        (h, T, T) additive bias for the attention scores.
+    """
+    slopes = torch.pow(2.0, -8.0 * torch.arange(1, num_heads + 1, dtype=torch.float64) / num_heads)  # (h,)
+    pos = torch.arange(T, dtype=torch.float64)
+    dist = (pos[:, None] - pos[None, :]).abs()  # (T, T)
+    return (-slopes[:, None, None] * dist[None]).to(device=device, dtype=dtype)
+
+
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout whose keep-mask costs 16 random bits per element.
 
@@ -139,7 +162,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                need_weights: bool = False, attn_bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend every position to every valid (non-padding) position.
 
         Args:
@@ -147,6 +171,7 @@ class MultiHeadSelfAttention(nn.Module):
             key_padding_mask: (B, T) bool, ``True`` = padding (never attended to), or ``None``.
                 Every row needs at least one valid position.
             need_weights: also return the attention probabilities (explicit softmax path).
+            attn_bias: optional (h, T, T) additive bias on the scores (e.g. :func:`alibi_bias`).
 
         Returns:
             (out (B, T, H), probs (B, h, T, T) or ``None``). ``probs`` are taken before
@@ -164,6 +189,12 @@ class MultiHeadSelfAttention(nn.Module):
                 raise ValueError(f"key_padding_mask must be ({B}, {T}), got {tuple(key_padding_mask.shape)}")
             if bool(key_padding_mask.any()):
                 attn_mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, T), True = may attend
+        if attn_bias is not None:
+            if attn_bias.shape != (self.num_heads, T, T):
+                raise ValueError(f"attn_bias must be ({self.num_heads}, {T}, {T}), got {tuple(attn_bias.shape)}")
+            bias = attn_bias.to(q.dtype)[None]  # (1, h, T, T)
+            # A float mask is added to the scores; padding keys become -inf.
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
         p_drop = self.attn_dropout if self.training else 0.0
         probs = None
         # On CPU, SDPA's fused kernel has no dropout: with p_drop > 0 it falls back to a math
@@ -171,8 +202,10 @@ class MultiHeadSelfAttention(nn.Module):
         # below draws its mask 16 bits per element instead (~5x cheaper, see fast_dropout).
         if need_weights or (p_drop > 0 and x.device.type == "cpu"):
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, h, T, T)
-            if attn_mask is not None:
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
+            elif attn_mask is not None:
+                scores = scores + attn_mask
             if need_weights:
                 probs = scores.float().softmax(dim=-1).to(q.dtype)
                 attn = probs
@@ -244,14 +277,15 @@ class TransformerLayer(nn.Module):
         self.ln_ffn = nn.LayerNorm(hidden_size, eps=ln_eps)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                need_weights: bool = False, attn_bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, H) -> ((B, T, H), probs (B, h, T, T) or None). See the class docstring."""
         if self.pre_ln:
-            a, probs = self.attn(self.ln_attn(x), key_padding_mask, need_weights)
+            a, probs = self.attn(self.ln_attn(x), key_padding_mask, need_weights, attn_bias)
             x = x + self.attn_dropout_out(a)
             x = x + self.ffn(self.ln_ffn(x))
         else:
-            a, probs = self.attn(x, key_padding_mask, need_weights)
+            a, probs = self.attn(x, key_padding_mask, need_weights, attn_bias)
             x = self.ln_attn(x + self.attn_dropout_out(a))
             x = self.ln_ffn(x + self.ffn(x))
         return x, probs
@@ -267,15 +301,22 @@ class TransformerStack(nn.Module):
     Args:
         num_layers: L, the number of layer applications.
         share_layers: one parameter set for all L applications.
+        position_bias: ``"none"`` or ``"alibi"`` (a fixed distance penalty on every layer's
+            attention scores, :func:`alibi_bias`; no parameters).
         **layer_kwargs: passed to :class:`TransformerLayer` (hidden_size, num_heads, ffn_size, ...).
     """
 
-    def __init__(self, num_layers: int, share_layers: bool = False, **layer_kwargs) -> None:
+    def __init__(self, num_layers: int, share_layers: bool = False, position_bias: str = "none",
+                 **layer_kwargs) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if position_bias not in ("none", "alibi"):
+            raise ValueError(f"position_bias must be 'none' or 'alibi', got {position_bias!r}")
         self.num_layers = num_layers
         self.share_layers = share_layers
+        self.position_bias = position_bias
+        self.num_heads = int(layer_kwargs.get("num_heads", 1))
         n_modules = 1 if share_layers else num_layers
         self.layers = nn.ModuleList(TransformerLayer(**layer_kwargs) for _ in range(n_modules))
 
@@ -301,8 +342,9 @@ class TransformerStack(nn.Module):
         n = self.num_layers if max_layer is None else max(0, min(int(max_layer), self.num_layers))
         hidden_states = [x]
         attentions: list[torch.Tensor] | None = [] if need_weights else None
+        bias = alibi_bias(self.num_heads, x.shape[1], x.device) if self.position_bias == "alibi" and n else None
         for i in range(n):
-            x, probs = self.layer(i)(x, key_padding_mask, need_weights)
+            x, probs = self.layer(i)(x, key_padding_mask, need_weights, bias)
             hidden_states.append(x)
             if attentions is not None:
                 attentions.append(probs)

@@ -386,6 +386,8 @@ def test_export_refuses_what_s3prl_cannot_express(tmp_path):
     run, cfg = _aviary_run(tmp_path, "run")
     with pytest.raises(S3prlError, match="pre_ln"):
         config_to_s3prl(cfg.replace(encoder=cfg.encoder.replace(pre_ln=True)))
+    with pytest.raises(S3prlError, match="position_bias"):
+        config_to_s3prl(cfg.replace(encoder=cfg.encoder.replace(position_bias="alibi")))
     with pytest.raises(S3prlError, match="global"):
         config_to_s3prl(cfg.replace(input=cfg.input.replace(cmvn="global", cmvn_mean=(0.0,) * 48, cmvn_std=(1.0,) * 48)))
     with pytest.raises(S3prlError, match="normalize_db"):

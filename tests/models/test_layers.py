@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from aviary.models.layers import (FeedForward, MultiHeadSelfAttention, TransformerLayer, TransformerStack,
-                                  init_bert_weights, lengths_to_padding_mask, sinusoidal_positions)
+                                  alibi_bias, init_bert_weights, lengths_to_padding_mask, sinusoidal_positions)
 from aviary.models.registry import count_parameters
 
 # Two OpenMP threads on a CPU shared with other jobs spin-wait badly (60x slower matmuls
@@ -41,10 +41,41 @@ def test_sdpa_equals_explicit_softmax_with_padding():
     assert probs[1, :, :, 6:].abs().max() == 0
 
 
-@pytest.mark.parametrize("pre_ln", [False, True])
-def test_padded_batch_equals_one_by_one(pre_ln):
+def test_alibi_bias_values():
+    b = alibi_bias(4, 6)
+    assert b.shape == (4, 6, 6)
+    # Slopes 2^(-8h/H): 1/4, 1/16, 1/64, 1/256 for 4 heads; symmetric, zero on the diagonal.
+    assert b[0, 1, 4].item() == pytest.approx(-3 / 4)
+    assert b[3, 5, 0].item() == pytest.approx(-5 / 256)
+    torch.testing.assert_close(b, b.transpose(1, 2))
+    assert b.diagonal(dim1=1, dim2=2).abs().max() == 0
+
+
+def test_alibi_sdpa_equals_explicit_with_padding_and_prefers_neighbours():
     torch.manual_seed(0)
-    stack = TransformerStack(2, hidden_size=16, num_heads=2, ffn_size=32, pre_ln=pre_ln).eval()
+    attn = MultiHeadSelfAttention(32, 4, attn_dropout=0.0).eval()
+    x = torch.randn(3, 10, 32)
+    kpm = lengths_to_padding_mask(torch.tensor([10, 6, 1]), 10)
+    bias = alibi_bias(4, 10)
+    out_fast, _ = attn(x, kpm, attn_bias=bias)
+    out_slow, probs = attn(x, kpm, need_weights=True, attn_bias=bias)
+    torch.testing.assert_close(out_fast, out_slow, atol=1e-5, rtol=1e-5)
+    assert probs[1, :, :, 6:].abs().max() == 0
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 4, 10))
+    # Identical keys: attention is the bias alone, so the steepest head decays with distance.
+    same = torch.zeros(1, 10, 32)
+    _, p = attn(same, need_weights=True, attn_bias=bias)
+    assert p[0, 0, 5, 5] > p[0, 0, 5, 6] > p[0, 0, 5, 8]
+    torch.testing.assert_close(p[0, 0, 5, 4], p[0, 0, 5, 6])
+    with pytest.raises(ValueError, match="attn_bias"):
+        attn(x, attn_bias=alibi_bias(2, 10))
+
+
+@pytest.mark.parametrize("pre_ln,bias", [(False, "none"), (True, "none"), (False, "alibi")])
+def test_padded_batch_equals_one_by_one(pre_ln, bias):
+    torch.manual_seed(0)
+    stack = TransformerStack(2, hidden_size=16, num_heads=2, ffn_size=32, pre_ln=pre_ln,
+                             position_bias=bias).eval()
     lengths = torch.tensor([9, 4])
     x = torch.randn(2, 9, 16)
     hs, _ = stack(x, lengths_to_padding_mask(lengths, 9))
