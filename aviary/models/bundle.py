@@ -120,7 +120,8 @@ def _is_torch_zip(path: Path) -> bool:
     if not path.is_file():
         return False
     with open(path, "rb") as f:
-        return f.read(2) == b"PK"
+        head = f.read(9)
+    return head[:2] == b"PK" and head[8:9] != b"{"  # a header size may start with "PK" too
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
