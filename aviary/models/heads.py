@@ -22,10 +22,12 @@ class SpecHead(nn.Module):
         downsample: R of the encoder.
         ln_eps: LayerNorm epsilon.
         init_std: normal init std of the Linear weights.
+        zero_out: start the output projection at zero, so the first prediction is the
+            target's mean (0 for a CMVN'd target) rather than noise (see MAMConfig.head_init).
     """
 
     def __init__(self, hidden_size: int, target_dim: int, downsample: int = 1, ln_eps: float = 1e-12,
-                 init_std: float = 0.02) -> None:
+                 init_std: float = 0.02, zero_out: bool = False) -> None:
         super().__init__()
         self.target_dim = target_dim
         self.downsample = downsample
@@ -34,6 +36,8 @@ class SpecHead(nn.Module):
         self.ln = nn.LayerNorm(hidden_size, eps=ln_eps)
         self.out = nn.Linear(hidden_size, target_dim * downsample)
         self.apply(lambda m: init_bert_weights(m, init_std))
+        if zero_out:
+            nn.init.zeros_(self.out.weight)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T', H) encoder output -> (B, T' * R, target_dim) predictions."""

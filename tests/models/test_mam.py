@@ -132,6 +132,34 @@ def test_load_round_trip(tmp_path):
     torch.testing.assert_close(a[-1], b[-1])
 
 
+@pytest.mark.parametrize("low_bytes", [b"\x80", b"PK"])
+def test_safetensors_whose_header_size_looks_like_pickle_or_zip_loads(tmp_path, low_bytes):
+    """The header size is the first 8 bytes of a safetensors file; one starting 0x80 (pickle's
+    magic) or "PK" (zip's) must still load (it once failed as 'a torch/pickle file')."""
+    from aviary.models.bundle import _is_torch_zip
+
+    cfg = get_preset("aalbert-tiny")
+    model = MAMPretrainModel(cfg)
+    path = tmp_path / "model.safetensors"
+    mod = 256 ** len(low_bytes)
+    want = int.from_bytes(low_bytes, "little")
+
+    def save(pad: int) -> int:
+        save_tensors(path, model.state_dict(), config={"model": cfg.to_dict()}, metadata={"pad": "x" * pad})
+        return int.from_bytes(path.read_bytes()[:8], "little")
+
+    # Each padding character adds one byte to the JSON header (safetensors may round the
+    # size up to a multiple of 8, hence the few tries).
+    size0 = save(0)
+    for extra in range(0, 64, 1):
+        if save((want - size0) % mod + extra * mod) % mod == want:
+            break
+    assert path.read_bytes()[:len(low_bytes)] == low_bytes
+    assert not _is_torch_zip(path)
+    up = aviary.load(tmp_path)
+    assert up.config == cfg
+
+
 def test_config_validation_names_keys():
     cfg = get_preset("mockingjay-tiny")
     with pytest.raises(ConfigError, match="target.hop_length"):
@@ -170,3 +198,20 @@ def test_ten_minute_recording_stays_under_4gb_rss():
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["frames"] == 60001 and r["states"] == 4
     assert r["rss_mb"] < 4096, r
+
+
+def test_zero_init_head_starts_at_the_target_mean_and_learns():
+    """head_init="zero": the first prediction is 0 (the mean of a CMVN'd target) everywhere,
+    the loss is then exactly mean |target| on the masked frames, and one step moves it."""
+    cfg = get_preset("aalbert-tiny").replace(head_init="zero")
+    torch.manual_seed(0)
+    model = MAMPretrainModel(cfg)
+    model.mask_generator = torch.Generator().manual_seed(1)
+    out = model(_batch([16000, 12000]), return_extras=True)
+    assert out.extras["pred"].abs().max() == 0
+    m = out.extras["mask"]
+    torch.testing.assert_close(out.loss, out.extras["target"].abs()[m].mean())
+    out.loss.backward()
+    assert model.head.out.weight.grad.abs().sum() > 0  # the output layer gets a gradient at once
+    with pytest.raises(ConfigError, match="head_init"):
+        get_preset("aalbert-tiny").replace(head_init="ones")
