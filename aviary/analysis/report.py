@@ -28,8 +28,10 @@ ROLE_RANDOM = "random"
 
 
 def _frozen(recs: Sequence[dict[str, Any]], upstream: str, task: str, head: str) -> list[dict[str, Any]]:
-    return [r for r in recs if r["upstream"] == upstream and r["task"] == task and r["head"] == head
-            and r.get("mode", "frozen") == "frozen" and abs(float(r.get("label_fraction", 1.0)) - 1.0) < 1e-9]
+    """Frozen probes of one upstream, task and head, at the task's largest label fraction."""
+    from aviary.evaluate.results import largest_fraction
+
+    return [r for r in largest_fraction(recs) if r["upstream"] == upstream and r["task"] == task and r["head"] == head]
 
 
 def best_layer(recs: Sequence[dict[str, Any]], upstream: str, task: str, head: str) -> dict[str, Any] | None:

@@ -143,19 +143,33 @@ def _upstream_label(r: dict[str, Any]) -> str:
     return f"{r['upstream']} ({_fmt_params(r['upstream_params'])})" if r["upstream_params"] else r["upstream"]
 
 
-def plot_layers(recs: Sequence[dict[str, Any]], path: str | os.PathLike, label_fraction: float = 1.0) -> Path | None:
+def largest_fraction(recs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The frozen records at the largest label fraction probed for their task."""
+    frozen = [r for r in recs if r.get("mode", "frozen") == "frozen"]
+    top: dict[str, float] = {}
+    for r in frozen:
+        top[r["task"]] = max(top.get(r["task"], 0.0), float(r.get("label_fraction", 1.0)))
+    return [r for r in frozen if abs(float(r.get("label_fraction", 1.0)) - top[r["task"]]) < 1e-9]
+
+
+def plot_layers(recs: Sequence[dict[str, Any]], path: str | os.PathLike,
+                label_fraction: float | None = 1.0) -> Path | None:
     """Accuracy vs layer, one panel per (task, head): the AALBERT paper's probing figure.
 
     One line per upstream over its integer layers; the weighted sum as a star right of the
     last layer; single-state upstreams (fbank / log-mel baselines) as horizontal lines.
-    Only frozen probes at ``label_fraction``; with several seeds the mean is drawn.
+    Only frozen probes at ``label_fraction`` (``None``: each task at the largest fraction
+    probed, see :func:`largest_fraction`); with several seeds the mean is drawn.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sel = [r for r in recs if r["mode"] == "frozen" and abs(r["label_fraction"] - label_fraction) < 1e-9]
+    if label_fraction is None:
+        sel = largest_fraction(recs)
+    else:
+        sel = [r for r in recs if r["mode"] == "frozen" and abs(r["label_fraction"] - label_fraction) < 1e-9]
     panels = sorted({(r["task"], r["head"]) for r in sel}, key=lambda th: (th[0], ["linear", "mlp1", "mlp2"].index(th[1])
                                                                             if th[1] in ("linear", "mlp1", "mlp2") else 9))
     if not panels:
@@ -201,7 +215,9 @@ def plot_layers(recs: Sequence[dict[str, Any]], path: str | os.PathLike, label_f
         ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"Probing accuracy per layer (frozen upstream, {100 * label_fraction:g} % of the training labels)")
+    fracs = sorted({(r["task"], float(r["label_fraction"])) for r in sel})
+    labels = ", ".join(f"{t} {100 * f:g} %" for t, f in fracs) if label_fraction is None else f"{100 * label_fraction:g} %"
+    fig.suptitle(f"Probing accuracy per layer (frozen upstream; training labels used: {labels})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
