@@ -49,6 +49,7 @@ class EncoderConfig(Config):
     # "alibi" adds a fixed distance penalty to the attention scores (layers.alibi_bias) on top
     # of the sinusoidal positions; see the CPU presets in models/mam.py for why.
     position_bias: Literal["none", "alibi"] = "none"
+    alibi_first_slope: float = 0.0  # head 0's slope; 0 = Press et al.'s 2^(-8 / num_heads)
     downsample: int = 1  # R: consecutive frames stacked into one encoder frame
     init_std: float = 0.02
     # R > 1 only: "pad" keeps a last, incomplete group of frames (zero-filled; ceil(T/R)
@@ -64,6 +65,7 @@ class EncoderConfig(Config):
         check_range("attn_dropout", self.attn_dropout, 0.0, 1.0, hi_open=True)
         check_choice("activation", self.activation, ("gelu", "gelu_tanh", "relu"))
         check_choice("position_bias", self.position_bias, ("none", "alibi"))
+        check_range("alibi_first_slope", self.alibi_first_slope, 0.0)
         check_range("ln_eps", self.ln_eps, 0.0, lo_open=True)
         check_range("init_std", self.init_std, 0.0, lo_open=True)
 
@@ -118,7 +120,8 @@ class TransformerEncoder(nn.Module):
         self.input_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.ln_eps)
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.layers = TransformerStack(
-            cfg.num_layers, share_layers=cfg.share_layers, position_bias=cfg.position_bias, hidden_size=cfg.hidden_size,
+            cfg.num_layers, share_layers=cfg.share_layers, position_bias=cfg.position_bias,
+            alibi_first_slope=cfg.alibi_first_slope, hidden_size=cfg.hidden_size,
             num_heads=cfg.num_heads, ffn_size=cfg.ffn_size, dropout=cfg.dropout,
             attn_dropout=cfg.attn_dropout, activation=cfg.activation, pre_ln=cfg.pre_ln,
             ln_eps=cfg.ln_eps)

@@ -89,7 +89,7 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
 
 
 def alibi_bias(num_heads: int, T: int, device: torch.device | str | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, first_slope: float = 0.0) -> torch.Tensor:
     """Symmetric ALiBi attention bias (Press et al. 2022): ``-m_h * |i - j|``.
 
     Head ``h`` (0-based) gets slope ``m_h = 2^(-8 (h + 1) / num_heads)``, the paper's
@@ -101,11 +101,15 @@ def alibi_bias(num_heads: int, T: int, device: torch.device | str | None = None,
         num_heads: h.
         T: sequence length.
         device, dtype: of the result.
+        first_slope: if > 0, the sequence is rescaled so that head 0's slope is this value
+            (the ratio between heads stays ``2^(-8 / num_heads)``).
 
     Returns:
         (h, T, T) additive bias for the attention scores.
     """
     slopes = torch.pow(2.0, -8.0 * torch.arange(1, num_heads + 1, dtype=torch.float64) / num_heads)  # (h,)
+    if first_slope > 0:
+        slopes = slopes * (first_slope / slopes[0])
     pos = torch.arange(T, dtype=torch.float64)
     dist = (pos[:, None] - pos[None, :]).abs()  # (T, T)
     return (-slopes[:, None, None] * dist[None]).to(device=device, dtype=dtype)
@@ -303,11 +307,12 @@ class TransformerStack(nn.Module):
         share_layers: one parameter set for all L applications.
         position_bias: ``"none"`` or ``"alibi"`` (a fixed distance penalty on every layer's
             attention scores, :func:`alibi_bias`; no parameters).
+        alibi_first_slope: head 0's ALiBi slope (0: Press et al.'s ``2^(-8 / h)``).
         **layer_kwargs: passed to :class:`TransformerLayer` (hidden_size, num_heads, ffn_size, ...).
     """
 
     def __init__(self, num_layers: int, share_layers: bool = False, position_bias: str = "none",
-                 **layer_kwargs) -> None:
+                 alibi_first_slope: float = 0.0, **layer_kwargs) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -316,6 +321,7 @@ class TransformerStack(nn.Module):
         self.num_layers = num_layers
         self.share_layers = share_layers
         self.position_bias = position_bias
+        self.alibi_first_slope = alibi_first_slope
         self.num_heads = int(layer_kwargs.get("num_heads", 1))
         n_modules = 1 if share_layers else num_layers
         self.layers = nn.ModuleList(TransformerLayer(**layer_kwargs) for _ in range(n_modules))
@@ -342,7 +348,9 @@ class TransformerStack(nn.Module):
         n = self.num_layers if max_layer is None else max(0, min(int(max_layer), self.num_layers))
         hidden_states = [x]
         attentions: list[torch.Tensor] | None = [] if need_weights else None
-        bias = alibi_bias(self.num_heads, x.shape[1], x.device) if self.position_bias == "alibi" and n else None
+        bias = None
+        if self.position_bias == "alibi" and n:
+            bias = alibi_bias(self.num_heads, x.shape[1], x.device, first_slope=self.alibi_first_slope)
         for i in range(n):
             x, probs = self.layer(i)(x, key_padding_mask, need_weights, bias)
             hidden_states.append(x)

@@ -49,6 +49,9 @@ def test_alibi_bias_values():
     assert b[3, 5, 0].item() == pytest.approx(-5 / 256)
     torch.testing.assert_close(b, b.transpose(1, 2))
     assert b.diagonal(dim1=1, dim2=2).abs().max() == 0
+    # Rescaled so head 0's slope is 1; the ratio between heads is kept.
+    s = alibi_bias(4, 3, first_slope=1.0)[:, 0, 1]
+    torch.testing.assert_close(s, torch.tensor([-1.0, -1 / 4, -1 / 16, -1 / 64]))
 
 
 def test_alibi_sdpa_equals_explicit_with_padding_and_prefers_neighbours():
