@@ -281,8 +281,14 @@ def write_report(summary: dict[str, Any], figures: dict[str, str | Path | None],
 
     kr = summary.get("key_results", [])
     if kr:
-        parts.append("<h2>Key results</h2><p>Test accuracy (%) of frozen probes on 100 % of the labels; "
-                     "for single layers, the layer with the best validation accuracy (in brackets).</p>")
+        from aviary.evaluate.results import largest_fraction
+
+        fracs = sorted({(r["task"], float(r.get("label_fraction", 1.0)))
+                        for r in largest_fraction(summary.get("probes", []))})
+        used = ", ".join(f"{t} {100 * f:g} %" for t, f in fracs) or "100 %"
+        parts.append("<h2>Key results</h2><p>Test accuracy (%) of frozen probes (training labels used: "
+                     f"{html.escape(used)}); for single layers, the layer with the best validation accuracy "
+                     "(in brackets).</p>")
         rows = []
         for r in kr:
             def cell(k: str) -> str:
