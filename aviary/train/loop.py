@@ -250,6 +250,22 @@ def validation_loss(model: nn.Module, data: TrainData, cfg: TrainConfig, device:
 # Helpers
 
 
+def _bundle_holds(run_dir: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether ``RUN_DIR/model.safetensors`` is readable and holds exactly ``tensors``
+    (compared by the checksum stored in its metadata, so the weights are not reread)."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / ckpt.MODEL_FILE
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("aviary.sha256")
+    except Exception:  # unreadable or truncated: rewrite it
+        return False
+    return stored == ckpt.tensors_checksum({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return nullcontext()
@@ -398,9 +414,11 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
                 log.info("--resume: %s has no checkpoint yet, starting from scratch", run_dir)
         if step >= cfg.steps:
             log.info("%s is already at step %d of %d", run_dir, step, cfg.steps)
-            if resume and found is not None and info.is_main:
+            if resume and found is not None and info.is_main and not _bundle_holds(run_dir, m_tensors):
                 # A run killed between its last checkpoint and the root bundle left an older
-                # bundle behind: the bundle must hold the final weights.
+                # bundle behind: the bundle must hold the final weights. (An intact bundle is
+                # left alone, so resuming a finished run writes nothing.)
+                log.info("%s: the root bundle is missing or older than the last checkpoint; rewriting it", run_dir)
                 ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, m_tensors, config=m_config)
             return PretrainResult(run_dir, step, nonfinite_steps=counters["nonfinite_steps"], model=model)
 

@@ -87,6 +87,10 @@ def test_resume_from_checkpoint_is_bitwise(reference, tmp_path):
     res = run(out, resume=True)
     assert res.step == 12
     assert_bitwise(weights(out / "model.safetensors"), weights(ref / "model.safetensors"))
+    # An intact bundle is left alone: resuming a finished run writes nothing.
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    run(out, resume=True)
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
     # The losses after the resume point are the same numbers as well.
     ref_lines = (ref / "metrics.jsonl").read_text().splitlines()
     got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
