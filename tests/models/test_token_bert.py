@@ -4,6 +4,7 @@ import torch
 
 from aviary.config import ConfigError
 from aviary.models.registry import count_parameters, get_family, get_preset, list_presets
+from aviary.data.tokens import NUM_SPECIAL
 from aviary.models.token_bert import TokenBertConfig, TokenBertPretraining, TokenBertUpstream
 
 TB_PRESETS = [n for n in list_presets() if n.startswith("token-bert")]
@@ -92,7 +93,8 @@ def test_no_tokenizer_means_no_audio():
 def test_presets(name):
     cfg = get_preset(name)
     assert cfg.family == "token-bert" and get_family("token-bert").batch_kind == "tokens"
-    assert cfg.mask_start_prob == 0.05 and cfg.mask_span_length == 10
+    # the paper's span masking, BERT's absolute positions only
+    assert cfg.mask_start_prob == 0.05 and cfg.mask_span_length == 10 and cfg.position_bias == "none"
     if name == "token-bert-base":
         assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.ffn_size) == (768, 12, 12, 3072)
         # 12 BERT-base layers of 7.088M each (REFERENCE.md), plus embeddings
@@ -105,3 +107,38 @@ def test_presets(name):
         m = get_family("token-bert").build_pretrain(cfg.replace(vocab_size=50))
         out = m({"tokens": torch.randint(3, 50, (2, 40)), "lengths": torch.tensor([40, 30])})
         out.loss.backward()
+
+
+def tiny_alibi(**kw):
+    base = dict(vocab_size=NUM_SPECIAL + 8, hidden_size=16, num_layers=1, num_heads=2, ffn_size=32,
+                max_positions=32, dropout=0.0, attn_dropout=0.0)
+    return TokenBertConfig(**{**base, **kw})
+
+
+def test_position_bias_config():
+    with pytest.raises(ConfigError, match="position_bias"):
+        tiny_alibi(position_bias="rope")
+    with pytest.raises(ConfigError, match="alibi_first_slope"):
+        tiny_alibi(position_bias="alibi", alibi_first_slope=-1.0)
+    assert TokenBertConfig.from_dict(tiny_alibi(position_bias="alibi").to_dict()).position_bias == "alibi"
+
+
+def test_alibi_reaches_the_attention():
+    torch.manual_seed(0)
+    plain = TokenBertPretraining(tiny_alibi()).eval()
+    biased = TokenBertPretraining(tiny_alibi(position_bias="alibi", alibi_first_slope=1.0)).eval()
+    # ALiBi adds no parameters: the same weights load into either model
+    biased.load_state_dict(plain.state_dict())
+    tokens = torch.randint(NUM_SPECIAL, NUM_SPECIAL + 8, (2, 12))
+    lengths = torch.tensor([12, 9])
+    with torch.no_grad():
+        states_p, att_p = plain.upstream.forward_tokens(tokens, lengths, need_weights=True)
+        states_b, att_b = biased.upstream.forward_tokens(tokens, lengths, need_weights=True)
+    assert torch.equal(states_p[0], states_b[0])  # same embeddings
+    assert not torch.allclose(states_p[-1], states_b[-1], atol=1e-4)
+    # head 0 with slope 1: attention falls off with distance (e^-1 per token at init, where
+    # the content scores are ~0), so the diagonal outweighs a key 5 tokens away
+    a = att_b[0][0, 0]  # (T, T) of sequence 0, head 0
+    assert (a.diagonal()[:6] > 5 * a.diagonal(offset=5)[:6]).all()
+    assert (att_p[0][0, 0].diagonal()[:6] < 2 * att_p[0][0, 0].diagonal(offset=5)[:6]).all()
+
