@@ -88,6 +88,17 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(module.bias)
 
 
+def alibi_slopes(num_heads: int, first_slope: float = 0.0) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022): ``2^(-8 (h + 1) / num_heads)``, or, when
+    ``first_slope > 0``, ``first_slope * 2^(-8 h / num_heads)`` (the same ratio between heads).
+
+    Returns:
+        (num_heads,) float64.
+    """
+    slopes = torch.pow(2.0, -8.0 * torch.arange(1, num_heads + 1, dtype=torch.float64) / num_heads)
+    return slopes * (first_slope / slopes[0]) if first_slope > 0 else slopes
+
+
 def alibi_bias(num_heads: int, T: int, device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32, first_slope: float = 0.0) -> torch.Tensor:
     """Symmetric ALiBi attention bias (Press et al. 2022): ``-m_h * |i - j|``.
@@ -107,9 +118,7 @@ def alibi_bias(num_heads: int, T: int, device: torch.device | str | None = None,
     Returns:
         (h, T, T) additive bias for the attention scores.
     """
-    slopes = torch.pow(2.0, -8.0 * torch.arange(1, num_heads + 1, dtype=torch.float64) / num_heads)  # (h,)
-    if first_slope > 0:
-        slopes = slopes * (first_slope / slopes[0])
+    slopes = alibi_slopes(num_heads, first_slope)
     pos = torch.arange(T, dtype=torch.float64)
     dist = (pos[:, None] - pos[None, :]).abs()  # (T, T)
     return (-slopes[:, None, None] * dist[None]).to(device=device, dtype=dtype)

@@ -49,7 +49,7 @@ from einops import rearrange
 
 from aviary.config import Config, check, check_range
 from aviary.features import FrontEndConfig, build_frontend, compute_global_stats
-from aviary.models.layers import TransformerStack, lengths_to_padding_mask
+from aviary.models.layers import TransformerStack, alibi_slopes, lengths_to_padding_mask
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
 from aviary.objectives.base import ObjectiveOutput
@@ -340,8 +340,7 @@ class SSASTEncoder(nn.Module):
         c = self.config
         if c.alibi_slope == 0:
             return None
-        h = torch.arange(c.num_heads, device=device, dtype=torch.float32)
-        slopes = c.alibi_slope * torch.pow(2.0, -8.0 * h / c.num_heads)  # (heads,)
+        slopes = alibi_slopes(c.num_heads, c.alibi_slope).to(device=device, dtype=torch.float32)  # (heads,)
         t = torch.arange(Tg, device=device).repeat_interleave(c.grid_freq).float()  # (N,) time step per token
         dist = F.pad((t[:, None] - t[None, :]).abs(), (c.num_prefix_tokens, 0, c.num_prefix_tokens, 0))
         return -slopes[:, None, None] * dist  # (heads, P + N, P + N)
