@@ -340,7 +340,8 @@ class TransformerStack(nn.Module):
         return self.layers[0 if self.share_layers else i]
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                need_weights: bool = False, max_layer: int | None = None
+                need_weights: bool = False, max_layer: int | None = None,
+                attn_bias: torch.Tensor | None = None
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Run the layers, keeping every intermediate output.
 
@@ -349,6 +350,9 @@ class TransformerStack(nn.Module):
             key_padding_mask: (B, T) bool, ``True`` = padding, or ``None``.
             need_weights: also return every layer's attention probabilities.
             max_layer: stop after this many layers (0 = return the input only); ``None`` = all.
+            attn_bias: (h, T, T) additive bias for every layer's scores, for a caller whose
+                distances are not the sequence positions (SSAST's time steps); ``None`` = the
+                stack's own ``position_bias`` (if any).
 
         Returns:
             (hidden_states, attentions): ``n + 1`` tensors (B, T, H), the input first, where
@@ -357,8 +361,8 @@ class TransformerStack(nn.Module):
         n = self.num_layers if max_layer is None else max(0, min(int(max_layer), self.num_layers))
         hidden_states = [x]
         attentions: list[torch.Tensor] | None = [] if need_weights else None
-        bias = None
-        if self.position_bias == "alibi" and n:
+        bias = attn_bias
+        if bias is None and self.position_bias == "alibi" and n:
             bias = alibi_bias(self.num_heads, x.shape[1], x.device, first_slope=self.alibi_first_slope)
         for i in range(n):
             x, probs = self.layer(i)(x, key_padding_mask, need_weights, bias)

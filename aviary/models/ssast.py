@@ -378,26 +378,11 @@ class SSASTEncoder(nn.Module):
         n_valid = steps * Fg  # (B,) valid patch tokens
         pad = lengths_to_padding_mask(n_valid + P, P + Tg * Fg)  # prefix is never padding
         bias = self.attention_bias(Tg, x.device)
-        if bias is None:
-            hidden, attn = self.layers(x, key_padding_mask=pad, need_weights=need_weights, max_layer=max_layer)
-        else:
-            hidden, attn = self._biased_layers(x, pad, bias.to(x.dtype), need_weights, max_layer)
+        hidden, attn = self.layers(x, key_padding_mask=pad, need_weights=need_weights, max_layer=max_layer,
+                                   attn_bias=None if bias is None else bias.to(x.dtype))
         if len(hidden) == self.config.num_layers + 1:
             hidden[-1] = self.norm(hidden[-1])
         return SSASTEncoderOutput(hidden_states=hidden, lengths=n_valid, grid=(Tg, Fg), attentions=attn)
-
-    def _biased_layers(self, x: torch.Tensor, pad: torch.Tensor, bias: torch.Tensor, need_weights: bool,
-                       max_layer: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """The transformer stack with an additive attention bias on every layer; returns what
-        ``TransformerStack.forward`` returns (L' + 1 hidden states, attentions or None)."""
-        n = self.config.num_layers if max_layer is None else max(0, min(int(max_layer), self.config.num_layers))
-        hidden, attentions = [x], ([] if need_weights else None)
-        for i in range(n):
-            x, probs = self.layers.layer(i)(x, pad, need_weights, bias)
-            hidden.append(x)
-            if attentions is not None:
-                attentions.append(probs)
-        return hidden, attentions
 
 
 class SSASTUpstream(Upstream):
