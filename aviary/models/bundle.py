@@ -115,15 +115,6 @@ def _frontends(cfg: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _is_torch_zip(path: Path) -> bool:
-    """``torch.save`` writes a zip archive; safetensors files start with a header length."""
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return head[:2] == b"PK" and head[8:9] != b"{"  # a header size may start with "PK" too
-
-
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint is: model, preset, parameters, front-end, training steps, corpus.
 
@@ -143,7 +134,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
     spath = str(path)
     source_kind = "aviary"
-    if spath.startswith("s3prl:") or _is_torch_zip(Path(spath)):
+    if spath.startswith("s3prl:") or ckpt.torch_file_kind(spath) == "zip":
         # torch.save's zip container: another toolkit's checkpoint.
         from aviary.interop.s3prl import read_s3prl_checkpoint
 

@@ -101,16 +101,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: 
 
         return load_s3prl_upstream(spath[len("s3prl:"):], **kwargs).to(device).eval()
     from aviary.models.registry import config_from_dict, get_family
-    from aviary.train.checkpoint import load_config_from_metadata, load_tensors
+    from aviary.train.checkpoint import load_config_from_metadata, load_tensors, torch_file_kind
 
     wpath = _find_weights(Path(spath))
-    with open(wpath, "rb") as f:
-        head = f.read(9)
-    # A safetensors file is an 8-byte little-endian header size then the JSON header ("{");
-    # only when that shape is absent do the zip / pickle magic bytes mean a torch file (a
-    # header size whose low byte is 0x80 is a valid safetensors file, not a pickle).
-    is_safetensors = len(head) == 9 and head[8:9] == b"{"
-    if not is_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
+    if torch_file_kind(wpath) is not None:
         from aviary.train.checkpoint import CheckpointError
 
         # A torch.save zip or a raw pickle: another toolkit's file, never unpickled here.

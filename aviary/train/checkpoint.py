@@ -136,6 +136,26 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     write_bytes_atomic(path, st_save_bytes(cpu, metadata=meta))
 
 
+def torch_file_kind(path: str | os.PathLike) -> str | None:
+    """``"zip"`` (``torch.save``'s container) or ``"pickle"`` (a raw pickle) for another
+    toolkit's torch file, ``None`` for anything else (a safetensors file, or no file).
+
+    A safetensors file is an 8-byte little-endian header size followed by the JSON header
+    (``{``); only when that shape is absent do the zip / pickle magic bytes count, since a
+    header size may itself start with 0x80 or "PK".
+    """
+    p = Path(path)
+    if not p.is_file():
+        return None
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return None
+    if head[:2] == b"PK":
+        return "zip"
+    return "pickle" if head[:1] == b"\x80" else None
+
+
 def load_tensors(path: str | os.PathLike, verify: bool = True
                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a safetensors file written by :func:`save_tensors` (or any safetensors file).

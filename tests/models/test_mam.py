@@ -136,7 +136,7 @@ def test_load_round_trip(tmp_path):
 def test_safetensors_whose_header_size_looks_like_pickle_or_zip_loads(tmp_path, low_bytes):
     """The header size is the first 8 bytes of a safetensors file; one starting 0x80 (pickle's
     magic) or "PK" (zip's) must still load (it once failed as 'a torch/pickle file')."""
-    from aviary.models.bundle import _is_torch_zip
+    from aviary.train.checkpoint import torch_file_kind
 
     cfg = get_preset("aalbert-tiny")
     model = MAMPretrainModel(cfg)
@@ -155,7 +155,7 @@ def test_safetensors_whose_header_size_looks_like_pickle_or_zip_loads(tmp_path, 
         if save((want - size0) % mod + extra * mod) % mod == want:
             break
     assert path.read_bytes()[:len(low_bytes)] == low_bytes
-    assert not _is_torch_zip(path)
+    assert torch_file_kind(path) is None
     up = aviary.load(tmp_path)
     assert up.config == cfg
 
