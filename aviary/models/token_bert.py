@@ -245,7 +245,16 @@ class TokenBertPretraining(nn.Module):
         states, _ = self.upstream.forward_tokens(inputs, lengths)
         # Score only the masked positions: (N, V) instead of (B, T, V).
         logits = self.head(states[-1][mask], self.upstream.embed_tokens.weight)
-        loss, metrics = masked_lm_loss(logits, tokens[mask], None)
+        # Ids are sorted by training count (aviary tokenize): NUM_SPECIAL is the most frequent.
+        loss, metrics = masked_lm_loss(logits, tokens[mask], None, unigram_id=NUM_SPECIAL)
+        # BERT's accuracy counts the 10 % of masked tokens left unchanged in the input, which
+        # a model gets right by copying: on speech tokens, where context predicts little, that
+        # copy is most of the accuracy early on. ``mask_accuracy`` scores only the targets
+        # whose input was <mask>, which can be predicted from context alone.
+        with torch.no_grad():
+            hidden = inputs[mask] == MASK_ID  # (N,)
+            hits = (logits.argmax(-1) == tokens[mask]) & hidden
+            metrics["mask_accuracy"] = (hits.sum() / hidden.sum().clamp(min=1)).float()
         valid = lengths.sum().clamp(min=1)
         metrics["masked_frac"] = (mask.sum() / valid).detach().float()
         return ObjectiveOutput(loss=loss, metrics=metrics, extras={"mask": mask})

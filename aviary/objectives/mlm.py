@@ -82,21 +82,34 @@ def corrupt_tokens(tokens: torch.Tensor, mask: torch.Tensor, mask_id: int, vocab
     return out
 
 
-def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy on masked positions only, with accuracy and a unigram baseline.
+def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
+                   unigram_id: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy on masked positions only, with accuracy and two context-free baselines.
+
+    A model has learned something from context only when it beats the best prediction that
+    ignores the context: always the most frequent token. Two versions of that bar:
+
+    * ``unigram_accuracy``: always guess ``unigram_id``, the most frequent token *of the
+      training corpus* (what a context-free model converges to). With a vocabulary from
+      ``aviary tokenize`` that is the first regular id, :data:`~aviary.data.tokens.NUM_SPECIAL`
+      (ids are sorted by training count). This is the baseline the issue's "above the unigram
+      baseline" means; on the synthetic k-means tokens it is 0.5 %.
+    * ``batch_mode_accuracy``: always guess the most frequent target *among this batch's
+      masked tokens*, an oracle no fixed predictor reaches. Spans of 10 masked tokens over a
+      stationary stretch (silence) share their target, so on speech tokens this is 2-3x the
+      corpus unigram (1.3-1.6 % on the same tokens); it is reported as a stricter bar.
 
     Args:
         logits: (B, T, V) scores over the vocabulary (or (N, V) for the masked positions
             only, with ``targets`` (N,) and ``mask`` None).
         targets: (B, T) original ids.
         mask: (B, T) bool masked positions.
+        unigram_id: the training corpus's most frequent id; None: ``unigram_accuracy`` is the
+            batch mode as well (no corpus known).
 
     Returns:
         (loss, metrics): mean cross-entropy over masked tokens; ``accuracy`` (argmax = target),
-        ``unigram_accuracy`` (accuracy of always guessing the most frequent target among this
-        batch's masked tokens: the bar a model must clear to have learned anything from
-        context), ``num_masked``.
+        ``unigram_accuracy``, ``batch_mode_accuracy``, ``num_masked``.
     """
     if mask is not None:
         if logits.shape[:2] != targets.shape or mask.shape != targets.shape:
@@ -107,9 +120,11 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     if n == 0:
         zero = logits.sum() * 0.0
         return zero, {"accuracy": zero.detach(), "unigram_accuracy": zero.detach(),
-                      "num_masked": torch.zeros(())}
+                      "batch_mode_accuracy": zero.detach(), "num_masked": torch.zeros(())}
     loss = F.cross_entropy(logits.float(), targets)
     with torch.no_grad():
         acc = (logits.argmax(-1) == targets).float().mean()
-        mode_count = torch.bincount(targets).max().float()
-    return loss, {"accuracy": acc, "unigram_accuracy": mode_count / n, "num_masked": torch.tensor(float(n))}
+        batch_mode = torch.bincount(targets).max().float() / n
+        unigram = batch_mode if unigram_id is None else (targets == unigram_id).float().mean()
+    return loss, {"accuracy": acc, "unigram_accuracy": unigram, "batch_mode_accuracy": batch_mode,
+                  "num_masked": torch.tensor(float(n))}

@@ -142,3 +142,29 @@ def test_alibi_reaches_the_attention():
     assert (a.diagonal()[:6] > 5 * a.diagonal(offset=5)[:6]).all()
     assert (att_p[0][0, 0].diagonal()[:6] < 2 * att_p[0][0, 0].diagonal(offset=5)[:6]).all()
 
+
+
+def test_unigram_baseline_is_the_most_frequent_training_token():
+    # Token corpora number their pairs by training count, so the first regular id is the
+    # corpus's most frequent token: the context-free guess the accuracy has to beat.
+    m = TokenBertPretraining(tiny()).eval()
+    tokens = torch.tensor([[NUM_SPECIAL, 5, 5, 5, 6, NUM_SPECIAL + 1]])
+    mask = torch.tensor([[True, True, True, True, True, False]])
+    out = m({"tokens": tokens, "lengths": torch.tensor([6]), "mask": mask})
+    assert out.metrics["unigram_accuracy"].item() == pytest.approx(1 / 5)
+    assert out.metrics["batch_mode_accuracy"].item() == pytest.approx(3 / 5)
+
+
+def test_mask_accuracy_scores_only_targets_hidden_behind_mask():
+    torch.manual_seed(0)
+    tokens = torch.randint(NUM_SPECIAL, 20, (4, 30))
+    batch = {"tokens": tokens, "lengths": torch.full((4,), 30), "mask": torch.rand(4, 30) < 0.5}
+    # Every masked input is <mask>: both accuracies score the same targets.
+    out = TokenBertPretraining(tiny(mask_replace_probs=(1.0, 0.0, 0.0))).eval()(batch)
+    assert out.metrics["mask_accuracy"].item() == pytest.approx(out.metrics["accuracy"].item())
+    # Every masked input is kept: nothing was hidden, so nothing counts, whatever the guesses.
+    m = TokenBertPretraining(tiny(mask_replace_probs=(0.0, 0.0, 1.0))).eval()
+    m.head.bias.data[tokens[0, 0]] = 1e4  # guess one target everywhere: some hits in `accuracy`
+    out = m(batch)
+    assert out.metrics["accuracy"].item() > 0
+    assert out.metrics["mask_accuracy"].item() == 0.0

@@ -74,6 +74,7 @@ def test_masked_lm_loss_only_masked_positions():
     assert loss.item() == pytest.approx(expect, rel=1e-5)
     assert m["accuracy"].item() == pytest.approx(0.5)
     assert m["unigram_accuracy"].item() == pytest.approx(0.5)  # targets {1, 2}: mode covers half
+    assert m["batch_mode_accuracy"].item() == pytest.approx(0.5)
     assert m["num_masked"].item() == 2
 
 
@@ -83,3 +84,14 @@ def test_unigram_baseline():
     logits[:, 5] = 1.0
     _, m = masked_lm_loss(logits, targets, None)
     assert m["unigram_accuracy"].item() == pytest.approx(0.75) and m["accuracy"].item() == pytest.approx(0.75)
+
+
+def test_unigram_baseline_uses_the_corpus_mode_not_the_batch_mode():
+    # The batch's most frequent target (5) is not the corpus's (3): a context-free model that
+    # learned the corpus counts guesses 3 everywhere; guessing 5 needs to see the batch.
+    targets = torch.tensor([5, 5, 5, 3, 7])
+    _, m = masked_lm_loss(torch.zeros(5, 8), targets, None, unigram_id=3)
+    assert m["unigram_accuracy"].item() == pytest.approx(0.2)
+    assert m["batch_mode_accuracy"].item() == pytest.approx(0.6)
+    _, m = masked_lm_loss(torch.zeros(5, 8), targets, None, unigram_id=4)  # never a target
+    assert m["unigram_accuracy"].item() == 0.0
