@@ -168,3 +168,25 @@ def test_mask_accuracy_scores_only_targets_hidden_behind_mask():
     out = m(batch)
     assert out.metrics["accuracy"].item() > 0
     assert out.metrics["mask_accuracy"].item() == 0.0
+
+
+def test_padding_the_scored_rows_changes_nothing():
+    # The head scores the masked rows rounded up to a multiple (fixed shapes for oneDNN);
+    # loss, metrics and gradients must equal scoring exactly the masked rows.
+    m = TokenBertPretraining(tiny(dropout=0.0, attn_dropout=0.0))
+    tokens = torch.randint(NUM_SPECIAL, 20, (3, 40))
+    batch = {"tokens": tokens, "lengths": torch.tensor([40, 33, 7]), "mask": torch.rand(3, 40) < 0.3}
+    batch["mask"][1, 33:] = batch["mask"][2, 7:] = False
+    outs, grads = [], []
+    for multiple in (1, 128):
+        m.HEAD_ROWS_MULTIPLE = multiple
+        m.zero_grad()
+        torch.manual_seed(0)  # same <mask> / random / keep draws
+        out = m(batch)
+        out.loss.backward()
+        outs.append(out)
+        grads.append(m.upstream.embed_tokens.weight.grad.clone())
+    assert int(batch["mask"].sum()) % 128 != 0
+    torch.testing.assert_close(outs[0].loss, outs[1].loss)
+    assert outs[0].metrics["accuracy"] == outs[1].metrics["accuracy"]
+    torch.testing.assert_close(grads[0], grads[1])
