@@ -125,8 +125,12 @@ class AudioDataset(torch.utils.data.Dataset):
                 "wav": torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)), "phones": phones}
 
 
-def collate_audio(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+def collate_audio(items: Sequence[dict[str, Any] | None], pad_to_multiple: int = 1) -> dict[str, Any]:
     """Pad items of :class:`AudioDataset` into a batch; ``None`` items (skipped files) are dropped.
+
+    ``pad_to_multiple``: the padded length is rounded up to a multiple of this many samples
+    (the lengths stay the true ones), so that batches share a few shapes (see
+    :class:`aviary.train.data.AudioTrainData`).
 
     Returns:
         ``{"wavs": (B, N) float32 zero padded, "wav_lengths": (B,) long, "ids": list[str],
@@ -137,6 +141,7 @@ def collate_audio(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     kept = [it for it in items if it is not None]
     lengths = torch.tensor([it["wav"].numel() for it in kept], dtype=torch.long)  # (B,)
     n = int(lengths.max()) if len(kept) else 0
+    n += -n % max(int(pad_to_multiple), 1)
     wavs = torch.zeros(len(kept), n, dtype=torch.float32)  # (B, N)
     for row, it in enumerate(kept):
         wavs[row, : it["wav"].numel()] = it["wav"]

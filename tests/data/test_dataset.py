@@ -32,6 +32,10 @@ def test_collate_pads_and_matches_items(tmp_path):
         assert torch.equal(b["wavs"][row, :n], it["wav"]) and torch.all(b["wavs"][row, n:] == 0)
     assert b["ids"] == ["u0", "u1", "u2", "u3"] and b["speakers"] == ["s0", "s1", "s0", "s1"]
     assert b["keywords"] == ["no", "yes", "no", "yes"] and len(b["phones"]) == 4
+    # Rounded up to a multiple (few batch shapes for oneDNN); the lengths stay the true ones.
+    r = collate_audio(items, pad_to_multiple=5120)
+    assert r["wavs"].shape == (4, 35840) and torch.equal(r["wav_lengths"], b["wav_lengths"])
+    assert torch.equal(r["wavs"][:, :32000], b["wavs"]) and torch.all(r["wavs"][:, 32000:] == 0)
 
 
 def test_random_crop_is_seeded_and_phones_follow(tmp_path):
@@ -95,3 +99,14 @@ def test_sampler_properties(d, budget, seed):
     batches = list(DurationBatchSampler(d, budget, seed=seed))
     assert sorted(i for b in batches for i in b) == list(range(len(d)))
     assert all(len(b) == 1 or len(b) * max(d[i] for i in b) <= budget for b in batches)
+
+
+def test_training_batches_are_padded_to_a_few_shapes(tmp_path):
+    from aviary.train.data import AudioTrainData
+
+    data = AudioTrainData(_corpus(tmp_path), max_batch_seconds=4.0, crop_seconds=4.0)
+    step = round(AudioTrainData.pad_seconds * 16000)
+    for idx in ([0], [0, 2], [1, 3]):
+        b = data.collate([data.load_item(i, seed=0) for i in idx])
+        n = int(b["wav_lengths"].max())
+        assert b["wavs"].shape[1] == n + (-n % step)
