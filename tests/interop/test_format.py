@@ -49,7 +49,11 @@ def test_checked_in_checkpoints_keep_loading_and_reproduce(bundle, tmp_path):
         for i, h in enumerate(hs):
             ref = expected[f"hidden_{i}"]
             assert h.shape == ref.shape
-            assert torch.allclose(h, ref, atol=1e-4, rtol=0), f"{src}: hidden_{i} max diff {(h - ref).abs().max():.2e}"
+            # 1e-3 (values up to ~3): the expected states were computed on another CPU, and
+            # log(x + 1e-10) of near-silent mel bins turns the FFT's rounding differences
+            # between CPUs into up to 1.8e-4 (measured on an AMD EPYC against values written
+            # on another machine). A format or semantic break moves them by far more.
+            assert torch.allclose(h, ref, atol=1e-3, rtol=0), f"{src}: hidden_{i} max diff {(h - ref).abs().max():.2e}"
 
 
 def test_bundle_round_trip_and_upstream_only_bundle(tmp_path):
