@@ -7,7 +7,9 @@ Writes ``benchmarks/results/vq.json``. Inputs are random (speed does not depend 
 tokenisation runs the vq-wav2vec upstream's ``tokenize`` in eval mode on a batch of
 ``--batch`` utterances of ``--seconds`` each; training times forward + backward + AdamW
 steps on the same audio batch (stage 1) and on random token batches of the same number of
-10 ms frames (stage 2). The first step of each is a warm-up and not timed.
+10 ms frames (stage 2), in fp32 and under bf16 autocast (what ``aviary pretrain`` uses on a
+CPU with bf16 support, ``precision=auto``), in one process so the ratio holds under load.
+The first step of each is a warm-up and not timed.
 """
 from __future__ import annotations
 
@@ -22,14 +24,15 @@ from benchmarks.common import write_result
 log = logging.getLogger("bench_vq")
 
 
-def _time_steps(model: torch.nn.Module, batch: dict, steps: int) -> float:
-    """Seconds per optimizer step (after one warm-up step)."""
+def _time_steps(model: torch.nn.Module, batch: dict, steps: int, bf16: bool = False) -> float:
+    """Seconds per optimizer step (after one warm-up step), fp32 or under bf16 autocast."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     for i in range(steps + 1):
         if i == 1:
             t0 = time.perf_counter()
-        out = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(batch)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -69,13 +72,16 @@ def main(argv: list[str] | None = None) -> dict:
         codes, frames = up.tokenize(wavs, lens)
     tok_s = (time.perf_counter() - t0) / reps
     vq_step = _time_steps(vq, {"wavs": wavs, "wav_lengths": lens}, args.steps)
+    vq_step_bf16 = _time_steps(vq, {"wavs": wavs, "wav_lengths": lens}, args.steps, bf16=True)
 
     bert_cfg = get_preset(args.bert_preset).replace(vocab_size=args.vocab)
     bert = get_family("token-bert").build_pretrain(bert_cfg)
     t = min(int(frames.max()), bert_cfg.max_positions)
     n_seq = max(1, int(frames.sum()) // t)  # same number of tokens as the audio batch gives
     tokens = torch.randint(3, args.vocab, (n_seq, t))
-    bert_step = _time_steps(bert, {"tokens": tokens, "lengths": torch.full((n_seq,), t)}, args.steps)
+    bert_batch = {"tokens": tokens, "lengths": torch.full((n_seq,), t)}
+    bert_step = _time_steps(bert, bert_batch, args.steps)
+    bert_step_bf16 = _time_steps(bert, bert_batch, args.steps, bf16=True)
     n_tok = n_seq * t
 
     results = {
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
         "vq_train_seconds_per_step": vq_step, "vq_train_audio_seconds_per_second": audio_seconds / vq_step,
         "bert_tokens_per_step": n_tok, "bert_sequence_length": t,
         "bert_train_seconds_per_step": bert_step, "bert_train_tokens_per_second": n_tok / bert_step,
+        "vq_train_audio_seconds_per_second_bf16": audio_seconds / vq_step_bf16,
+        "bert_train_tokens_per_second_bf16": n_tok / bert_step_bf16,
     }
     path = write_result(args.out_name, results)
     for k, v in results.items():
