@@ -370,6 +370,11 @@ class GumbelQuantizer(nn.Module):
     a gap large enough to survive the noise (std 6 without a cap) takes frames from neighbouring
     cells. k-means has no such noise, and its codebook loss pulls a restarted codeword onto its
     frames; nothing pulls a Gumbel logit row after its frames. Hence off in every Gumbel preset.
+
+    What does spread the codes is training longer: the same preset and settings over 1,500
+    steps (``configs/vq-wav2vec-gumbel-cpu.yaml``) end at accuracy 0.373 and perplexity
+    17.6 / 17.4 (7.9 / 11.3 at 300 steps), rising at every validation, and tokenise the corpus
+    into 529 pairs with 58 / 51 entries per group in use (145 and 28 / 27 at 300 steps).
     """
 
     # Weight of the newest batch in the running usage (as KMeansQuantizer): ~10 batches.
