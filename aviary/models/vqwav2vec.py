@@ -299,6 +299,26 @@ class QuantizerOutput:
     restarted: torch.Tensor | None = None
 
 
+def _update_usage(usage: torch.Tensor, counts: torch.Tensor, momentum: float,
+                  threshold: float) -> torch.Tensor | None:
+    """Fold one batch into a quantiser's running usage; shared by the restarts of both quantisers.
+
+    Args:
+        usage: (G, V) running share of the frames choosing each entry, updated in place.
+        counts: (G, V) this batch's frames per entry (summed over processes under DDP).
+        momentum: weight of the old usage.
+        threshold: an entry is dead below ``threshold / V``.
+
+    Returns:
+        (G, V) bool dead entries, or None (usage unchanged) when a group had no frames.
+    """
+    total = counts.sum(-1, keepdim=True)  # (G, 1)
+    if float(total.min()) == 0:
+        return None
+    usage.mul_(momentum).add_((1 - momentum) * counts / total)
+    return usage < threshold / usage.shape[-1]
+
+
 class GumbelQuantizer(nn.Module):
     """Gumbel-softmax quantiser (paper Sec. 3.2.1).
 
@@ -495,14 +515,10 @@ class GumbelQuantizer(nn.Module):
         stats = torch.zeros(g * v, 1 + nh, device=h.device)
         stats = summed(stats.index_add_(0, flat, torch.cat([torch.ones_like(hrep[:, :1]), hrep], 1)))
         counts, sums = stats[:, 0], stats[:, 1:]  # (G * V,), (G * V, H)
-        total = counts.view(g, v).sum(-1, keepdim=True)  # (G, 1)
-        none = torch.zeros((), dtype=torch.long, device=h.device)
-        if float(total.min()) == 0:
-            return none
-        self.usage.mul_(self.usage_momentum).add_((1 - self.usage_momentum) * counts.view(g, v) / total)
-        dead = self.usage < self.restart_threshold / v  # (G, V)
-        if not bool(dead.any()):  # the same answer on every rank: usage is identical
-            return none
+        dead = _update_usage(self.usage, counts.view(g, v), self.usage_momentum, self.restart_threshold)
+        # The same answer on every rank: counts were summed, so usage is identical.
+        if dead is None or not bool(dead.any()):
+            return torch.zeros((), dtype=torch.long, device=h.device)
         mean = sums / counts.clamp(min=1).unsqueeze(1)  # (G * V, H) centre of each entry's frames
         # Principal direction of each entry's frames about their centre: a few power iterations
         # from a random start (the start from rank 0).
@@ -655,11 +671,9 @@ class KMeansQuantizer(nn.Module):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed:
             torch.distributed.all_reduce(counts)
-        total = counts.sum(-1, keepdim=True)  # (G, 1)
-        if float(total.min()) == 0:
+        dead = _update_usage(self.usage, counts, self.usage_momentum, self.restart_threshold)
+        if dead is None:
             return torch.zeros((), dtype=torch.long, device=z.device)
-        self.usage.mul_(self.usage_momentum).add_((1 - self.usage_momentum) * counts / total)
-        dead = self.usage < self.restart_threshold / v  # (G, V)
         # One candidate frame per entry (drawn even without local frames, so every rank
         # draws the same number of random numbers).
         if zv.shape[0] > 0:

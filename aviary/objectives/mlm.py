@@ -83,7 +83,8 @@ def corrupt_tokens(tokens: torch.Tensor, mask: torch.Tensor, mask_id: int, vocab
 
 
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
-                   unigram_id: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   unigram_id: int | None = None, hidden: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy on masked positions only, with accuracy and two context-free baselines.
 
     A model has learned something from context only when it beats the best prediction that
@@ -106,10 +107,14 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
         mask: (B, T) bool masked positions.
         unigram_id: the training corpus's most frequent id; None: ``unigram_accuracy`` is the
             batch mode as well (no corpus known).
+        hidden: optional (N,) bool over the scored targets (``mask`` None): those whose input
+            was ``<mask>``. Adds ``mask_accuracy``, the accuracy on them alone: BERT's
+            ``accuracy`` also counts the masked tokens left unchanged in the input, which a
+            model gets right by copying.
 
     Returns:
         (loss, metrics): mean cross-entropy over masked tokens; ``accuracy`` (argmax = target),
-        ``unigram_accuracy``, ``batch_mode_accuracy``, ``num_masked``.
+        ``unigram_accuracy``, ``batch_mode_accuracy``, ``num_masked`` (and ``mask_accuracy``).
     """
     if mask is not None:
         if logits.shape[:2] != targets.shape or mask.shape != targets.shape:
@@ -119,12 +124,16 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     n = targets.numel()
     if n == 0:
         zero = logits.sum() * 0.0
-        return zero, {"accuracy": zero.detach(), "unigram_accuracy": zero.detach(),
-                      "batch_mode_accuracy": zero.detach(), "num_masked": torch.zeros(())}
+        out = {"accuracy": zero.detach(), "unigram_accuracy": zero.detach(),
+               "batch_mode_accuracy": zero.detach(), "num_masked": torch.zeros(())}
+        return zero, out if hidden is None else {**out, "mask_accuracy": zero.detach()}
     loss = F.cross_entropy(logits.float(), targets)
     with torch.no_grad():
-        acc = (logits.argmax(-1) == targets).float().mean()
+        hits = logits.argmax(-1) == targets  # (N,)
         batch_mode = torch.bincount(targets).max().float() / n
         unigram = batch_mode if unigram_id is None else (targets == unigram_id).float().mean()
-    return loss, {"accuracy": acc, "unigram_accuracy": unigram, "batch_mode_accuracy": batch_mode,
-                  "num_masked": torch.tensor(float(n))}
+        metrics = {"accuracy": hits.float().mean(), "unigram_accuracy": unigram,
+                   "batch_mode_accuracy": batch_mode, "num_masked": torch.tensor(float(n))}
+        if hidden is not None:
+            metrics["mask_accuracy"] = ((hits & hidden).sum() / hidden.sum().clamp(min=1)).float()
+    return loss, metrics

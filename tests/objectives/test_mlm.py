@@ -95,3 +95,13 @@ def test_unigram_baseline_uses_the_corpus_mode_not_the_batch_mode():
     assert m["batch_mode_accuracy"].item() == pytest.approx(0.6)
     _, m = masked_lm_loss(torch.zeros(5, 8), targets, None, unigram_id=4)  # never a target
     assert m["unigram_accuracy"].item() == 0.0
+
+
+def test_mask_accuracy_counts_only_hidden_targets():
+    targets = torch.tensor([1, 2, 3, 4])
+    logits = torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 0]), 8).float()  # right on 0, 1
+    _, m = masked_lm_loss(logits, targets, None, hidden=torch.tensor([False, True, True, True]))
+    assert m["accuracy"].item() == pytest.approx(0.5)
+    assert m["mask_accuracy"].item() == pytest.approx(1 / 3)
+    _, m = masked_lm_loss(logits, targets, None)
+    assert "mask_accuracy" not in m
