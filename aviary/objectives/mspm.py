@@ -309,6 +309,7 @@ class MSPM(nn.Module):
         Returns:
             ObjectiveOutput with ``loss`` = disc_weight * InfoNCE + gen_weight * MSE and
             metrics ``infonce``, ``mse``, ``acc`` (masked-patch retrieval accuracy),
+            ``chance_acc`` (what guessing among each clip's masked patches gets),
             ``masked_frac``; extras ``mask``.
         """
         cfg = self.config
@@ -328,6 +329,10 @@ class MSPM(nn.Module):
         nce, acc = infonce(self.disc_head(h), x, sel)
         mse = masked_mse(self.gen_head(h), x, sel)
         loss = cfg.disc_weight * nce + cfg.gen_weight * mse
+        # Chance retrieval: a clip with M_b masked patches is right 1 time in M_b, so over all
+        # masked patches sum_b M_b (1 / M_b) / sum_b M_b = (clips with a mask) / (masked patches).
+        chance = sel.any(1).sum().float() / sel.sum().clamp(min=1).float()
         metrics = {"infonce": nce.detach(), "mse": mse.detach(), "acc": acc.detach(),
+                   "chance_acc": chance.detach(),
                    "masked_frac": (mask.sum() / valid.sum().clamp(min=1)).detach()}
         return ObjectiveOutput(loss=loss, metrics=metrics, extras={"mask": mask})

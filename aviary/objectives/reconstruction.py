@@ -31,7 +31,9 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     Returns:
         :class:`ObjectiveOutput` with ``loss`` (0-d, fp32; exactly 0 with a gradient path when
         nothing is masked), ``metrics`` ``{"l1", "masked_frac", "masked_frames"}`` where
-        ``masked_frac`` = masked frames / valid frames.
+        ``masked_frac`` = masked frames / valid frames, and, with ``lengths``, ``l1_utt_mean``:
+        the same L1 for the utterance-mean predictor (each row's mean target over its valid
+        frames), the plateau a model that has not learned sits on.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
@@ -45,6 +47,12 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     loss = abs_err.sum() / denom
     metrics = {"l1": loss.detach(), "masked_frames": n_frames.detach(),
                "masked_frac": (n_frames / n_valid).detach()}
+    if lengths is not None:
+        with torch.no_grad():
+            valid = (torch.arange(target.shape[1], device=target.device)[None, :] < lengths[:, None])
+            valid = valid.to(torch.float32)[..., None]  # (B, T, 1)
+            mean = (target.float() * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1.0)
+            metrics["l1_utt_mean"] = ((mean - target.float()).abs() * m).sum() / denom  # (B, 1, D) vs (B, T, D)
     extras = {}
     if return_extras:
         extras = {"pred": pred.detach(), "target": target.detach(), "mask": mask.detach()}

@@ -59,7 +59,10 @@ def test_cpu_presets_pretrain_step(name):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert model.upstream.encoder.mask_token.grad is not None
-    assert {"infonce", "mse", "acc", "masked_frac"} <= set(out.metrics)
+    assert {"infonce", "mse", "acc", "chance_acc", "masked_frac"} <= set(out.metrics)
+    # Chance = clips / masked patches (each clip: 1 in its M_b masked patches).
+    n_masked = out.extras["mask"].sum(1)
+    assert out.metrics["chance_acc"].item() == pytest.approx(2 / float(n_masked.sum()))
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])

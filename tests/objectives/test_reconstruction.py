@@ -21,6 +21,11 @@ def test_hand_computed_toy_batch():
     assert abs(out.metrics["masked_frac"].item() - 3 / 5) < 1e-6
     assert out.extras == {}
     assert set(masked_l1(pred, target, mask, return_extras=True).extras) == {"pred", "target", "mask"}
+    # Utterance-mean predictor: row 0 mean over its 3 frames (8/3, 7/3), row 1 over 2 frames
+    # (1.5, 2.5; its third frame is padding). Masked elements:
+    # |8/3-0| |7/3-0| |8/3-3| |7/3-2| |1.5-2| |2.5-4| = 8/3 7/3 1/3 1/3 1/2 3/2 -> 23/3 / 6.
+    assert abs(out.metrics["l1_utt_mean"].item() - 23 / 18) < 1e-6
+    assert "l1_utt_mean" not in masked_l1(pred, target, mask).metrics
 
 
 def test_unmasked_targets_do_not_matter_and_gradient_only_on_masked():
