@@ -215,7 +215,7 @@ class MAMPretrainModel(nn.Module):
         R = enc.downsample
         stacked, slen = enc.stack(feats, flen)  # (B, T', D*R)
         # Mask at the encoder frame rate (s3prl process_train_MAM_data does the same).
-        m = mam_mask(stacked, slen, self.config.masking, generator=self.mask_generator)
+        m = mam_mask(stacked, slen, self.config.masking, generator=self.mask_generator, stack=R)
         hidden_states, _ = enc.encode(m.inputs, slen)
         pred = self.head(hidden_states[-1])  # (B, T'*R, D_t)
         T = target.shape[1]
@@ -312,7 +312,7 @@ def tera_small() -> MAMConfig:
     return _tera(_SMALL)
 
 
-def _cpu_budget(share_layers: bool) -> MAMConfig:
+def _cpu_budget(share_layers: bool, tera: bool = False) -> MAMConfig:
     # aalbert-small changed where a CPU budget of a few hundred steps needs it; every change
     # was measured on the default synthetic corpus (README, "The demo"):
     # - position_bias="alibi": a masked frame's input is zero, so it can only be predicted by
@@ -332,9 +332,16 @@ def _cpu_budget(share_layers: bool) -> MAMConfig:
     #   one are masked too and the valid L1 stayed flat for 400 steps; with C = 1 it fell
     #   from 0.79 to 0.69 in 300 steps.
     # - head_init="zero": see MAMConfig.
+    # tera=True: TERA's input (mel, no deltas) and alterations (a frequency band of up to 20 %
+    # of the bins zeroed over all frames; Gaussian noise on 15 % of the utterances) on top of
+    # the same time masking.
     mel = _logmel(cmvn="utterance")
-    return MAMConfig(variant="aalbert" if share_layers else "mockingjay", input=_logmel(delta_order=1, cmvn="utterance"),
-                     target=mel, head_init="zero", masking=MaskingConfig(span=1),
+    if tera:
+        variant, inp, masking = "tera", mel, MaskingConfig(span=1, freq_mask_ratio=0.2, noise_prob=0.15, noise_std=0.2)
+    else:
+        variant = "aalbert" if share_layers else "mockingjay"
+        inp, masking = _logmel(delta_order=1, cmvn="utterance"), MaskingConfig(span=1)
+    return MAMConfig(variant=variant, input=inp, target=mel, head_init="zero", masking=masking,
                      encoder=EncoderConfig(**_SMALL, share_layers=share_layers, downsample=3, position_bias="alibi",
                                            alibi_first_slope=1.0))
 
@@ -347,6 +354,11 @@ def aalbert_cpu() -> MAMConfig:
 @register_preset("mockingjay-cpu", "Mockingjay for a CPU budget: aalbert-cpu with unshared layers (demo)")
 def mockingjay_cpu() -> MAMConfig:
     return _cpu_budget(share_layers=False)
+
+
+@register_preset("tera-cpu", "TERA for a CPU budget: mockingjay-cpu with TERA's mel input and frequency / magnitude alteration")
+def tera_cpu() -> MAMConfig:
+    return _cpu_budget(share_layers=False, tera=True)
 
 
 @register_preset("mockingjay-tiny", "Test-sized Mockingjay: 64/2L")

@@ -81,7 +81,8 @@ class MaskOutput:
         inputs: (B, T, D) corrupted features (the encoder's input).
         time_mask: (B, T) bool, frames selected for prediction (the loss's frames).
         action: (B,) long per utterance: 0 = zeroed, 1 = random frames, 2 = kept.
-        freq_mask: (B, D) bool, the zeroed TERA frequency band (all False when off).
+        freq_mask: (B, D) bool, the zeroed TERA frequency band (all False when off; with
+            ``stack`` = R the same band in each of the R frames).
         noised: (B,) bool, utterances that received magnitude noise.
     """
 
@@ -131,8 +132,8 @@ def span_mask(lengths: torch.Tensor, T: int, proportion: float, span: int,
 
 
 def mam_mask(feats: torch.Tensor, lengths: torch.Tensor, cfg: MaskingConfig,
-             generator: torch.Generator | None = None, time_mask: torch.Tensor | None = None
-             ) -> MaskOutput:
+             generator: torch.Generator | None = None, time_mask: torch.Tensor | None = None,
+             stack: int = 1) -> MaskOutput:
     """Corrupt a padded batch of features for masked acoustic modelling.
 
     Args:
@@ -142,6 +143,9 @@ def mam_mask(feats: torch.Tensor, lengths: torch.Tensor, cfg: MaskingConfig,
         generator: a ``torch.Generator`` on ``feats.device`` for repeatable draws.
         time_mask: (B, T) bool frames to select, to bypass the span draw (tests, analysis);
             must not touch padding.
+        stack: R, when ``feats`` are R stacked frames of ``D / R`` bins each: the TERA band is
+            then drawn over the ``D / R`` bins of one frame and zeroed in all R of them (a band
+            of frequencies, not a stretch of the stacked vector).
 
     Returns:
         :class:`MaskOutput`; the input tensor is not modified.
@@ -176,14 +180,19 @@ def mam_mask(feats: torch.Tensor, lengths: torch.Tensor, cfg: MaskingConfig,
     out = torch.where(sel & (action == 0)[:, None, None], torch.zeros((), dtype=feats.dtype, device=device), feats)
     out = torch.where(sel & (action == 1)[:, None, None], random_frames, out)
 
-    # TERA frequency alteration: band width ~ U{0..floor(ratio * D)}, start ~ U{0..D - width}.
+    # TERA frequency alteration: band width ~ U{0..floor(ratio * F)}, start ~ U{0..F - width}
+    # over the F = D / R bins of one frame, the same band in each of the R stacked frames.
+    if stack < 1 or D % stack:
+        raise ValueError(f"stack={stack} does not divide the feature dimension {D}")
+    F = D // stack
     freq_mask = torch.zeros(B, D, dtype=torch.bool, device=device)
-    max_width = int(cfg.freq_mask_ratio * D)
+    max_width = int(cfg.freq_mask_ratio * F)
     if max_width > 0:
         width = (_rand((B,), generator, device) * (max_width + 1)).long()  # (B,)
-        start = (_rand((B,), generator, device) * (D - width + 1).float()).long()  # (B,)
-        f = torch.arange(D, device=device)[None, :]
-        freq_mask = (f >= start[:, None]) & (f < (start + width)[:, None])  # (B, D)
+        start = (_rand((B,), generator, device) * (F - width + 1).float()).long()  # (B,)
+        f = torch.arange(F, device=device)[None, :]
+        band = (f >= start[:, None]) & (f < (start + width)[:, None])  # (B, F)
+        freq_mask = band.repeat(1, stack)  # (B, R * F): stacked frames are [frame 0 | frame 1 | ...]
         out = out.masked_fill(freq_mask[:, None, :] & valid[..., None], 0.0)  # padding untouched
 
     # TERA magnitude alteration: Gaussian noise on every valid frame of some utterances.

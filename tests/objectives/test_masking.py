@@ -89,6 +89,27 @@ def test_tera_frequency_band_and_noise():
         assert torch.equal(out.inputs[0, 20:][:, ~out.freq_mask[0]], x[0, 20:][:, ~out.freq_mask[0]])
 
 
+def test_tera_band_on_stacked_frames_is_one_band_of_bins_in_every_frame():
+    # R = 3 stacked frames of 80 bins: the band is drawn over the 80 bins (width <= 16) and
+    # the same bins are zeroed in each of the three frames.
+    R, F = 3, 80
+    x = torch.randn(32, 20, R * F) + 10.0
+    lengths = torch.full((32,), 20)
+    cfg = MaskingConfig(zero_prob=0.0, random_prob=0.0, freq_mask_ratio=0.2)
+    out = mam_mask(x, lengths, cfg, _gen(4), stack=R)
+    parts = out.freq_mask.reshape(32, R, F)
+    assert torch.equal(parts[:, 0], parts[:, 1]) and torch.equal(parts[:, 0], parts[:, 2])
+    width = parts[:, 0].sum(1)
+    assert width.max() <= 16 and width.max() > 0
+    for b in range(32):
+        band = parts[b, 0].nonzero().flatten()
+        if band.numel():
+            assert int(band.max() - band.min()) + 1 == band.numel()  # contiguous
+            assert (out.inputs[b][:, out.freq_mask[b]] == 0).all()
+    with pytest.raises(ValueError, match="stack=7"):
+        mam_mask(x, lengths, cfg, _gen(4), stack=7)
+
+
 def test_given_mask_must_not_touch_padding_and_configs_validate():
     x = torch.randn(1, 10, 2)
     tm = torch.zeros(1, 10, dtype=torch.bool)
