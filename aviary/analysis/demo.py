@@ -74,6 +74,17 @@ class DemoConfig(Config):
     crop_seconds: float = 4.0  # random 4 s crops: 133 encoder frames at R=3
     precision: str = "auto"  # bf16 autocast on AMX / AVX-512 CPUs
     seed: int = 0
+    # Pretraining seeds: seed, seed + 1, ..., each pretraining and probing both models (and a
+    # random-init encoder) again; with more than one the tables give mean and spread.
+    seeds: int = 1
+    # Learning curve: the first seed's checkpoints at k / learning_curve_points of the budget
+    # (k = 1 .. points - 1; the end is the main result) are probed like the final models
+    # (linear phone probes of every layer, best layer on valid). 0 or 1: no curve.
+    learning_curve_points: int = 4
+    # A model "learned" when its final validation L1 is at most this fraction of the
+    # utterance-mean predictor's on the same frames; otherwise the report says so first and
+    # draws no comparison from it.
+    learned_ratio: float = 0.85
     phone_heads: tuple[str, ...] = ("linear", "mlp1")
     speaker_heads: tuple[str, ...] = ("linear",)
     baselines: tuple[str, ...] = ("logmel", "fbank")
@@ -100,6 +111,9 @@ class DemoConfig(Config):
         check_range("speakers", self.speakers, 2)
         check_range("utterances_per_speaker", self.utterances_per_speaker, 3)
         check_range("steps", self.steps, 1)
+        check_range("seeds", self.seeds, 1, 20)
+        check_range("learning_curve_points", self.learning_curve_points, 0, 20)
+        check_range("learned_ratio", self.learned_ratio, 0.0, 1.0, lo_open=True)
         check_range("lr", self.lr, 0.0, lo_open=True)
         check_range("probe_max_epochs", self.probe_max_epochs, 1)
         check_range("probe_batch_frames", self.probe_batch_frames, 1)
@@ -115,7 +129,7 @@ class DemoConfig(Config):
     def quick(cls) -> "DemoConfig":
         """Toy size for tests and a first look: ~2 minutes on 2 cores."""
         return cls(speakers=6, utterances_per_speaker=10, preset="aalbert-tiny", steps=30, lr=1e-3,
-                   probe_label_fraction=1.0,
+                   probe_label_fraction=1.0, learning_curve_points=0,
                    max_batch_seconds=16.0, crop_seconds=4.0, val_batches=4, probe_max_epochs=4,
                    probe_patience=2, probe_batch_frames=1024, probe_batch_utterances=8, jsd_utterances=6)
 
@@ -138,15 +152,33 @@ def model_configs(cfg: DemoConfig) -> dict[str, Config]:
     return {MOCKINGJAY: mockingjay, AALBERT: aalbert}
 
 
-def train_config(cfg: DemoConfig):
-    """The pretraining settings shared by both models."""
+def train_config(cfg: DemoConfig, seed: int | None = None):
+    """The pretraining settings shared by both models (``seed``: default ``cfg.seed``).
+
+    With a learning curve, checkpoints fall on its points and all of them are kept.
+    """
     from aviary.train.config import TrainConfig
 
+    points = cfg.learning_curve_points
+    every, keep = (max(1, cfg.steps // points), points + 1) if points > 1 else (max(1, cfg.steps // 3), 2)
     return TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_fraction=cfg.warmup_fraction,
                        max_batch_seconds=cfg.max_batch_seconds, crop_seconds=cfg.crop_seconds,
-                       precision=cfg.precision, seed=cfg.seed, log_every=max(1, min(25, cfg.steps // 10)),
+                       precision=cfg.precision, seed=cfg.seed if seed is None else seed,
+                       log_every=max(1, min(25, cfg.steps // 10)),
                        val_every=max(1, cfg.steps // 4), val_batches=cfg.val_batches,
-                       checkpoint_every=max(1, cfg.steps // 3), keep_last=2, tensorboard=False)
+                       checkpoint_every=every, keep_last=keep, tensorboard=False)
+
+
+def seed_runs(cfg: DemoConfig) -> list[tuple[int, str]]:
+    """``(pretraining seed, name suffix)`` per seed: ``""`` for the first (the single-seed
+    layout), ``"-s<seed>"`` for the others."""
+    return [(cfg.seed + k, "" if k == 0 else f"-s{cfg.seed + k}") for k in range(cfg.seeds)]
+
+
+def base_name(name: str) -> str:
+    """``mockingjay-s3`` -> ``mockingjay``: the upstream a seeded run belongs to."""
+    head, sep, tail = name.rpartition("-s")
+    return head if sep and tail.isdigit() else name
 
 
 class _State:
@@ -194,8 +226,8 @@ def corpus_stats(corpus: Path) -> dict[str, Any]:
             "hours": round(sum(u.duration for u in utts) / 3600, 4), "splits": splits}
 
 
-def _read_metrics(run_dir: Path) -> tuple[float | None, float | None]:
-    """Final train loss (last logging window) and final valid loss from ``metrics.jsonl``."""
+def _read_metrics(run_dir: Path) -> tuple[float | None, dict[str, Any] | None]:
+    """Final train loss (last logging window) and the last validation record of ``metrics.jsonl``."""
     train = valid = None
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -206,10 +238,19 @@ def _read_metrics(run_dir: Path) -> tuple[float | None, float | None]:
         except json.JSONDecodeError:
             continue
         if rec.get("split") == "valid" and "loss" in rec:
-            valid = float(rec["loss"])
+            valid = rec
         elif "loss" in rec and "split" not in rec:
             train = float(rec["loss"])
     return train, valid
+
+
+def learned(valid: dict[str, Any] | None, ratio: float) -> tuple[bool | None, float | None]:
+    """(did the model leave the plateau, its final L1 / the utterance-mean predictor's L1)
+    from the last validation record; ``(None, None)`` when the record has no plateau level."""
+    if not valid or not valid.get("l1_utt_mean"):
+        return None, None
+    r = float(valid["loss"]) / float(valid["l1_utt_mean"])
+    return r <= ratio, r
 
 
 def pretrain_models(cfg: DemoConfig, corpus: Path, runs: Path, state: _State) -> dict[str, dict[str, Any]]:
@@ -219,9 +260,10 @@ def pretrain_models(cfg: DemoConfig, corpus: Path, runs: Path, state: _State) ->
     from aviary.train.checkpoint import list_checkpoints
     from aviary.train.loop import pretrain
 
-    tcfg = train_config(cfg)
     out: dict[str, dict[str, Any]] = {}
-    for name, mcfg in model_configs(cfg).items():
+    for seed, suffix, base, mcfg in ((sd, sf, b, m) for sd, sf in seed_runs(cfg) for b, m in model_configs(cfg).items()):
+        tcfg = train_config(cfg, seed)
+        name = base + suffix
         run_dir = runs / name
         done_before = max((step for step, _ in list_checkpoints(run_dir)), default=0)
         t0 = time.perf_counter()
@@ -238,27 +280,45 @@ def pretrain_models(cfg: DemoConfig, corpus: Path, runs: Path, state: _State) ->
         # and adds nothing.
         seconds = state.get(key, 0.0) + (took if result.step > done_before else 0.0)
         state.set(key, seconds)
-        train_loss, valid_loss = _read_metrics(run_dir)
+        train_loss, valid = _read_metrics(run_dir)
+        valid_loss = None if valid is None else float(valid["loss"])
+        ok, ratio = learned(valid, cfg.learned_ratio)
         psum = parameter_summary(get_family(mcfg.family).build_pretrain(mcfg))
         out[name] = {"preset": cfg.preset, "run_dir": str(run_dir), "shared": bool(mcfg.encoder.share_layers),
                      "config_note": f"{cfg.preset}, share_layers={mcfg.encoder.share_layers}",
+                     "base": base, "seed": seed,
                      "params": psum["upstream"], "head_params": psum["head"], "param_table": psum["rows"],
                      "pretrain_steps": int(result.step), "pretrain_seconds": round(seconds, 1),
-                     "final_train_loss": train_loss, "final_valid_loss": valid_loss}
-        log.info("pretrained %s: %d steps, %.0f s, train loss %s, valid loss %s", name, result.step, seconds,
-                 train_loss, valid_loss)
+                     "final_train_loss": train_loss, "final_valid_loss": valid_loss,
+                     "utt_mean_valid_loss": None if valid is None else valid.get("l1_utt_mean"),
+                     "plateau_ratio": ratio, "learned": ok}
+        log.info("pretrained %s: %d steps, %.0f s, train loss %s, valid loss %s (%s of the utterance-mean "
+                 "predictor's)", name, result.step, seconds, train_loss, valid_loss,
+                 "-" if ratio is None else f"{100 * ratio:.1f} %")
+        if ok is False:
+            log.warning("%s DID NOT LEARN: its final validation L1 %.4f is %.1f %% of the utterance-mean "
+                        "predictor's %.4f (learned: <= %.0f %%); no comparison is drawn from it", name,
+                        valid_loss, 100 * ratio, valid["l1_utt_mean"], 100 * cfg.learned_ratio)
     return out
 
 
-def _random_upstream(cfg: DemoConfig):
+def _random_upstream(cfg: DemoConfig, seed: int | None = None):
     """Random-init encoder of the Mockingjay shape (unshared), seeded."""
     from aviary.models.registry import get_family
 
     mcfg = model_configs(cfg)[MOCKINGJAY]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 12345)
+        torch.manual_seed((cfg.seed if seed is None else seed) + 12345)
         up = get_family(mcfg.family).build_upstream(mcfg)
     return up.eval()
+
+
+def probe_overrides(cfg: DemoConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The study's probe settings: (``ProbeConfig`` overrides, ``extract_to_cache`` keywords)."""
+    overrides = {"max_epochs": cfg.probe_max_epochs, "patience": cfg.probe_patience, "lr": cfg.probe_lr,
+                 "batch_frames": cfg.probe_batch_frames, "batch_utterances": cfg.probe_batch_utterances,
+                 "autocast": cfg.probe_autocast}
+    return overrides, {"autocast": cfg.extract_autocast}
 
 
 def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[dict[str, Any]]:
@@ -267,18 +327,18 @@ def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[
     from aviary.evaluate.results import load_records
     from aviary.evaluate.sweep import run_sweep
 
-    overrides = {"max_epochs": cfg.probe_max_epochs, "patience": cfg.probe_patience, "lr": cfg.probe_lr,
-                 "batch_frames": cfg.probe_batch_frames, "batch_utterances": cfg.probe_batch_utterances,
-                 "autocast": cfg.probe_autocast}
-    extract = {"autocast": cfg.extract_autocast}
-    upstreams: list[tuple[str, Any]] = [(MOCKINGJAY, None), (AALBERT, None)]
-    if cfg.random_init:
-        upstreams.append((RANDOM_INIT, None))
+    overrides, extract = probe_overrides(cfg)
+    upstreams: list[tuple[str, Any, int]] = []
+    for seed, suffix in seed_runs(cfg):
+        upstreams += [(MOCKINGJAY + suffix, None, seed), (AALBERT + suffix, None, seed)]
+        if cfg.random_init:
+            upstreams.append((RANDOM_INIT + suffix, None, seed))
     for b in cfg.baselines:
-        upstreams.append((b, b))
-    for name, spec in upstreams:
+        upstreams.append((b, b, cfg.seed))
+    for name, spec, seed in upstreams:
         if spec is None:
-            up = _random_upstream(cfg) if name == RANDOM_INIT else aviary.load(str(runs / name))
+            up = (_random_upstream(cfg, seed) if base_name(name) == RANDOM_INIT
+                  else aviary.load(str(runs / name)))
         else:
             up = spec  # a baseline name run_sweep resolves itself
         kw = dict(out=probes, overrides=overrides, extract=extract if spec is None else None,
@@ -289,6 +349,85 @@ def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[
         if cfg.speaker_heads:
             run_sweep(up, corpus, tasks=["speaker"], heads=list(cfg.speaker_heads), layers=layers, **kw)
     return load_records(probes)
+
+
+def curve_name(name: str, step: int) -> str:
+    """Probe-record name of a model's intermediate checkpoint."""
+    return f"{name}@{step}"
+
+
+def learning_curve(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path,
+                   ) -> dict[str, Any]:
+    """Best-layer linear phone accuracy against pretraining steps, for the first seed's models.
+
+    The intermediate checkpoints at ``k / learning_curve_points`` of the budget are probed
+    exactly like the final models (linear phone probes of every layer, the same label
+    fraction, best layer on valid); the end point is the final model's record.
+
+    Returns:
+        ``{"steps": [...], "models": {name: [test accuracy or None per step]},
+        "random_init": accuracy or None, "baseline": (name, accuracy) or None}``.
+    """
+    import aviary
+    from aviary.analysis.report import best_layer
+    from aviary.evaluate.results import load_records
+    from aviary.evaluate.sweep import run_sweep
+    from aviary.train.checkpoint import checkpoint_dir
+
+    points = cfg.learning_curve_points
+    if points <= 1:
+        return {}
+    overrides, extract = probe_overrides(cfg)
+    steps = sorted({max(1, cfg.steps * k // points) for k in range(1, points)} - {cfg.steps})
+    for name in (MOCKINGJAY, AALBERT):
+        for step in steps:
+            path = checkpoint_dir(runs / name, step) / "model.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: the learning curve needs the checkpoint of step {step} "
+                                        f"(kept by the demo's training settings); delete {runs / name} to retrain")
+            run_sweep(aviary.load(str(path)), corpus, out=probes, tasks=["phone"], heads=["linear"],
+                      layers="all", label_fractions=[cfg.probe_label_fraction], overrides=overrides,
+                      extract=extract, name=curve_name(name, step))
+    recs = load_records(probes)
+
+    def acc(up: str) -> float | None:
+        b = best_layer(recs, up, "phone", "linear")
+        return None if b is None else b["test_acc"]
+
+    all_steps = steps + [cfg.steps]
+    curve = {name: [acc(curve_name(name, st)) for st in steps] + [acc(name)] for name in (MOCKINGJAY, AALBERT)}
+    base = [(b, acc(b)) for b in cfg.baselines if acc(b) is not None]
+    return {"steps": all_steps, "models": curve, "random_init": acc(RANDOM_INIT) if cfg.random_init else None,
+            "baseline": max(base, key=lambda x: x[1]) if base else None}
+
+
+def plot_learning_curve(curve: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy against pretraining steps (lines), random-init and the best baseline (dashed)."""
+    if not curve:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, ys in curve["models"].items():
+        pts = [(s, 100 * y) for s, y in zip(curve["steps"], ys) if y is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if curve.get("random_init") is not None:
+        ax.axhline(100 * curve["random_init"], ls="--", color="gray", label="random-init")
+    if curve.get("baseline"):
+        b, y = curve["baseline"]
+        ax.axhline(100 * y, ls=":", color="black", label=b)
+    ax.set_xlabel("pretraining steps")
+    ax.set_ylabel("phone accuracy, best layer (test %)")
+    ax.set_title("Linear phone probe against pretraining")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _jsd_batches(corpus: Path, n: int, sample_rate: int, batch: int = 8):
@@ -427,7 +566,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
     Returns:
         The summary (also written to ``OUT/summary.json``).
     """
-    from aviary.analysis.report import findings, format_key_results, key_results, write_report
+    from aviary.analysis.report import (ROLE_NOT_LEARNED, aggregate_seeds, findings, format_key_results,
+                                        key_results, write_report)
     from aviary.evaluate.results import plot_layers, plot_weights
     from aviary.train.checkpoint import write_json_atomic
 
@@ -446,14 +586,21 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
     runs, probes, analysis = out / "runs", out / "probes", out / "analysis"
     models = pretrain_models(cfg, corpus, runs, state)
     records = run_probes(cfg, corpus, runs, probes)
+    curve = learning_curve(cfg, corpus, runs, probes)
+    curve_png = plot_learning_curve(curve, probes / "learning_curve.png")
+    curve_names = {curve_name(n, st) for n in (MOCKINGJAY, AALBERT) for st in curve.get("steps", [])}
+    records = [r for r in records if r["upstream"] not in curve_names]  # the curve has its own section
     attention, jsd_png = attention_stage(cfg, corpus, runs, analysis)
     spec_png = spectrogram_stage(corpus, runs, analysis, seed=cfg.seed)
     layers_png = plot_layers(records, probes / "accuracy_vs_layer.png", label_fraction=None)
     weights_png = plot_weights(records, probes / "weighted_sum_weights.png")
 
     spread = layer_spreads(records)
-    roles = {MOCKINGJAY: "pretrained", AALBERT: "pretrained", RANDOM_INIT: "random",
-             **{b: "baseline" for b in cfg.baselines}}
+    for m in models.values():
+        m["learned_ratio"] = cfg.learned_ratio
+    roles = {**{n: ROLE_NOT_LEARNED if m.get("learned") is False else "pretrained" for n, m in models.items()},
+             **{RANDOM_INIT + sf: "random" for _, sf in seed_runs(cfg)}, **{b: "baseline" for b in cfg.baselines}}
+    per_seed = key_results(records, roles)
     # Cumulative over resumed invocations: the cost of the whole study.
     this_run = time.perf_counter() - t_start
     wall = state.get("wall_seconds", 0.0) + this_run
@@ -462,7 +609,11 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
         "corpus": corpus_stats(corpus),
         "models": models,
         "probes": records,
-        "key_results": key_results(records, roles),
+        # With several seeds: mean over them (``<key>_sd`` etc., see aggregate_seeds); the
+        # rows of each seed are in ``key_results_per_seed``.
+        "key_results": aggregate_seeds(per_seed, base_name) if cfg.seeds > 1 else per_seed,
+        "key_results_per_seed": per_seed,
+        "learning_curve": curve,
         "attention": attention,
         "layer_spread": spread,
         "demo": {"quick": quick, "config": cfg.to_dict(), "wall_seconds": round(wall, 1),
@@ -471,8 +622,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
     }
     summary["findings"] = findings(summary, MOCKINGJAY, AALBERT)
     write_json_atomic(out / "summary.json", summary)
-    write_report(summary, {"probing": layers_png, "weights": weights_png, "jsd": jsd_png, "spectrogram": spec_png},
-                 out / "report.html")
+    write_report(summary, {"probing": layers_png, "weights": weights_png, "jsd": jsd_png, "spectrogram": spec_png,
+                           "learning_curve": curve_png}, out / "report.html")
     log.info("key results (test accuracy %%, best-valid layer):\n%s", format_key_results(summary["key_results"]))
     for s in summary["findings"]:
         log.info("finding: %s", s)

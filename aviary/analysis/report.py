@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 ROLE_PRETRAINED = "pretrained"
 ROLE_BASELINE = "baseline"
 ROLE_RANDOM = "random"
+#: A pretrained model whose final loss stayed on the plateau: shown, never compared.
+ROLE_NOT_LEARNED = "not learned"
 
 
 def _frozen(recs: Sequence[dict[str, Any]], upstream: str, task: str, head: str) -> list[dict[str, Any]]:
@@ -83,19 +85,71 @@ def key_results(recs: Sequence[dict[str, Any]], roles: dict[str, str] | None = N
     return rows
 
 
+#: The accuracies of a key-results row that :func:`aggregate_seeds` averages.
+ACCURACY_KEYS = ("phone_linear", "phone_linear_weighted", "phone_mlp1", "phone_mlp1_weighted",
+                 "speaker_linear", "speaker_linear_weighted")
+
+
+def aggregate_seeds(rows: Sequence[dict[str, Any]], group: Any) -> list[dict[str, Any]]:
+    """Average key-results rows of the same upstream over pretraining seeds.
+
+    Args:
+        rows: :func:`key_results` rows, one per (upstream, seed).
+        group: ``name -> upstream name`` (e.g. ``mockingjay-s1`` -> ``mockingjay``).
+
+    Returns:
+        One row per group, in first-seen order: the accuracies of :data:`ACCURACY_KEYS` are
+        means over the seeds, with ``<key>_sd`` (sample standard deviation, 0 for one seed),
+        ``<key>_min`` / ``<key>_max`` and ``<key>_n``; layers are those of the first seed;
+        ``seeds`` lists the member rows' names; a role other than ``pretrained`` in any
+        member (e.g. a seed that did not learn) is the group's role.
+    """
+    import statistics
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(group(r["upstream"]), []).append(r)
+    out = []
+    for name, members in groups.items():
+        row = {**members[0], "upstream": name, "seeds": [m["upstream"] for m in members]}
+        odd = [m["role"] for m in members if m["role"] != members[0]["role"]]
+        if odd:
+            row["role"] = odd[0]
+        for k in ACCURACY_KEYS:
+            vals = [m[k] for m in members if m.get(k) is not None]
+            if not vals:
+                continue
+            row[k] = statistics.mean(vals)
+            row[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row[f"{k}_min"], row[f"{k}_max"], row[f"{k}_n"] = min(vals), max(vals), len(vals)
+        out.append(row)
+    return out
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _mean_sd(row: dict[str, Any], key: str) -> str:
+    """``52.0`` or, for a mean over seeds, ``52.0 ± 0.8`` (sample standard deviation)."""
+    v = row.get(key)
+    if v is None:
+        return "-"
+    if row.get(f"{key}_n", 1) > 1:
+        return f"{100 * v:.1f} ± {100 * row[f'{key}_sd']:.1f}"
+    return f"{100 * v:.1f}"
+
+
 def _acc_cell(row: dict[str, Any], key: str, layer_word: str) -> str:
-    """Test accuracy % of ``row[key]``, with its best-valid layer in brackets for multi-layer upstreams."""
+    """Test accuracy % of ``row[key]`` (± its spread over seeds), with its best-valid layer in
+    brackets for multi-layer upstreams (the first seed's, when averaged)."""
     v = row.get(key)
     if v is None:
         return "-"
     layer = row.get(f"{key}_layer")
     if row["num_hidden_states"] > 1 and layer is not None:
-        return f"{100 * v:.1f} ({layer_word}{layer})"
-    return f"{100 * v:.1f}"
+        return f"{_mean_sd(row, key)} ({layer_word}{layer})"
+    return _mean_sd(row, key)
 
 
 def format_key_results(rows: Sequence[dict[str, Any]]) -> str:
@@ -106,7 +160,7 @@ def format_key_results(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         def cell(k: str) -> str:
             return _acc_cell(r, k, "")
-        table.append([r["upstream"], _fmt_params(r["params"]), cell("phone_linear"), _pct(r.get("phone_linear_weighted")),
+        table.append([r["upstream"], _fmt_params(r["params"]), cell("phone_linear"), _mean_sd(r, "phone_linear_weighted"),
                       cell("phone_mlp1"), cell("speaker_linear")])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -141,6 +195,14 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
     if aalbert is None:
         aalbert = next((n for n, m in models.items() if m.get("shared")), None)
     out: list[str] = []
+    # First, in plain words: a model that stayed on the plateau has learned nothing to compare.
+    for name, m in models.items():
+        if m.get("learned") is False:
+            out.append(f"{name} did not learn: its final validation L1 ({m['final_valid_loss']:.4f}) is "
+                       f"{100 * m['plateau_ratio']:.1f} % of the utterance-mean predictor's "
+                       f"({m['utt_mean_valid_loss']:.4f}) on the same frames (a model that learned is at most "
+                       f"{100 * m.get('learned_ratio', 0.85):.0f} %). Its probes are listed, but no comparison "
+                       "is drawn from it.")
     pretrained = [r for r in rows.values() if r["role"] == ROLE_PRETRAINED and r.get("phone_linear") is not None]
     baselines = [r for r in rows.values() if r["role"] == ROLE_BASELINE and r.get("phone_linear") is not None]
     randoms = [r for r in rows.values() if r["role"] == ROLE_RANDOM and r.get("phone_linear") is not None]
@@ -180,7 +242,9 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
                    f"{_pct(best_r['phone_linear'])} %, so pretraining adds "
                    f"{100 * (best_p['phone_linear'] - best_r['phone_linear']):+.1f} points.")
 
-    if mockingjay in rows and aalbert in rows and rows[mockingjay].get("phone_linear") and rows[aalbert].get("phone_linear"):
+    if (mockingjay in rows and aalbert in rows and rows[mockingjay].get("phone_linear")
+            and rows[aalbert].get("phone_linear")
+            and rows[mockingjay]["role"] == rows[aalbert]["role"] == ROLE_PRETRAINED):
         m, a = rows[mockingjay], rows[aalbert]
         ratio_acc = a["phone_linear"] / m["phone_linear"]
         ratio_par = a["params"] / max(m["params"], 1)
@@ -205,7 +269,8 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
                        f"stay at the majority class. Pretrain longer (more steps) before reading the layer curve.")
 
     att = summary.get("attention", {})
-    if mockingjay in att and aalbert in att:
+    if mockingjay in att and aalbert in att and all(models.get(n, {}).get("learned") is not False
+                                                    for n in (mockingjay, aalbert)):
         am = att[mockingjay]["adjacent_mean"]
         aa = att[aalbert]["adjacent_mean"]
         pa, pm = att[aalbert]["off_diagonal_mean"], att[mockingjay]["off_diagonal_mean"]
@@ -294,11 +359,26 @@ def write_report(summary: dict[str, Any], figures: dict[str, str | Path | None],
             def cell(k: str) -> str:
                 return _acc_cell(r, k, "layer ")
             rows.append([r["upstream"], r["role"], _fmt_params(r["params"]), cell("phone_linear"),
-                         _pct(r.get("phone_linear_weighted")), cell("phone_mlp1"), _pct(r.get("phone_mlp1_weighted")),
-                         cell("speaker_linear"), _pct(r.get("speaker_linear_weighted"))])
+                         _mean_sd(r, "phone_linear_weighted"), cell("phone_mlp1"), _mean_sd(r, "phone_mlp1_weighted"),
+                         cell("speaker_linear"), _mean_sd(r, "speaker_linear_weighted")])
         parts.append(_table(["upstream", "role", "params", "phone linear", "phone linear, weighted sum",
                              "phone mlp1", "phone mlp1, weighted sum", "speaker linear",
                              "speaker linear, weighted sum"], rows))
+
+        seeds = max((len(r.get("seeds", [])) for r in kr), default=0)
+        if seeds > 1:
+            parts.append(f"<p>Pretrained and random-init rows: mean ± standard deviation over {seeds} "
+                         "pretraining seeds (each seed's rows are in <code>summary.json</code>, "
+                         "<code>key_results_per_seed</code>).</p>")
+
+    curve = summary.get("learning_curve") or {}
+    if curve:
+        parts.append("<h2>Learning curve</h2><p>Best-layer linear phone accuracy (test %, layer chosen on "
+                     "validation) of the first seed's intermediate checkpoints; dashed: the random-init encoder, "
+                     "dotted: the best spectrogram baseline.</p>")
+        parts.append(_img(figures.get("learning_curve"), "accuracy vs pretraining steps"))
+        parts.append(_table(["model"] + [f"step {st}" for st in curve["steps"]],
+                            [[n] + [_pct(v) for v in vals] for n, vals in curve["models"].items()]))
 
     parts.append("<h2>Probing accuracy per layer</h2>")
     parts.append("<p>Frozen features, test accuracy; lines are pretrained and random-init encoders over "
@@ -316,11 +396,14 @@ def write_report(summary: dict[str, Any], figures: dict[str, str | Path | None],
 
     parts.append("<h2>Models</h2>")
     parts.append(_table(["model", "preset / config", "layers shared", "upstream params", "+ head",
-                         "pretrain steps", "pretrain seconds", "final train loss", "final valid loss"],
+                         "pretrain steps", "pretrain seconds", "final train loss", "final valid loss",
+                         "utterance-mean predictor", "learned"],
                         [[n, m.get("config_note", m.get("preset", "-")), "yes" if m.get("shared") else "no",
                           _fmt_params(m.get("params", 0)), _fmt_params(m.get("head_params", 0)),
                           m.get("pretrain_steps", "-"), f"{m.get('pretrain_seconds', 0):.0f}",
-                          _fmt_loss(m.get("final_train_loss")), _fmt_loss(m.get("final_valid_loss"))]
+                          _fmt_loss(m.get("final_train_loss")), _fmt_loss(m.get("final_valid_loss")),
+                          _fmt_loss(m.get("utt_mean_valid_loss")),
+                          {True: "yes", False: "NO (on the plateau)", None: "-"}[m.get("learned")]]
                          for n, m in models.items()]))
     for n, m in models.items():
         rows = m.get("param_table") or []

@@ -48,6 +48,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="toy size (tiny corpus, tiny models, few steps): about 2 minutes")
     p.add_argument("--steps", type=int, help="pretraining steps per model (same for both models)")
+    p.add_argument("--seeds", type=int, help="pretrain and probe both models with this many seeds "
+                   "(seed, seed + 1, ...) and report mean and spread")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="other DemoConfig settings, e.g. speakers=20 utterances_per_speaker=25 lr=5e-4 "
                         "(see aviary/analysis/demo.py)")
@@ -62,10 +64,18 @@ def _demo_run(args: argparse.Namespace) -> int:
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.steps is not None:
         cfg = cfg.replace(steps=args.steps)
+    if args.seeds is not None:
+        cfg = cfg.replace(seeds=args.seeds)
     cfg = apply_overrides(cfg, args.overrides)
     command = "aviary " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     summary = run_demo(args.out, cfg, quick=args.quick, command=command)
     print()
+    for name, m in summary["models"].items():
+        if m.get("learned") is False:
+            # Said first: every comparison below leaves this model out.
+            print(f"WARNING: {name} did not learn (final validation L1 {m['final_valid_loss']:.4f} = "
+                  f"{100 * m['plateau_ratio']:.1f} % of the utterance-mean predictor's; learned: <= "
+                  f"{100 * m['learned_ratio']:.0f} %); no comparison is drawn from it.")
     print("Key results: test accuracy (%) of frozen probes; (layer) = best layer on validation")
     print(format_key_results(summary["key_results"]))
     print()
