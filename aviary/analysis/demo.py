@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from aviary.config import Config, check, check_range
+from aviary.config import Config, check, check_choice, check_range
+from aviary.precision import PRECISIONS, autocast_context, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ class DemoConfig(Config):
     warmup_fraction: float = 0.1
     max_batch_seconds: float = 16.0  # audio per step
     crop_seconds: float = 4.0  # random 4 s crops: 133 encoder frames at R=3
-    precision: str = "auto"  # bf16 autocast on AMX / AVX-512 CPUs
+    # Pretraining, extraction, probes and analysis (aviary.precision): auto = bf16 where
+    # native (CUDA, AMX / AVX512-BF16 CPUs), else fp32 (emulated bf16 is far slower).
+    precision: str = "auto"
     seed: int = 0
     phone_heads: tuple[str, ...] = ("linear", "mlp1")
     speaker_heads: tuple[str, ...] = ("linear",)
@@ -91,8 +94,6 @@ class DemoConfig(Config):
     # subsets; valid and test stay whole): ~80k frames at 30 ms for a linear or one-hidden
     # head over 40 classes, and 3x less probing time. Speaker probes use every utterance.
     probe_label_fraction: float = 0.3
-    probe_autocast: str = "bf16"  # head matmuls (AMX)
-    extract_autocast: str = "bf16"
     jsd_utterances: int = 32
     synth_workers: int = 2
 
@@ -105,10 +106,9 @@ class DemoConfig(Config):
         check_range("probe_batch_frames", self.probe_batch_frames, 1)
         check_range("probe_batch_utterances", self.probe_batch_utterances, 1)
         check_range("probe_label_fraction", self.probe_label_fraction, 0.0, 1.0, lo_open=True)
-        check(self.probe_autocast in ("none", "bf16"), "probe_autocast", self.probe_autocast, "none or bf16")
+        check_choice("precision", self.precision, PRECISIONS)
         check_range("val_batches", self.val_batches, 0)
         check_range("jsd_utterances", self.jsd_utterances, 1)
-        check(self.extract_autocast in ("none", "bf16"), "extract_autocast", self.extract_autocast, "none or bf16")
         check(len(self.phone_heads) > 0, "phone_heads", self.phone_heads, "at least one head")
 
     @classmethod
@@ -239,12 +239,15 @@ def pretrain_models(cfg: DemoConfig, corpus: Path, runs: Path, state: _State) ->
         seconds = state.get(key, 0.0) + (took if result.step > done_before else 0.0)
         state.set(key, seconds)
         train_loss, valid_loss = _read_metrics(run_dir)
+        run_json = run_dir / "run.json"
+        run_precision = json.loads(run_json.read_text()).get("precision") if run_json.is_file() else None
         psum = parameter_summary(get_family(mcfg.family).build_pretrain(mcfg))
         out[name] = {"preset": cfg.preset, "run_dir": str(run_dir), "shared": bool(mcfg.encoder.share_layers),
                      "config_note": f"{cfg.preset}, share_layers={mcfg.encoder.share_layers}",
                      "params": psum["upstream"], "head_params": psum["head"], "param_table": psum["rows"],
                      "pretrain_steps": int(result.step), "pretrain_seconds": round(seconds, 1),
-                     "final_train_loss": train_loss, "final_valid_loss": valid_loss}
+                     "final_train_loss": train_loss, "final_valid_loss": valid_loss,
+                     "precision": run_precision}
         log.info("pretrained %s: %d steps, %.0f s, train loss %s, valid loss %s", name, result.step, seconds,
                  train_loss, valid_loss)
     return out
@@ -269,8 +272,8 @@ def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[
 
     overrides = {"max_epochs": cfg.probe_max_epochs, "patience": cfg.probe_patience, "lr": cfg.probe_lr,
                  "batch_frames": cfg.probe_batch_frames, "batch_utterances": cfg.probe_batch_utterances,
-                 "autocast": cfg.probe_autocast}
-    extract = {"autocast": cfg.extract_autocast}
+                 "precision": cfg.precision}
+    extract = {"precision": cfg.precision}
     upstreams: list[tuple[str, Any]] = [(MOCKINGJAY, None), (AALBERT, None)]
     if cfg.random_init:
         upstreams.append((RANDOM_INIT, None))
@@ -281,8 +284,7 @@ def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[
             up = _random_upstream(cfg) if name == RANDOM_INIT else aviary.load(str(runs / name))
         else:
             up = spec  # a baseline name run_sweep resolves itself
-        kw = dict(out=probes, overrides=overrides, extract=extract if spec is None else None,
-                  name=name if spec is None else None)
+        kw = dict(out=probes, overrides=overrides, extract=extract, name=name if spec is None else None)
         layers = "all,weighted" if spec is None else "all"
         run_sweep(up, corpus, tasks=["phone"], heads=list(cfg.phone_heads), layers=layers,
                   label_fractions=[cfg.probe_label_fraction], **kw)
@@ -315,7 +317,7 @@ def _jsd_batches(corpus: Path, n: int, sample_rate: int, batch: int = 8):
 
 
 def analyze_attention(checkpoint: str | Path, data: str | Path, out: str | Path, name: str | None = None,
-                      utterances: int = 32, autocast: str = "bf16") -> dict[str, Any]:
+                      utterances: int = 32, precision: str = "auto") -> dict[str, Any]:
     """``aviary analyze attention``: the JSD matrix of one checkpoint, as JSON and a heatmap.
 
     Args:
@@ -324,14 +326,13 @@ def analyze_attention(checkpoint: str | Path, data: str | Path, out: str | Path,
         out: output directory (``attention_jsd.json``, ``attention_jsd.png``).
         name: display name (default: the run directory's name).
         utterances: how many (shortest) validation utterances to average over.
-        autocast: ``"bf16"`` or ``"none"`` for the forward pass.
+        precision: forward-pass precision (:mod:`aviary.precision`; ``auto``: bf16 where native).
 
     Returns:
         The result as a dict (see :meth:`aviary.analysis.attention.JSDResult.to_dict`).
     """
     import aviary
     from aviary.analysis.attention import attention_jsd, plot_jsd_heatmaps
-    from aviary.evaluate.cache import autocast_context
     from aviary.evaluate.upstreams import weights_fingerprint
     from aviary.train.checkpoint import write_json_atomic
 
@@ -339,9 +340,12 @@ def analyze_attention(checkpoint: str | Path, data: str | Path, out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     up = aviary.load(str(checkpoint))
     name = name or Path(checkpoint).resolve().name
+    resolved = resolve_precision(precision, "cpu")
+    log.info("attention JSD of %s: precision %s (requested %s)", name, resolved, precision)
     res = attention_jsd(up, _jsd_batches(Path(data), utterances, int(up.sample_rate)),
-                        autocast=lambda: autocast_context(autocast, torch.device("cpu")),
-                        name=name, checkpoint=str(checkpoint), fingerprint=weights_fingerprint(up))
+                        autocast=lambda: autocast_context(resolved, "cpu"), name=name,
+                        checkpoint=str(checkpoint), fingerprint=weights_fingerprint(up),
+                        precision=resolved, precision_requested=precision)
     d = res.to_dict()
     write_json_atomic(out / "attention_jsd.json", d)
     plot_jsd_heatmaps({name: res}, str(out / "attention_jsd.png"))
@@ -352,7 +356,6 @@ def attention_stage(cfg: DemoConfig, corpus: Path, runs: Path, out: Path) -> tup
     """JSD of both models (reused when the weights did not change) and the joint heatmap."""
     import aviary
     from aviary.analysis.attention import JSDResult, attention_jsd, plot_jsd_heatmaps
-    from aviary.evaluate.cache import autocast_context
     from aviary.evaluate.upstreams import weights_fingerprint
     from aviary.train.checkpoint import write_json_atomic
 
@@ -366,9 +369,10 @@ def attention_stage(cfg: DemoConfig, corpus: Path, runs: Path, out: Path) -> tup
         if stored.get(name, {}).get("fingerprint") == fp and stored[name].get("num_utterances") == cfg.jsd_utterances:
             results[name] = stored[name]
             continue
+        resolved = resolve_precision(cfg.precision, "cpu")
         res = attention_jsd(up, _jsd_batches(corpus, cfg.jsd_utterances, int(up.sample_rate)),
-                            autocast=lambda: autocast_context(cfg.extract_autocast, torch.device("cpu")),
-                            name=name, fingerprint=fp)
+                            autocast=lambda: autocast_context(resolved, "cpu"),
+                            name=name, fingerprint=fp, precision=resolved, precision_requested=cfg.precision)
         results[name] = res.to_dict()
     write_json_atomic(path, results)
     png = plot_jsd_heatmaps({n: JSDResult.from_dict(d) for n, d in results.items()}, str(out / "attention_jsd.png"),
@@ -437,10 +441,15 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
     t_start = time.perf_counter()
     state = _State(out / "demo_state.json")
     stored_cfg = state.get("config")
+    if stored_cfg is not None:
+        # Demos from before issue 14 stored two autocast settings; `precision` replaced them.
+        stored_cfg = {k: v for k, v in stored_cfg.items() if k not in ("probe_autocast", "extract_autocast")}
     if stored_cfg is not None and stored_cfg != json.loads(json.dumps(cfg.to_dict())):
         raise ValueError(f"{out} holds a demo run with other settings (see {state.path}); "
                          "use another --out or delete it")
     state.set("config", cfg.to_dict())
+    precision = resolve_precision(cfg.precision, "cpu")  # extraction, probes, analysis run on the CPU
+    log.info("precision %s (requested %s) for extraction, probes and analysis", precision, cfg.precision)
 
     corpus = ensure_corpus(cfg, out / "corpus")
     runs, probes, analysis = out / "runs", out / "probes", out / "analysis"
@@ -466,6 +475,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
         "attention": attention,
         "layer_spread": spread,
         "demo": {"quick": quick, "config": cfg.to_dict(), "wall_seconds": round(wall, 1),
+                 "precision": precision, "precision_requested": cfg.precision,
                  "this_invocation_seconds": round(this_run, 1),
                  "command": command or f"aviary demo{' --quick' if quick else ''} --out {out}"},
     }
