@@ -225,3 +225,35 @@ def test_demo_uses_one_precision_for_every_stage(cpu, monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "ensure_corpus", lambda c, out: (_ for _ in ()).throw(RuntimeError("reached")))
     with pytest.raises(RuntimeError, match="reached"):
         demo.run_demo(tmp_path / "old", cfg)
+
+
+def test_finetune_probe_records_resolved_precision(cpu, sine_corpus, tmp_path):
+    from aviary.evaluate.sweep import run_sweep
+
+    (rec,) = run_sweep("random:mockingjay-tiny", sine_corpus, tmp_path / "ft", tasks=["speaker"], layers="last",
+                       finetune=True, overrides={"max_epochs": 1, "batch_seconds": 4.0}, progress=False)
+    assert rec["mode"] == "finetune" and rec["precision"] == cpu and rec["extract_precision"] is None
+
+
+def test_old_records_and_overrides_with_autocast_are_read_as_precision(tmp_path, caplog):
+    """results.jsonl written before issue 14: `autocast` in the config and (when not the
+    default) in the key. They load with `precision`, under today's key, so a resumed sweep
+    skips them instead of probing again."""
+    from aviary.evaluate.probe import ProbeConfig, probe_key, upgrade_legacy
+    from aviary.evaluate.results import append_record, load_records
+
+    new = ProbeConfig(task="phone", head="linear", layer="2", precision="bf16")
+    old_config = {k: v for k, v in new.to_dict().items() if k != "precision"}
+    key = probe_key("aa", new)
+    for autocast in ("bf16", "none"):
+        append_record(tmp_path / autocast, {"key": f"{key}|autocast={autocast}" if autocast != "none" else key,
+                                            "config": {**old_config, "autocast": autocast}, "task": "phone"})
+        (rec,) = load_records(tmp_path / autocast)
+        want = {"bf16": "bf16", "none": "fp32"}[autocast]
+        assert rec["key"] == key and rec["precision"] == want and rec["config"]["precision"] == want
+        assert ProbeConfig.from_dict({**old_config, "autocast": autocast}).precision == want
+    with caplog.at_level(logging.WARNING):
+        assert upgrade_legacy({"autocast": "none", "lr": 0.1}) == {"precision": "fp32", "lr": 0.1}
+    assert "deprecated" in caplog.text
+    with pytest.raises(ConfigError, match="disagree"):
+        upgrade_legacy({"autocast": "bf16", "precision": "fp32"})

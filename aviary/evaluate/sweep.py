@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from aviary.evaluate.cache import FeatureCache, extract_to_cache, open_cache
 from aviary.evaluate.featurizers import parse_layer_spec
 from aviary.evaluate.probe import ProbeConfig, probe_key, run_probe, upgrade_legacy
+from aviary.precision import resolve_precision
 from aviary.evaluate.results import append_record, done_keys
 from aviary.evaluate.tasks import get_task, load_splits
 from aviary.evaluate.upstreams import FEATURE_BASELINES, RANDOM_PREFIX, describe_upstream, resolve_upstream
@@ -133,6 +134,9 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
         log.info("%s: %d of %d probes already recorded, skipping them", out, len(configs) - len(todo), len(configs))
     if not todo:
         return []
+    requested = todo[0].precision
+    log.info("%s: %d probes in precision %s (requested %s)", name, len(todo),
+             resolve_precision(requested, device if finetune else "cpu"), requested)
 
     splits = {t: load_splits(data, t) for t in sorted({c.task for c in todo})}
     all_utts = {u.id: u for parts in splits.values() for utts in parts.values() for u in utts}
