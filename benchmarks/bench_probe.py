@@ -78,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--utterances", type=int, default=20, help="utterances per speaker")
     p.add_argument("--corpus", help="use this corpus directory instead of synthesising one")
     p.add_argument("--work", help="working directory (default: a temporary one, deleted afterwards)")
-    p.add_argument("--extract-autocast", choices=("none", "bf16"), default="bf16")
-    p.add_argument("--probe-autocast", choices=("none", "bf16"), default="none")
+    p.add_argument("--extract-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 on a CPU with AMX / AVX512-BF16, else fp32")
+    p.add_argument("--probe-precision", choices=("auto", "fp32", "bf16"), default="fp32",
+                   help="head matmuls (fp32: as the stored results were measured)")
     p.add_argument("--max-epochs", type=int, default=None, help="override ProbeConfig.max_epochs")
     p.add_argument("--name", default="probe", help="result file stem")
     p.add_argument("--threads", type=int, default=None,
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(cache_dir)
         t0 = time.perf_counter()
         stats = extract_to_cache(upstream, utts, cache_dir, name=name, layers="all", dtype="float16",
-                                 autocast=args.extract_autocast, info=info)
+                                 precision=args.extract_precision, info=info)
         extract_seconds = time.perf_counter() - t0
         cache = open_cache(cache_dir, utterances=utts)
         cache_bytes = sum(f.stat().st_size for f in cache_dir.rglob("*.npy"))
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         t_all = time.perf_counter()
         for head in ("linear", "mlp1", "mlp2"):
             for layer in range(info.num_hidden_states):
-                cfg = defaults.replace(task="phone", head=head, layer=str(layer), autocast=args.probe_autocast)
+                cfg = defaults.replace(task="phone", head=head, layer=str(layer), precision=args.probe_precision)
                 t0 = time.perf_counter()
                 rec = run_probe(cfg, splits, cache=cache)
                 wall = time.perf_counter() - t0
@@ -163,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                        "speakers": len({u.speaker for u in utts}), "synth_seconds": synth_seconds,
                        "train_frames": train_frames},
             "extract": {"seconds": round(extract_seconds, 2), "x_real_time": round(audio_seconds / extract_seconds, 1),
-                        "autocast": args.extract_autocast, "dtype": "float16", "cache_bytes": cache_bytes},
+                        "precision": stats.precision, "dtype": "float16", "cache_bytes": cache_bytes},
             "probes": probes,
-            "probe_autocast": args.probe_autocast,
+            "probe_precision": args.probe_precision,
             "probe_total_seconds": round(probe_seconds, 1),
             "extrapolated_to_default_corpus": {
                 "corpus": f"{DEFAULT_SPEAKERS} speakers x {DEFAULT_UTTERANCES} utterances",
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         results = extrapolate(results, defaults.max_epochs, defaults.patience, defaults.batch_frames)
         path = write_result(args.name, results)
         print(f"extraction: {extract_seconds:.1f} s for {audio_seconds:.0f} s of audio "
-              f"({audio_seconds / extract_seconds:.0f}x real time, {args.extract_autocast})")
+              f"({audio_seconds / extract_seconds:.0f}x real time, {stats.precision})")
         print(f"12 probes: {probe_seconds:.1f} s; extrapolated to the default corpus: "
               f"{results['extrapolated_to_default_corpus']['total_minutes']} min in all")
         print(f"wrote {path}")

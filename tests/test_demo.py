@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from aviary.analysis.demo import DemoConfig, model_configs, run_demo
+from aviary.precision import resolve_precision
 
 
 def _check_outputs(out):
@@ -27,6 +28,12 @@ def _check_outputs(out):
     assert {r["layer"] for r in summary["probes"] if r["upstream"] == "aalbert"} >= {0, 1, 2, "weighted"}
     assert {r["task"] for r in summary["probes"]} == {"phone", "speaker"}
     assert summary["findings"]
+    # One precision, resolved per machine (auto: bf16 only where native), in every stage's record.
+    native = resolve_precision("auto", "cpu")
+    assert summary["demo"]["precision"] == native and summary["demo"]["precision_requested"] == "auto"
+    assert all(m["precision"] == native for m in summary["models"].values())
+    assert all(r["precision"] == native for r in summary["probes"])
+    assert all(r["extract_precision"] == native for r in summary["probes"] if r["mode"] == "frozen")
     html = (out / "report.html").read_text()
     imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(imgs) == 4, "probing, weights, JSD and spectrogram figures must all be embedded"

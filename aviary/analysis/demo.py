@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from aviary.config import Config, check, check_range
+from aviary.config import Config, check, check_choice, check_range
+from aviary.precision import PRECISIONS, autocast_context, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ class DemoConfig(Config):
     warmup_fraction: float = 0.1
     max_batch_seconds: float = 16.0  # audio per step
     crop_seconds: float = 4.0  # random 4 s crops: 133 encoder frames at R=3
-    precision: str = "auto"  # bf16 autocast on AMX / AVX-512 CPUs
+    # Pretraining, extraction, probes and analysis (aviary.precision): auto = bf16 where
+    # native (CUDA, AMX / AVX512-BF16 CPUs), else fp32 (emulated bf16 is far slower).
+    precision: str = "auto"
     seed: int = 0
     # Pretraining seeds: seed, seed + 1, ..., each pretraining and probing both models (and a
     # random-init encoder) again; with more than one the tables give mean and spread.
@@ -102,8 +105,6 @@ class DemoConfig(Config):
     # subsets; valid and test stay whole): ~80k frames at 30 ms for a linear or one-hidden
     # head over 40 classes, and 3x less probing time. Speaker probes use every utterance.
     probe_label_fraction: float = 0.3
-    probe_autocast: str = "bf16"  # head matmuls (AMX)
-    extract_autocast: str = "bf16"
     jsd_utterances: int = 32
     synth_workers: int = 2
 
@@ -119,10 +120,9 @@ class DemoConfig(Config):
         check_range("probe_batch_frames", self.probe_batch_frames, 1)
         check_range("probe_batch_utterances", self.probe_batch_utterances, 1)
         check_range("probe_label_fraction", self.probe_label_fraction, 0.0, 1.0, lo_open=True)
-        check(self.probe_autocast in ("none", "bf16"), "probe_autocast", self.probe_autocast, "none or bf16")
+        check_choice("precision", self.precision, PRECISIONS)
         check_range("val_batches", self.val_batches, 0)
         check_range("jsd_utterances", self.jsd_utterances, 1)
-        check(self.extract_autocast in ("none", "bf16"), "extract_autocast", self.extract_autocast, "none or bf16")
         check(len(self.phone_heads) > 0, "phone_heads", self.phone_heads, "at least one head")
 
     @classmethod
@@ -283,6 +283,8 @@ def pretrain_models(cfg: DemoConfig, corpus: Path, runs: Path, state: _State) ->
         train_loss, valid = _read_metrics(run_dir)
         valid_loss = None if valid is None else float(valid["loss"])
         ok, ratio = learned(valid, cfg.learned_ratio)
+        run_json = run_dir / "run.json"
+        run_precision = json.loads(run_json.read_text()).get("precision") if run_json.is_file() else None
         psum = parameter_summary(get_family(mcfg.family).build_pretrain(mcfg))
         out[name] = {"preset": cfg.preset, "run_dir": str(run_dir), "shared": bool(mcfg.encoder.share_layers),
                      "config_note": f"{cfg.preset}, share_layers={mcfg.encoder.share_layers}",
@@ -291,7 +293,8 @@ def pretrain_models(cfg: DemoConfig, corpus: Path, runs: Path, state: _State) ->
                      "pretrain_steps": int(result.step), "pretrain_seconds": round(seconds, 1),
                      "final_train_loss": train_loss, "final_valid_loss": valid_loss,
                      "utt_mean_valid_loss": None if valid is None else valid.get("l1_utt_mean"),
-                     "plateau_ratio": ratio, "learned": ok}
+                     "plateau_ratio": ratio, "learned": ok,
+                     "precision": run_precision}
         log.info("pretrained %s: %d steps, %.0f s, train loss %s, valid loss %s (%s of the utterance-mean "
                  "predictor's)", name, result.step, seconds, train_loss, valid_loss,
                  "-" if ratio is None else f"{100 * ratio:.1f} %")
@@ -317,8 +320,8 @@ def probe_overrides(cfg: DemoConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The study's probe settings: (``ProbeConfig`` overrides, ``extract_to_cache`` keywords)."""
     overrides = {"max_epochs": cfg.probe_max_epochs, "patience": cfg.probe_patience, "lr": cfg.probe_lr,
                  "batch_frames": cfg.probe_batch_frames, "batch_utterances": cfg.probe_batch_utterances,
-                 "autocast": cfg.probe_autocast}
-    return overrides, {"autocast": cfg.extract_autocast}
+                 "precision": cfg.precision}
+    return overrides, {"precision": cfg.precision}
 
 
 def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[dict[str, Any]]:
@@ -341,8 +344,7 @@ def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[
                   else aviary.load(str(runs / name)))
         else:
             up = spec  # a baseline name run_sweep resolves itself
-        kw = dict(out=probes, overrides=overrides, extract=extract if spec is None else None,
-                  name=name if spec is None else None)
+        kw = dict(out=probes, overrides=overrides, extract=extract, name=name if spec is None else None)
         layers = "all,weighted" if spec is None else "all"
         run_sweep(up, corpus, tasks=["phone"], heads=list(cfg.phone_heads), layers=layers,
                   label_fractions=[cfg.probe_label_fraction], **kw)
@@ -454,7 +456,7 @@ def _jsd_batches(corpus: Path, n: int, sample_rate: int, batch: int = 8):
 
 
 def analyze_attention(checkpoint: str | Path, data: str | Path, out: str | Path, name: str | None = None,
-                      utterances: int = 32, autocast: str = "bf16") -> dict[str, Any]:
+                      utterances: int = 32, precision: str = "auto") -> dict[str, Any]:
     """``aviary analyze attention``: the JSD matrix of one checkpoint, as JSON and a heatmap.
 
     Args:
@@ -463,14 +465,13 @@ def analyze_attention(checkpoint: str | Path, data: str | Path, out: str | Path,
         out: output directory (``attention_jsd.json``, ``attention_jsd.png``).
         name: display name (default: the run directory's name).
         utterances: how many (shortest) validation utterances to average over.
-        autocast: ``"bf16"`` or ``"none"`` for the forward pass.
+        precision: forward-pass precision (:mod:`aviary.precision`; ``auto``: bf16 where native).
 
     Returns:
         The result as a dict (see :meth:`aviary.analysis.attention.JSDResult.to_dict`).
     """
     import aviary
     from aviary.analysis.attention import attention_jsd, plot_jsd_heatmaps
-    from aviary.evaluate.cache import autocast_context
     from aviary.evaluate.upstreams import weights_fingerprint
     from aviary.train.checkpoint import write_json_atomic
 
@@ -478,9 +479,12 @@ def analyze_attention(checkpoint: str | Path, data: str | Path, out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     up = aviary.load(str(checkpoint))
     name = name or Path(checkpoint).resolve().name
+    resolved = resolve_precision(precision, "cpu")
+    log.info("attention JSD of %s: precision %s (requested %s)", name, resolved, precision)
     res = attention_jsd(up, _jsd_batches(Path(data), utterances, int(up.sample_rate)),
-                        autocast=lambda: autocast_context(autocast, torch.device("cpu")),
-                        name=name, checkpoint=str(checkpoint), fingerprint=weights_fingerprint(up))
+                        autocast=lambda: autocast_context(resolved, "cpu"), name=name,
+                        checkpoint=str(checkpoint), fingerprint=weights_fingerprint(up),
+                        precision=resolved, precision_requested=precision)
     d = res.to_dict()
     write_json_atomic(out / "attention_jsd.json", d)
     plot_jsd_heatmaps({name: res}, str(out / "attention_jsd.png"))
@@ -491,7 +495,6 @@ def attention_stage(cfg: DemoConfig, corpus: Path, runs: Path, out: Path) -> tup
     """JSD of both models (reused when the weights did not change) and the joint heatmap."""
     import aviary
     from aviary.analysis.attention import JSDResult, attention_jsd, plot_jsd_heatmaps
-    from aviary.evaluate.cache import autocast_context
     from aviary.evaluate.upstreams import weights_fingerprint
     from aviary.train.checkpoint import write_json_atomic
 
@@ -505,9 +508,10 @@ def attention_stage(cfg: DemoConfig, corpus: Path, runs: Path, out: Path) -> tup
         if stored.get(name, {}).get("fingerprint") == fp and stored[name].get("num_utterances") == cfg.jsd_utterances:
             results[name] = stored[name]
             continue
+        resolved = resolve_precision(cfg.precision, "cpu")
         res = attention_jsd(up, _jsd_batches(corpus, cfg.jsd_utterances, int(up.sample_rate)),
-                            autocast=lambda: autocast_context(cfg.extract_autocast, torch.device("cpu")),
-                            name=name, fingerprint=fp)
+                            autocast=lambda: autocast_context(resolved, "cpu"),
+                            name=name, fingerprint=fp, precision=resolved, precision_requested=cfg.precision)
         results[name] = res.to_dict()
     write_json_atomic(path, results)
     png = plot_jsd_heatmaps({n: JSDResult.from_dict(d) for n, d in results.items()}, str(out / "attention_jsd.png"),
@@ -577,10 +581,15 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
     t_start = time.perf_counter()
     state = _State(out / "demo_state.json")
     stored_cfg = state.get("config")
+    if stored_cfg is not None:
+        # Demos from before issue 14 stored two autocast settings; `precision` replaced them.
+        stored_cfg = {k: v for k, v in stored_cfg.items() if k not in ("probe_autocast", "extract_autocast")}
     if stored_cfg is not None and stored_cfg != json.loads(json.dumps(cfg.to_dict())):
         raise ValueError(f"{out} holds a demo run with other settings (see {state.path}); "
                          "use another --out or delete it")
     state.set("config", cfg.to_dict())
+    precision = resolve_precision(cfg.precision, "cpu")  # extraction, probes, analysis run on the CPU
+    log.info("precision %s (requested %s) for extraction, probes and analysis", precision, cfg.precision)
 
     corpus = ensure_corpus(cfg, out / "corpus")
     runs, probes, analysis = out / "runs", out / "probes", out / "analysis"
@@ -617,6 +626,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
         "attention": attention,
         "layer_spread": spread,
         "demo": {"quick": quick, "config": cfg.to_dict(), "wall_seconds": round(wall, 1),
+                 "precision": precision, "precision_requested": cfg.precision,
                  "this_invocation_seconds": round(this_run, 1),
                  "command": command or f"aviary demo{' --quick' if quick else ''} --out {out}"},
     }

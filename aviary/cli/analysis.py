@@ -22,20 +22,23 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
                    help="corpus directory (its valid split is used) or manifest file")
     a.add_argument("--out", required=True, metavar="DIR", help="writes attention_jsd.json and attention_jsd.png")
     a.add_argument("--utterances", type=int, default=32, help="shortest N utterances to average over")
-    a.add_argument("--autocast", choices=("bf16", "none"), default="bf16", help="forward-pass precision")
+    from aviary.cli.evaluate import add_precision_args
+
+    add_precision_args(a, "forward-pass")
     a.add_argument("--name", help="display name (default: the run directory's name)")
 
 
 def _analyze_run(args: argparse.Namespace) -> int:
     from aviary.analysis.demo import analyze_attention
+    from aviary.cli.evaluate import precision_arg
 
     d = analyze_attention(args.checkpoint, args.data, args.out, name=args.name,
-                          utterances=args.utterances, autocast=args.autocast)
+                          utterances=args.utterances, precision=precision_arg(args))
     L = d["num_layers"]
     rows = ["layer " + " ".join(f"{j + 1:>5d}" for j in range(L))]
     rows += [f"{i + 1:>5d} " + " ".join(f"{d['matrix'][i][j]:5.3f}" for j in range(L)) for i in range(L)]
     print(f"attention JSD (bits) of {d['name']} over {d['num_utterances']} utterances, "
-          f"{d['num_queries']} query positions:")
+          f"{d['num_queries']} query positions ({d.get('precision')}):")
     print("\n".join(rows))
     print(f"adjacent-layer mean {d['adjacent_mean']:.3f}, all pairs {d['off_diagonal_mean']:.3f}; "
           f"written to {args.out}/attention_jsd.json and .png")
@@ -50,6 +53,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="pretraining steps per model (same for both models)")
     p.add_argument("--seeds", type=int, help="pretrain and probe both models with this many seeds "
                    "(seed, seed + 1, ...) and report mean and spread")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="pretraining, extraction, probes and analysis (default auto: bf16 where native)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="other DemoConfig settings, e.g. speakers=20 utterances_per_speaker=25 lr=5e-4 "
                         "(see aviary/analysis/demo.py)")
@@ -66,6 +71,8 @@ def _demo_run(args: argparse.Namespace) -> int:
         cfg = cfg.replace(steps=args.steps)
     if args.seeds is not None:
         cfg = cfg.replace(seeds=args.seeds)
+    if args.precision is not None:
+        cfg = cfg.replace(precision=args.precision)
     cfg = apply_overrides(cfg, args.overrides)
     command = "aviary " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     summary = run_demo(args.out, cfg, quick=args.quick, command=command)

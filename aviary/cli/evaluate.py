@@ -30,6 +30,29 @@ def _words(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def add_precision_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--precision`` (and the deprecated ``--autocast`` alias) for a command."""
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                   help=f"{what} precision (default auto: bf16 where native, i.e. CUDA or a CPU with "
+                        "AMX / AVX512-BF16, else fp32; fp16 only on CUDA)")
+    p.add_argument("--autocast", choices=("none", "bf16"), default=None,
+                   help="deprecated: --autocast none = --precision fp32, bf16 = --precision bf16")
+
+
+def precision_arg(args: argparse.Namespace) -> str:
+    """The precision asked for by ``--precision`` / ``--autocast`` (default ``auto``)."""
+    from aviary.precision import from_legacy_autocast
+
+    if args.autocast is None:
+        return args.precision or "auto"
+    legacy = from_legacy_autocast(args.autocast)
+    if args.precision is not None and args.precision != legacy:
+        raise ValueError(f"--autocast {args.autocast} and --precision {args.precision} disagree; "
+                         "give --precision only")
+    log.warning("--autocast is deprecated: use --precision %s", legacy)
+    return legacy
+
+
 def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="UPSTREAM", help=_UPSTREAM_HELP)
     p.add_argument("--data", required=True, metavar="CORPUS", help="corpus directory or manifest file")
@@ -37,8 +60,7 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="all", help="'all', 'last' or comma-separated hidden-state indices")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision")
     p.add_argument("--split", help="only this split (train, valid, test, train-spk, ...); default: all utterances")
-    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
-                   help="forward-pass precision (bf16 is several times faster on AMX CPUs)")
+    add_precision_args(p, "forward-pass")
     p.add_argument("--batch-seconds", type=float, default=80.0, help="padded audio seconds per forward pass")
     p.add_argument("--shard-seconds", type=float, default=600.0, help="audio seconds per shard (unit of resumption)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of random:PRESET")
@@ -62,10 +84,11 @@ def _extract_run(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     stats = run_extract(args.checkpoint, args.data, args.out, layers=args.layers, dtype=args.dtype,
                         split=args.split, device=args.device, random_seed=args.seed, name=args.name,
-                        autocast=args.autocast, batch_seconds=args.batch_seconds, shard_seconds=args.shard_seconds)
+                        precision=precision_arg(args), batch_seconds=args.batch_seconds,
+                        shard_seconds=args.shard_seconds)
     print(f"{stats.path}: {stats.utterances} utterances in {stats.shards_total} shards "
           f"({stats.shards_written} written now, {stats.audio_seconds:.0f} s of audio in {stats.seconds:.1f} s, "
-          f"{stats.x_real_time:.0f}x real time)")
+          f"{stats.x_real_time:.0f}x real time, {stats.precision})")
     return 0
 
 
@@ -89,7 +112,8 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream-lr", type=float, default=None, help="upstream learning rate when fine-tuning (default 5e-5)")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs at most (default 30)")
     p.add_argument("--patience", type=int, default=None, help="epochs without improvement before stopping (default 4)")
-    p.add_argument("--autocast", choices=("none", "bf16"), default="none", help="extraction / fine-tuning precision")
+    add_precision_args(p, "extraction, probe and fine-tuning (not part of a probe's key: a probe already in "
+                          "results.jsonl is not redone in another precision)")
     p.add_argument("--random-seed", type=int, default=0, help="initialisation seed of random:PRESET")
     p.add_argument("--name", help="display name of the upstream in the results")
     p.add_argument("--device", default="cpu")
@@ -109,11 +133,11 @@ def _probe_run(args: argparse.Namespace) -> int:
                                    ("max_epochs", args.max_epochs), ("patience", args.patience)) if v is not None}
     if args.layer_norm:
         overrides["layer_norm"] = True
-    if args.finetune:
-        overrides["autocast"] = args.autocast
+    precision = precision_arg(args)
+    overrides["precision"] = precision
     recs = run_sweep(args.upstream, args.data, args.out, tasks=args.task, heads=args.head, layers=args.layers,
                      label_fractions=args.label_fraction, seeds=args.seed, finetune=args.finetune, cache=args.cache,
-                     name=args.name, overrides=overrides, extract={"autocast": args.autocast}, device=args.device,
+                     name=args.name, overrides=overrides, extract={"precision": precision}, device=args.device,
                      random_seed=args.random_seed)
     if recs:
         print(format_table(recs))

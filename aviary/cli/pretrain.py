@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="RUN_DIR", required=True,
                    help="run directory: checkpoints, metrics.jsonl, tb/, model.safetensors")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (sets train.steps)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="sets train.precision (default auto: bf16 on CUDA or a CPU with AMX / AVX512-BF16, "
+                        "else fp32 on a CPU, fp16 with loss scaling on an older GPU)")
     p.add_argument("--config", metavar="YAML",
                    help="recipe file with 'preset', 'model' and 'train' keys (see configs/)")
     p.add_argument("--resume", action="store_true",
@@ -63,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         stored = read_json(run_json)
         base = (config_from_dict(stored["model"]), TrainConfig.from_dict(stored["train"]))
         data = data or stored.get("data")
-    model_cfg, train_cfg = resolve_configs(args.model, args.config, args.overrides, args.steps,
-                                           base=base)
+    overrides = list(args.overrides) + ([f"train.precision={args.precision}"] if args.precision else [])
+    model_cfg, train_cfg = resolve_configs(args.model, args.config, overrides, args.steps, base=base)
     if data is None:
         raise ConfigError("no training data: pass --data CORPUS (a corpus directory or manifest)")
     result = pretrain(model_cfg, train_cfg, data, args.out, resume=args.resume)

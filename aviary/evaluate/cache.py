@@ -10,7 +10,9 @@ Layout of a cache directory::
                                     the utterances of every shard (ids, durations)
     CACHE/shard-00000/layer-03.npy  (frames of the shard's utterances, H) for layer 3
     CACHE/shard-00000/shard.json    ids, frame offsets and lengths inside the shard
-    CACHE/index.json                written last: the plan plus "complete": true
+    CACHE/index.json                written last: the plan plus "complete": true and
+                                    "precision_requested" (the plan holds the resolved
+                                    "precision" the forward passes ran in)
 
 Resumability (issue 9): a shard is written into ``shard-XXXXX.tmp/``, every file fsynced,
 then renamed to ``shard-XXXXX/`` in one atomic step. A kill leaves at most one ``.tmp``
@@ -25,7 +27,6 @@ error naming the cache and the problem.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from aviary.evaluate.upstreams import UpstreamInfo, describe_upstream
+from aviary.precision import autocast_context, resolve_precision
 from aviary.train.checkpoint import fsync_dir
 from aviary.models.upstream import Upstream
 
@@ -151,6 +153,7 @@ class ExtractStats:
     shards_written: int
     audio_seconds: float
     seconds: float
+    precision: str = "fp32"  # resolved forward-pass precision
 
     @property
     def x_real_time(self) -> float:
@@ -170,19 +173,10 @@ def load_waveforms(utts: Sequence[Any], sample_rate: int, normalize_db: float | 
     return wavs, lengths  # (B, N), (B,)
 
 
-def autocast_context(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """``"bf16"``: bfloat16 autocast (the big speed lever on AMX CPUs); ``"none"``: fp32."""
-    if mode == "none":
-        return contextlib.nullcontext()
-    if mode == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"autocast {mode!r}: choose 'none' or 'bf16'")
-
-
 def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | os.PathLike, *,
                      name: str, layers: str | Sequence[int] | None = "all", dtype: str = "float16",
                      batch_seconds: float = 80.0, shard_seconds: float = 600.0,
-                     autocast: str = "none", normalize_db: float | None = None,
+                     precision: str = "auto", normalize_db: float | None = None,
                      progress: bool = True, info: UpstreamInfo | None = None) -> ExtractStats:
     """Run ``upstream`` once over ``utterances`` and write the requested layers to ``out``.
 
@@ -196,7 +190,9 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         dtype: ``"float16"`` (half the disk, plenty for probing) or ``"float32"``.
         batch_seconds: padded audio seconds per forward pass.
         shard_seconds: audio seconds per shard (the unit of resumption).
-        autocast: ``"none"`` or ``"bf16"``.
+        precision: forward-pass precision, ``auto`` / ``fp32`` / ``bf16`` (:mod:`aviary.precision`;
+            ``auto``: bf16 where native). The resolved one is part of the plan, so a cache is
+            never resumed in another precision.
         normalize_db: passed to :func:`aviary.audio.load_audio` (e.g. -25 for s3prl's level).
         progress: show a tqdm bar.
         info: precomputed :func:`describe_upstream` (saves hashing the weights twice).
@@ -219,18 +215,26 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"duplicate utterance ids in the corpus, e.g. {dup}")
     durations = [float(u.duration) for u in utterances]
+    device = next(iter(upstream.parameters()), torch.zeros(0)).device
+    resolved = resolve_precision(precision, device)
+    log.info("extract %s: precision %s (requested %s, device %s)", name, resolved, precision, device)
     info = info or describe_upstream(upstream, name)
     layer_list = parse_layers(layers, info.num_hidden_states)
     shards = plan_shards(ids, durations, shard_seconds)
     plan = {
         "version": CACHE_VERSION, "upstream": info.to_dict(), "layers": layer_list, "dtype": dtype,
         "frame_shift": info.frame_shift, "hidden_size": info.hidden_size, "normalize_db": normalize_db,
+        "precision": resolved,
         "shards": [{"ids": [ids[i] for i in s], "durations": [durations[i] for i in s]} for s in shards],
     }
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
     if plan_path.exists():
         old = _read_json(plan_path)
+        if "precision" not in old:
+            # Made before the precision was recorded: which one it ran in is unknown.
+            log.warning("%s: the cache does not record its precision; assuming %s", out, resolved)
+            old["precision"] = resolved
         if old != json.loads(json.dumps(plan)):
             diff = [k for k in plan if old.get(k) != json.loads(json.dumps(plan[k]))]
             raise CacheError(f"{out}: holds a feature cache made with different settings ({', '.join(diff)} "
@@ -239,7 +243,6 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
     else:
         _write_json(plan_path, plan)
 
-    device = next(iter(upstream.parameters()), torch.zeros(0)).device
     upstream.eval()
     max_layer = max(layer_list)
     np_dtype = _DTYPES[dtype]
@@ -260,7 +263,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         lengths_out: list[int] = []
         for batch in batches_by_duration(pos, durations, batch_seconds):
             wavs, wav_lengths = load_waveforms([utterances[i] for i in batch], _sample_rate(upstream), normalize_db)
-            with torch.no_grad(), autocast_context(autocast, device):
+            with torch.no_grad(), autocast_context(resolved, device):
                 states, lengths = upstream.extract(wavs.to(device), wav_lengths.to(device), max_layer=max_layer)
             if len(states) < max_layer + 1:
                 raise CacheError(f"upstream {name} returned {len(states)} hidden states, expected at least {max_layer + 1}")
@@ -273,10 +276,10 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
             bar.update(round(sum(durations[i] for i in batch)))
         _write_shard(out, si, [ids[i] for i in pos], lengths_out, feats)
     bar.close()
-    _write_json(out / "index.json", {**plan, "complete": True})
+    _write_json(out / "index.json", {**plan, "precision_requested": precision, "complete": True})
     elapsed = time.perf_counter() - t0
     return ExtractStats(path=str(out), utterances=len(ids), shards_total=len(shards), shards_written=len(todo),
-                        audio_seconds=audio_todo, seconds=elapsed)
+                        audio_seconds=audio_todo, seconds=elapsed, precision=resolved)
 
 
 def _sample_rate(upstream: Upstream) -> int:
@@ -334,6 +337,7 @@ class FeatureCache:
         self.frame_shift = float(index["frame_shift"])
         self.hidden_size = int(index["hidden_size"])
         self.dtype = index["dtype"]
+        self.precision: str | None = index.get("precision")  # None: made before it was recorded
         self.memo: dict[Any, Any] = {}
         # utterance id -> (shard, offset, length)
         self._where: dict[str, tuple[int, int, int]] = {}

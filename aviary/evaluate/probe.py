@@ -30,12 +30,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary.config import Config, check, check_choice, check_range
-from aviary.evaluate.cache import FeatureCache, autocast_context, batches_by_duration, load_waveforms
+from aviary.config import Config, ConfigError, check, check_choice, check_range
+from aviary.evaluate.cache import FeatureCache, batches_by_duration, load_waveforms
 from aviary.evaluate.featurizers import WeightedSum, build_featurizer, layer_index, parse_layer_spec
 from aviary.evaluate.heads import DEFAULT_HIDDEN, HEADS, build_head
 from aviary.evaluate.tasks import (IGNORE_INDEX, class_names, get_task, label_fraction_subset,
                                    phone_frame_labels, utterance_label)
+from aviary.precision import PRECISIONS, autocast_context, from_legacy_autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,13 @@ class ProbeConfig(Config):
     batch_frames: int = 4096
     batch_utterances: int = 64  # frozen utterance-level: utterances per step
     batch_seconds: float = 40.0  # fine-tuning: padded audio seconds per step
-    autocast: Literal["none", "bf16"] = "none"  # head (frozen) / upstream + head (fine-tune) matmuls
+    # Head (frozen) / upstream + head (fine-tune) matmuls: auto = bf16 where native
+    # (aviary.precision). Not part of the probe's key: it says how, not what, was measured.
+    precision: str = "auto"
 
     def validate(self) -> None:
         check_choice("head", self.head, HEADS)
+        check_choice("precision", self.precision, PRECISIONS)
         try:
             parse_layer_spec(self.layer)
         except ValueError as e:
@@ -86,6 +90,12 @@ class ProbeConfig(Config):
         check_range("batch_utterances", self.batch_utterances, 1, None)
         check_range("batch_seconds", self.batch_seconds, 0.0, None, lo_open=True)
 
+    @classmethod
+    def from_dict(cls, data: Any, _prefix: str = "") -> "ProbeConfig":
+        """As :meth:`Config.from_dict`; the old ``autocast`` key (``none`` / ``bf16``, in
+        configs of records written before issue 14) is read as ``precision``."""
+        return super().from_dict(upgrade_legacy(data), _prefix)
+
     @property
     def mode(self) -> str:
         return "finetune" if self.finetune else "frozen"
@@ -94,6 +104,19 @@ class ProbeConfig(Config):
     def layer_value(self) -> int | str:
         """The layer as recorded: an int, ``"last"`` or ``"weighted"``."""
         return parse_layer_spec(self.layer)
+
+
+def upgrade_legacy(overrides: Any) -> Any:
+    """ProbeConfig fields with an old ``autocast`` key replaced by ``precision``."""
+    if not isinstance(overrides, dict) or "autocast" not in overrides:
+        return overrides
+    out = dict(overrides)
+    precision = from_legacy_autocast(out.pop("autocast"))
+    if out.get("precision", precision) != precision:
+        raise ConfigError(f"both autocast and precision given and they disagree: {overrides}")
+    log.warning("probe setting 'autocast' is deprecated: use precision (auto, fp32, bf16, fp16)")
+    out["precision"] = precision
+    return out
 
 
 @dataclass
@@ -108,6 +131,7 @@ class ProbeResult:
     train_examples: int
     weights: list[float] | None
     history: list[float]
+    precision: str = "fp32"  # resolved precision of the training / evaluation matmuls
 
 
 class ProbeModel(nn.Module):
@@ -317,14 +341,14 @@ class _PooledData:
 
 
 def _evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-              autocast: str = "none") -> tuple[float, float]:
+              precision: str = "fp32") -> tuple[float, float]:
     """(accuracy, mean cross-entropy) over the labelled examples of the batches."""
     model.eval()
     correct = total = 0
     loss_sum = 0.0
     with torch.no_grad():
         for x, y in batches:
-            with autocast_context(autocast, x.device):
+            with autocast_context(precision, x.device):
                 logits = model(x.float()).float()
             valid = y != IGNORE_INDEX
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE_INDEX))
@@ -350,6 +374,7 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
     nhs = cache.num_hidden_states
     layers = _stacked_layers(cfg, nhs, cache.layers)
     classes = class_names(cfg.task, splits)
+    precision = resolve_precision(cfg.precision, "cpu")  # cached features live on the CPU
     _seed_all(cfg.seed)
     if spec.level == "frame":
         data = {k: _FrameData(cache, v, layers) for k, v in splits.items()}
@@ -377,13 +402,13 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
         for x, y in data["train"].batches(batch, rng):
             if not bool((y != IGNORE_INDEX).any()):
                 continue  # a batch of unaligned frames only: nothing to learn, and a NaN loss
-            with autocast_context(cfg.autocast, x.device):
+            with autocast_context(precision, x.device):
                 logits = model(x.float()).float()
             loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        acc, vloss = _evaluate(model, data["valid"].batches(batch, None), cfg.autocast)
+        acc, vloss = _evaluate(model, data["valid"].batches(batch, None), precision)
         history.append(acc)
         if progress is not None:
             progress.set_postfix_str(f"{cfg.task}/{cfg.head}/L{cfg.layer} ep{epoch} valid {acc:.3f}")
@@ -391,20 +416,20 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
             break
     train_seconds = time.perf_counter() - t0
     stopper.restore()
-    test, _ = _evaluate(model, data["test"].batches(batch, None), cfg.autocast)
+    test, _ = _evaluate(model, data["test"].batches(batch, None), precision)
     return ProbeResult(valid_acc=stopper.best, test_acc=test, best_epoch=stopper.best_epoch, epochs=epoch + 1,
                        train_seconds=train_seconds, train_examples=n_train, weights=_weights_of(model),
-                       history=history)
+                       history=history, precision=precision)
 
 
 # -------------------------------------------------------------------------- fine-tune mode
 
 
 def _finetune_logits(upstream: nn.Module, model: ProbeModel, utts: Sequence[Any], stacked: list[int],
-                     level: str, device: torch.device, autocast: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     level: str, device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward raw audio through upstream + probe; returns logits and valid-frame lengths."""
     wavs, wav_lengths = load_waveforms(utts, int(getattr(upstream, "sample_rate", 16000)), None)
-    with autocast_context(autocast, device):
+    with autocast_context(precision, device):
         states, lengths = upstream.extract(wavs.to(device), wav_lengths.to(device), max_layer=max(stacked))
         x = torch.stack([states[k] for k in stacked], dim=2).float()  # (B, T, N, H)
         if level == "frame":
@@ -445,6 +470,7 @@ def train_finetune(cfg: ProbeConfig, upstream: nn.Module, splits: dict[str, Sequ
     classes = class_names(cfg.task, splits)
     cid = {c: i for i, c in enumerate(classes)}
     device = next(iter(upstream.parameters())).device
+    precision = resolve_precision(cfg.precision, device)
     _seed_all(cfg.seed)
     model = _make_model(cfg, nhs, stacked, int(upstream.hidden_size), len(classes), cfg.layer_norm).to(device)
     up_params = [p for p in upstream.parameters() if p.requires_grad]
@@ -467,7 +493,7 @@ def train_finetune(cfg: ProbeConfig, upstream: nn.Module, splits: dict[str, Sequ
         with torch.no_grad():
             for b in batches_by_duration(order, durs[split], cfg.batch_seconds):
                 bu = [utts[i] for i in b]
-                logits, lengths = _finetune_logits(upstream, model, bu, stacked, spec.level, device, cfg.autocast)
+                logits, lengths = _finetune_logits(upstream, model, bu, stacked, spec.level, device, precision)
                 y = _finetune_targets(bu, spec.level, lengths.cpu(), logits.shape[1] if spec.level == "frame" else 0,
                                       frame_shift, cfg.task, cid).to(device)
                 valid = y != IGNORE_INDEX
@@ -490,7 +516,7 @@ def train_finetune(cfg: ProbeConfig, upstream: nn.Module, splits: dict[str, Sequ
         rng = np.random.default_rng([cfg.seed, epoch])
         for bi in rng.permutation(len(batches)):
             bu = [train[i] for i in batches[bi]]
-            logits, lengths = _finetune_logits(upstream, model, bu, stacked, spec.level, device, cfg.autocast)
+            logits, lengths = _finetune_logits(upstream, model, bu, stacked, spec.level, device, precision)
             y = _finetune_targets(bu, spec.level, lengths.cpu(), logits.shape[1] if spec.level == "frame" else 0,
                                   frame_shift, cfg.task, cid).to(device)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX)
@@ -511,7 +537,7 @@ def train_finetune(cfg: ProbeConfig, upstream: nn.Module, splits: dict[str, Sequ
     upstream.eval()
     return ProbeResult(valid_acc=stopper.best, test_acc=test, best_epoch=stopper.best_epoch, epochs=epoch + 1,
                        train_seconds=train_seconds, train_examples=n_train, weights=_weights_of(model),
-                       history=history)
+                       history=history, precision=precision)
 
 
 # ------------------------------------------------------------------------------ the record
@@ -525,12 +551,12 @@ def probe_key(upstream_name: str, cfg: ProbeConfig) -> str:
     # Other settings only when changed from the defaults, so keys stay readable.
     default = ProbeConfig().to_dict()
     extra = [f"{k}={c[k]}" for k in sorted(c) if k not in ("task", "head", "layer", "finetune", "label_fraction",
-                                                              "seed") and c[k] != default[k]]
+                                                              "seed", "precision") and c[k] != default[k]]
     return "|".join(parts + extra)
 
 
 def make_record(upstream_info: dict[str, Any], cfg: ProbeConfig, result: ProbeResult, num_classes: int,
-                cache_path: str | None) -> dict[str, Any]:
+                cache_path: str | None, extract_precision: str | None = None) -> dict[str, Any]:
     """The JSON record appended to ``results.jsonl`` (documented in :mod:`aviary.evaluate.results`)."""
     rec: dict[str, Any] = {
         "key": probe_key(upstream_info["name"], cfg),
@@ -558,6 +584,11 @@ def make_record(upstream_info: dict[str, Any], cfg: ProbeConfig, result: ProbeRe
         "weights": [round(w, 6) for w in result.weights] if result.weights is not None else None,
         "valid_history": [round(a, 6) for a in result.history],
         "cache": cache_path,
+        # Resolved precision of the probe (head; fine-tuning: upstream too), the requested one,
+        # and that of the cached features' extraction (frozen; None for old caches).
+        "precision": result.precision,
+        "precision_requested": cfg.precision,
+        "extract_precision": extract_precision,
         "config": cfg.to_dict(),
     }
     return rec
@@ -598,4 +629,5 @@ def run_probe(cfg: ProbeConfig, splits: dict[str, Sequence[Any]], *, cache: Feat
     if cache is None:
         raise ValueError("frozen probing needs a feature cache (aviary extract)")
     result = train_frozen(cfg, cache, parts, progress)
-    return make_record(upstream_info or cache.upstream, cfg, result, len(classes), str(cache.path))
+    return make_record(upstream_info or cache.upstream, cfg, result, len(classes), str(cache.path),
+                       cache.precision)

@@ -4,8 +4,10 @@ Each probe appends one JSON line to ``DIR/results.jsonl`` with (at least) ``key`
 ``upstream``, ``upstream_params``, ``task``, ``head``, ``layer`` (int, ``"last"`` or
 ``"weighted"``), ``mode`` (``frozen`` / ``finetune``), ``label_fraction``, ``seed``,
 ``valid_acc``, ``test_acc``, ``train_seconds``, ``lr``, ``upstream_lr`` (fine-tuning) and
-``weights`` (softmax weighted-sum weights, one per hidden state) - see
-:func:`aviary.evaluate.probe.make_record`.
+``weights`` (softmax weighted-sum weights, one per hidden state), ``precision`` (resolved),
+``precision_requested`` and ``extract_precision`` - see :func:`aviary.evaluate.probe.make_record`.
+Records written before issue 14 carried ``autocast`` (``none`` / ``bf16``) in their config and,
+when it was not the default, in their key; :func:`load_records` reads them as ``precision``.
 
 Appends are atomic in practice: the whole line goes out in one ``write`` on a file opened
 with ``O_APPEND``, then ``fsync``. A kill mid-write can at worst leave a truncated last
@@ -77,8 +79,28 @@ def load_records(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
             bad += 1
             log.warning("%s:%d: skipping a record without 'key'", path, n)
             continue
+        rec = _upgrade_record(rec)
         recs[rec["key"]] = rec
     return list(recs.values())
+
+
+def _upgrade_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """An old record (``autocast`` in config and key) in today's terms."""
+    from aviary.precision import LEGACY_AUTOCAST
+
+    config = rec.get("config")
+    if not isinstance(config, dict) or "autocast" not in config:
+        return rec
+    rec = dict(rec)
+    config = dict(config)
+    precision = LEGACY_AUTOCAST.get(config.pop("autocast"), "fp32")
+    config.setdefault("precision", precision)
+    rec["config"] = config
+    rec.setdefault("precision", precision)
+    rec.setdefault("precision_requested", precision)
+    # The key names what was measured; precision is no longer part of it.
+    rec["key"] = "|".join(p for p in str(rec["key"]).split("|") if not p.startswith("autocast="))
+    return rec
 
 
 def done_keys(out_dir: str | os.PathLike) -> set[str]:

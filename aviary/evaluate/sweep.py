@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 from aviary.evaluate.cache import FeatureCache, extract_to_cache, open_cache
 from aviary.evaluate.featurizers import parse_layer_spec
-from aviary.evaluate.probe import ProbeConfig, probe_key, run_probe
+from aviary.evaluate.probe import ProbeConfig, probe_key, run_probe, upgrade_legacy
+from aviary.precision import resolve_precision
 from aviary.evaluate.results import append_record, done_keys
 from aviary.evaluate.tasks import get_task, load_splits
 from aviary.evaluate.upstreams import FEATURE_BASELINES, RANDOM_PREFIX, describe_upstream, resolve_upstream
@@ -81,8 +82,9 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
         finetune: fine-tune mode (each probe starts from a fresh copy of the upstream).
         cache: an existing cache from ``aviary extract`` (validated against the corpus and upstream).
         name: display name for an upstream object (default: from the string).
-        overrides: other :class:`ProbeConfig` fields (``lr``, ``hidden``, ``max_epochs`` ...).
-        extract: keyword arguments for :func:`extract_to_cache` (``dtype``, ``autocast`` ...).
+        overrides: other :class:`ProbeConfig` fields (``lr``, ``hidden``, ``max_epochs``,
+            ``precision`` ...).
+        extract: keyword arguments for :func:`extract_to_cache` (``dtype``, ``precision`` ...).
         device: torch device.
         progress: show the progress bar.
         random_seed: initialisation seed of ``random:PRESET``.
@@ -94,7 +96,8 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = dict(overrides or {})
+    overrides = upgrade_legacy(dict(overrides or {}))
+    extract = upgrade_legacy(dict(extract or {}))
     for t in tasks:
         get_task(t)
 
@@ -131,6 +134,9 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
         log.info("%s: %d of %d probes already recorded, skipping them", out, len(configs) - len(todo), len(configs))
     if not todo:
         return []
+    requested = todo[0].precision
+    log.info("%s: %d probes in precision %s (requested %s)", name, len(todo),
+             resolve_precision(requested, device if finetune else "cpu"), requested)
 
     splits = {t: load_splits(data, t) for t in sorted({c.task for c in todo})}
     all_utts = {u.id: u for parts in splits.values() for utts in parts.values() for u in utts}

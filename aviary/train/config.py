@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aviary.config import Config, check, check_choice, check_range
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from aviary.precision import PRECISIONS
 
 
 @dataclass(frozen=True)

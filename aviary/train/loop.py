@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from aviary.config import Config, ConfigError
+from aviary.precision import autocast_dtype, resolve_precision
 from aviary.train import checkpoint as ckpt
 from aviary.train.config import TrainConfig
 from aviary.train.data import (Collate, ItemDataset, MicroBatchStream, StreamPosition, TrainData,
@@ -75,33 +76,6 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"config key 'device' = {name!r} is invalid: no CUDA device is available")
     return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """Autocast dtype (``None``: fp32) and whether a GradScaler is needed (fp16).
-
-    ``auto``: bf16 on a CPU with native bf16 (else fp32); on CUDA bf16 where supported,
-    else fp16 with loss scaling.
-    """
-    if device.type == "cpu":
-        if precision == "fp16":
-            raise ConfigError("config key 'precision' = 'fp16' is invalid on CPU: allowed auto, fp32, bf16")
-        if precision == "auto":
-            precision = "bf16" if cpu_supports_bf16() else "fp32"
-    elif precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return dtype, precision == "fp16"
 
 
 # Optimizer
@@ -282,7 +256,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: TrainConfig,
-                     data_desc: str, info: DistInfo) -> None:
+                     data_desc: str, info: DistInfo, precision: str) -> None:
     """Refuse to overwrite a run by accident; write ``run.json`` (rank 0)."""
     existing = ckpt.list_checkpoints(run_dir)
     if existing and not resume:
@@ -304,6 +278,8 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
         ckpt.write_json_atomic(run_json, {
             "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": data_desc,
             "world_size": info.world_size, "git_commit": _git_commit(),
+            # train.precision is the request (auto ...); this is what this machine runs.
+            "precision": precision, "precision_requested": train_cfg.precision,
             "format_version": ckpt.FORMAT_VERSION,
         })
 
@@ -364,7 +340,9 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
     info = init_distributed(probe_device.type)
     try:
         device = resolve_device(cfg.device, info)
-        amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
+        precision = resolve_precision(cfg.precision, device, loss_scaling=True)
+        amp_dtype, use_scaler = autocast_dtype(precision), precision == "fp16"
+        log.info("precision %s (requested %s, device %s)", precision, cfg.precision, device)
 
         # Data first: a missing corpus should fail before a model is built.
         if train_data is None:
@@ -381,7 +359,7 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
             # resumed run arrive at the same config.
             model_cfg = family.fit_corpus_stats(model_cfg, _stat_batches(train_data, cfg))
         run_dir.mkdir(parents=True, exist_ok=True)
-        _prepare_run_dir(run_dir, resume, model_cfg, cfg, None if data is None else str(data), info)
+        _prepare_run_dir(run_dir, resume, model_cfg, cfg, None if data is None else str(data), info, precision)
         barrier(info)
 
         # Same initial weights on every rank and in every run of this seed.
@@ -467,6 +445,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
     from tqdm.auto import tqdm
 
     core = _unwrap(model)
+    precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     params = [p for g in opt.param_groups for p in g["params"]]
     stream = MicroBatchStream(train_data, cfg.seed, start, info.rank, info.world_size)
     # The checkpointed position must be that of the step boundary, not of the DataLoader's
@@ -586,6 +565,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     rec = _log_record(window, window_steps, window_amount, window_t0, step, lr,
                                       counters, train_data, info, device)
+                    rec["precision"] = precision_name
                     metrics.write(rec)
                     result.history.append(rec)
                     result.train_loss = rec.get("loss", math.nan)

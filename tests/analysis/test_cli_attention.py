@@ -25,7 +25,7 @@ def test_analyze_attention_cli(tmp_path, capsys):
     write_manifest(tmp_path / "m.jsonl", utts)
     rc = main(["analyze", "attention", "--checkpoint", str(tmp_path / "model.safetensors"),
                "--data", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "out"), "--name", "aa",
-               "--autocast", "none"])
+               "--precision", "fp32"])
     assert rc == 0
     d = json.loads((tmp_path / "out" / "attention_jsd.json").read_text())
     L = cfg.encoder.num_layers

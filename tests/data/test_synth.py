@@ -117,3 +117,41 @@ def test_same_bytes_with_two_workers(corpus, tmp_path):
     synthesize_corpus(tmp_path, SynthConfig(speakers=3, utterances_per_speaker=3, seed=5, workers=2,
                                             reverb=True), progress=False)
     assert _digest(tmp_path) == _digest(d)
+
+
+def test_breath_noise_voice_same_bytes_in_separate_runs(tmp_path):
+    """Issue 14: espeak-ng seeds the breath noise of voices such as ``+f5`` from the clock
+    (``time(NULL)``, seconds), so two runs starting in different seconds gave different audio
+    for those speakers. Each run synthesises in fresh processes; the second starts at least a
+    second after the first, so an unseeded generator would get another seed."""
+    import time
+
+    cfg = SynthConfig(speakers=2, utterances_per_speaker=2, seed=7, workers=1)
+    voices = [s.voice for s in make_speakers(cfg.speakers, cfg.seed)]
+    assert "en-gb-x-gbclan+f5" in voices  # f5 has a `breath` line (espeak-ng-data/voices/!v/f5)
+    t0 = time.time()
+    synthesize_corpus(tmp_path / "a", cfg, progress=False)
+    time.sleep(max(0.0, 1.1 - (time.time() - t0)))
+    synthesize_corpus(tmp_path / "b", cfg, progress=False)
+    for p in sorted((tmp_path / "a").rglob("*.flac")):
+        assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes(), p.name
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+def test_synth_seed_fixes_breath_noise():
+    """The same (text, voice, seed) in two fresh processes, a second apart, gives the same
+    samples; another seed changes the breath noise (so the seed is what fixes it)."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import hashlib, sys\n"
+            "from aviary.data.synth.espeak import engine\n"
+            "w, _ = engine().synth('the quick brown fox', 'en+f5', seed=int(sys.argv[1]))\n"
+            "print(hashlib.sha256(w.tobytes()).hexdigest())\n")
+    run = lambda seed: subprocess.run([sys.executable, "-c", code, str(seed)], check=True,
+                                      capture_output=True, text=True).stdout.strip()
+    first = run(3)
+    time.sleep(1.1)
+    assert run(3) == first
+    assert run(4) != first

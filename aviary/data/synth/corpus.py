@@ -22,7 +22,9 @@ How it is made (defaults in :class:`SynthConfig`):
 * Files are written at a random level between -30 and -18 dBFS as 16-bit FLAC at 16 kHz.
 
 Every random draw comes from ``numpy.random.default_rng([seed, stream, speaker, utterance])``,
-so a corpus depends only on the seed and the config (same bytes whatever the worker count).
+so a corpus depends only on the seed and the config (same bytes whatever the worker count);
+espeak-ng's own noise generator (breath noise of some voice variants) is reseeded before every
+synthesis from the same kind of key (:func:`espeak_seed`), since espeak-ng seeds it from the clock.
 
 ``words=True`` makes a keyword-spotting corpus instead (Speech Commands style): 1 s clips of
 one isolated word, classes = 12 keywords + ``unknown`` (other words) + ``silence`` (noise
@@ -61,7 +63,16 @@ VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f
             "john", "linda", "max", "michel", "paul", "rob", "robert", "shelby", "steph",
             "travis", "victor", "zac", "Lee", "Michael", "Mike", "Alicia", "Andrea", "Jacky")
 NOISE_KINDS = ("white", "pink", "brown", "babble")
-_STREAM_SPEAKER, _STREAM_UTT, _STREAM_BABBLE = 1, 2, 3
+_STREAM_SPEAKER, _STREAM_UTT, _STREAM_BABBLE, _STREAM_ESPEAK, _STREAM_ESPEAK_BABBLE = 1, 2, 3, 4, 5
+
+
+def espeak_seed(*key: int) -> int:
+    """A seed for espeak-ng's noise generator from a key such as ``(seed, stream, speaker, utt, try)``.
+
+    Drawn from its own key rather than the utterance's generator, so the other random draws
+    (and the audio of voices without breath noise) stay what they were before it was seeded.
+    """
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0] >> 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +272,8 @@ def make_babble(cfg: SynthConfig, tts: Any, grammar: Grammar) -> np.ndarray:
         parts, total = [], 0
         while total < 20 * SAMPLE_RATE:
             wav, _ = tts.synth(grammar.sentence(rng, 2), voice, int(rng.integers(150, 200)),
-                               int(rng.integers(30, 70)), 60)
+                               int(rng.integers(30, 70)), 60,
+                               seed=espeak_seed(cfg.seed, _STREAM_ESPEAK_BABBLE, k, len(parts)))
             x = _to16k(wav, tts.sample_rate)
             parts.append(x)
             total += x.size
@@ -302,12 +314,12 @@ class _Worker:
         start = int(rng.integers(pool.size))
         return kind, np.take(pool, np.arange(start, start + n), mode="wrap")
 
-    def speak(self, spk: Speaker, rng: np.random.Generator, text: str,
-              rate_scale: float = 1.0) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
+    def speak(self, spk: Speaker, rng: np.random.Generator, text: str, rate_scale: float = 1.0,
+              seed: int = 0) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
         pitch = int(np.clip(spk.pitch + rng.integers(-6, 7), 0, 99))
         prange = int(np.clip(spk.pitch_range + rng.integers(-10, 11), 0, 99))
         rate = int(np.clip(spk.rate * rng.uniform(0.9, 1.1) * rate_scale, 80, 400))
-        wav, events = self.tts.synth(text, spk.voice, rate, pitch, prange)
+        wav, events = self.tts.synth(text, spk.voice, rate, pitch, prange, seed=seed)
         x = _to16k(wav, self.tts.sample_rate)
         return x, events_to_phones(events, x.size / SAMPLE_RATE)
 
@@ -341,7 +353,8 @@ class _Worker:
         clauses = max(1, int(round(target / (6 * 60.0 / spk.rate * 1.15))))
         for attempt in range(12):
             text = self.grammar.sentence(rng, clauses)
-            x, phones = self.speak(spk, rng, text)
+            x, phones = self.speak(spk, rng, text,
+                                   seed=espeak_seed(cfg.seed, _STREAM_ESPEAK, int(spk.id), u, attempt))
             lead, trail = rng.uniform(0.05, 0.35, size=2)
             dur = x.size / SAMPLE_RATE + lead + trail
             if lo <= dur <= hi:
@@ -374,8 +387,9 @@ class _Worker:
         word = str(keywords[k] if k < len(keywords) else rng.choice(unknown))
         label = keywords[k] if k < len(keywords) else "unknown"
         scale = 1.0
-        for _ in range(8):
-            x, phones = self.speak(spk, rng, word, rate_scale=scale)
+        for attempt in range(8):
+            x, phones = self.speak(spk, rng, word, rate_scale=scale,
+                                   seed=espeak_seed(cfg.seed, _STREAM_ESPEAK, int(spk.id), u, attempt))
             # espeak pads a word with ~0.1 s of pause: trim the silent ends to fit the clip.
             sp = [p for p in phones if p[0] != "sil"]
             a, b = int(sp[0][1] * SAMPLE_RATE), int(np.ceil(sp[-1][2] * SAMPLE_RATE))
@@ -459,10 +473,11 @@ def synthesize_corpus(out: str | Path, cfg: SynthConfig = SynthConfig(), progres
     speakers = make_speakers(cfg.speakers, cfg.seed)
     jobs = [(dataclasses.asdict(s), str(out)) for s in speakers]
     # espeak-ng carries hidden state from one synthesis to the next (its output for the same
-    # text and settings differs by a few samples after other calls, and neither re-initialising
-    # nor its random seed resets it). For the same bytes whatever the worker count, every job
-    # (one speaker, or the babble pool) runs in a fresh process from a forkserver whose
-    # process never loaded espeak: the synthesis sequence of each job is then fixed.
+    # text and settings differs by a few samples after other calls, with its noise generator
+    # reseeded too, and re-initialising does not reset it). For the same bytes whatever the
+    # worker count, every job (one speaker, or the babble pool) runs in a fresh process from a
+    # forkserver whose process never loaded espeak: the synthesis sequence of each job is then
+    # fixed. (Its noise generator, seeded from the clock, is reseeded per synthesis: espeak.py.)
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["aviary.data.synth.corpus"])
     babble, cpu = None, 0.0

@@ -9,6 +9,17 @@ chunks of 16-bit samples and the events that fall in them. PHONEME events (type 
 phoneme mnemonic (``id.string``, up to 8 bytes, e.g. ``'aU``) and ``audio_position``, the
 phoneme's start in milliseconds from the start of the utterance; a phoneme ends where the next
 one starts, and the last event (a pause) lies within 1 ms of the audio's end.
+
+Determinism: espeak-ng draws the "breath" noise of some voice variants (``breath`` lines in
+``voices/!v/``: f2, f3, f5, Alicia, ...) from its own generator, which ``espeak_Initialize``
+seeds with ``time(NULL)``. Two runs that start in different seconds then gave different audio
+for those voices only (issue 14: 10 of 60 files, max sample difference 0.09, same lengths;
+two processes started within the same second agree). :meth:`Espeak.synth` therefore reseeds
+that generator (``espeak_ng_SetRandSeed``) before every utterance. The klatt voices' noise
+comes from libc ``rand()``, which espeak-ng never seeds: the same in every fresh process.
+espeak-ng also carries deterministic state from one synthesis to the next (the same text twice
+in a row gives slightly different samples), so a synthesis sequence must start in a fresh
+process to repeat exactly (see :func:`aviary.data.synth.corpus.synthesize_corpus`).
 """
 from __future__ import annotations
 
@@ -70,6 +81,12 @@ class Espeak:
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                      ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        try:
+            lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+            lib.espeak_ng_SetRandSeed.restype = None
+        except AttributeError as e:  # espeak-ng < 1.51
+            raise EspeakError("this libespeak-ng has no espeak_ng_SetRandSeed, so voices with breath "
+                              "noise would differ between runs; upgrade espeakng-loader") from e
         data = espeakng_loader.get_data_path().encode()
         # buflength 2000 ms: fewer, larger callbacks (each one is a trip through Python).
         self.sample_rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 2000, data,
@@ -102,7 +119,7 @@ class Espeak:
         self._voice = name
 
     def synth(self, text: str, voice: str, rate: int = 175, pitch: int = 50,
-              pitch_range: int = 50) -> tuple[np.ndarray, list[tuple[str, int]]]:
+              pitch_range: int = 50, seed: int = 0) -> tuple[np.ndarray, list[tuple[str, int]]]:
         """Synthesise ``text``.
 
         Args:
@@ -111,6 +128,8 @@ class Espeak:
             rate: words per minute (80..450).
             pitch: base pitch 0..99 (50 is the voice's normal).
             pitch_range: intonation range 0..99 (0: monotone).
+            seed: seed of espeak-ng's noise generator for this utterance (breath noise);
+                without it the noise would follow the clock (module docstring).
 
         Returns:
             ``(samples, events)``: int16 (N,) at :attr:`sample_rate`, and PHONEME events as
@@ -119,6 +138,7 @@ class Espeak:
         self.set_voice(voice)
         for param, value in ((PARAM_RATE, rate), (PARAM_PITCH, pitch), (PARAM_RANGE, pitch_range)):
             self.lib.espeak_SetParameter(param, int(value), 0)
+        self.lib.espeak_ng_SetRandSeed(int(seed) & 0x7FFFFFFF)
         self._chunks, self._events = [], []
         buf = text.encode("utf-8")
         rc = self.lib.espeak_Synth(buf, len(buf) + 1, 0, POS_CHARACTER, 0, CHARS_UTF8, None, None)
