@@ -129,7 +129,7 @@ def export_s3prl_upstream(run: str | os.PathLike, out_dir: str | os.PathLike) ->
     """
     import aviary
     from aviary.models.upstream import _find_weights
-    from aviary.train.checkpoint import torch_file_kind
+    from aviary.train.checkpoint import fsync_dir, torch_file_kind
 
     from aviary.interop.s3prl_expert.expert import samples_per_frame
 
@@ -172,7 +172,9 @@ def export_s3prl_upstream(run: str | os.PathLike, out_dir: str | os.PathLike) ->
                 os.fsync(fh.fileno())
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
+        fsync_dir(tmp)
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

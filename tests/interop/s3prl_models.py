@@ -63,3 +63,49 @@ def wav(seconds: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(int(16000 * seconds)) / 16000
     return 0.3 * torch.sin(2 * torch.pi * (150 + 400 * t) * t) + 0.05 * torch.randn(t.shape, generator=g)
+
+
+def write_corpus(root: Path, n: int = 16, seed: int = 0) -> Path:
+    """``n`` noisy-sine wav files (0.6 .. 1.6 s, 4 speakers) with train/valid/test splits."""
+    import numpy as np
+    import soundfile as sf
+
+    from aviary.data.manifest import Utterance, write_corpus as _write
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    utts = []
+    for i in range(n):
+        t = np.arange(int(rng.uniform(0.6, 1.6) * 16000)) / 16000
+        x = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + rng.normal(0, 0.02, t.size)
+        path = root / f"u{i:03d}.wav"
+        sf.write(path, x.astype(np.float32), 16000, subtype="PCM_16")
+        utts.append(Utterance(id=f"u{i:03d}", audio=str(path), duration=t.size / 16000, sample_rate=16000,
+                              speaker=f"s{i % 4}"))
+    _write(root, utts, readme="noisy sines for the s3prl upstream tests")
+    return root
+
+
+FAST = ["train.precision=fp32", "train.log_every=1", "train.val_every=0", "train.tensorboard=false",
+        "train.warmup_fraction=0", "train.max_batch_seconds=4", "train.crop_seconds=1.2"]
+
+
+def pretrain_runs(root: Path) -> dict[str, Path]:
+    """Real ``aviary pretrain`` runs (2 steps, through the CLI) of issue 19's three models:
+    an R = 3 AALBERT, an SSAST frame model, and token-BERT on tokens of a vq-wav2vec run."""
+    from aviary.cli import main
+
+    corpus = write_corpus(root / "corpus")
+    runs = {"aalbert-R3": root / "aalbert", "ssast-frame": root / "ssast", "token-bert": root / "bert"}
+    assert main(["pretrain", "--model", "aalbert-tiny", "--data", str(corpus), "--out", str(runs["aalbert-R3"]),
+                 "--steps", "2", *FAST]) == 0
+    assert main(["pretrain", "--model", "ssast-frame-cpu", "--data", str(corpus), "--out", str(runs["ssast-frame"]),
+                 "--steps", "2", *FAST, *[f"model.{o}" for o in TINY_SSAST]]) == 0
+    vq, tokens = root / "vq", root / "tokens"
+    assert main(["pretrain", "--model", "vq-wav2vec-kmeans-cpu", "--data", str(corpus), "--out", str(vq),
+                 "--steps", "2", *FAST, *[f"model.{o}" for o in TINY_VQ]]) == 0
+    assert main(["tokenize", "--checkpoint", str(vq), "--data", str(corpus), "--out", str(tokens)]) == 0
+    bert = [f"model.{o}" for o in MODELS["token-bert"][1]]
+    assert main(["pretrain", "--model", "token-bert-cpu", "--data", str(tokens), "--out", str(runs["token-bert"]),
+                 "--steps", "2", *FAST[:5], *bert, "train.max_batch_tokens=256"]) == 0
+    return runs

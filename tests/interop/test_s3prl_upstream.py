@@ -17,6 +17,7 @@ The check that s3prl's own code gives the same numbers is ``test_s3prl_upstream_
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -80,6 +81,8 @@ def test_package_follows_s3prl_runner_interface(packages, name):
     rate = samples_per_frame(up.frame_shift)
     assert manifest["downsample_rate"] == rate and manifest["num_hidden_states"] == up.num_hidden_states
     assert manifest["hidden_size"] == up.hidden_size * g and manifest["entry"] == "aviary_local"
+    assert manifest["sha256"] == hashlib.sha256((pkg / "model.safetensors").read_bytes()).hexdigest()
+    assert (pkg / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
 
     # The runner: getattr(hub, -u)(ckpt=, model_config=, refresh=).to(device), then its interface assert.
     expert = load_exported_hubconf(pkg).aviary_local(ckpt=str(pkg / "model.safetensors"), model_config=None,
