@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= demo_out
 
-.PHONY: venv demo demo-quick test test-slow bench clean
+.PHONY: venv demo demo-quick test test-slow test-s3prl s3prl-venv bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,17 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --timeout 3600
+
+# s3prl 0.4.18 in its own venv (.s3prl-venv, or S3PRL_VENV=...), built once: torch==2.13.0 first,
+# s3prl without its declared dependencies, a torchaudio stub (benchmarks/s3prl_env.py).
+S3PRL_VENV ?= .s3prl-venv
+
+s3prl-venv: $(STAMP)
+	$(BIN)/python -m benchmarks.s3prl_env $(S3PRL_VENV)
+
+# Exported upstream packages in s3prl's own runner and featurizer == aviary's hidden states.
+test-s3prl: s3prl-venv
+	AVIARY_S3PRL_VENV=$(S3PRL_VENV) $(BIN)/python -m pytest -q -s -m slow tests/interop/test_s3prl_upstream_slow.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

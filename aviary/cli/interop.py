@@ -39,9 +39,20 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                                      "audio_albert_local (SUPERB)")
     s.add_argument("run", metavar="RUN_DIR", help="aviary run directory or bundle file (mam family)")
     s.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
+    s = sub.add_parser("s3prl-upstream", help="s3prl upstream package running aviary itself, any family "
+                                              "(drop DIR into s3prl's upstream/; -u aviary_local)")
+    s.add_argument("run", metavar="RUN_DIR", help="aviary run directory or bundle file (any family)")
+    s.add_argument("--out", required=True, metavar="DIR", help="package folder to create")
 
 
 def _export_run(args: argparse.Namespace) -> int:
+    if args.target == "s3prl-upstream":
+        from aviary.interop.s3prl_upstream import export_s3prl_upstream
+
+        out = export_s3prl_upstream(args.run, args.out)
+        log.info("wrote %s; copy it to s3prl/upstream/aviary, add `from s3prl.upstream.aviary.hubconf import *` "
+                 "to s3prl/hub.py, then run_downstream.py -u aviary_local -k %s", out, out / "model.safetensors")
+        return 0
     from aviary.interop.s3prl import export_s3prl_checkpoint
 
     path = export_s3prl_checkpoint(args.run, args.out)

@@ -586,7 +586,7 @@ def export_s3prl_checkpoint(run: str | os.PathLike, out_path: str | os.PathLike)
     if cfg.encoder.downsample > 1:
         log.warning("R = %d: s3prl's current mockingjay/tera/audio_albert upstreams do not stack frames "
                     "(they ignore transformer.downsample_rate); this file loads in s3prl versions "
-                    "that do", cfg.encoder.downsample)
+                    "that do. `aviary export s3prl-upstream` runs it in any s3prl", cfg.encoder.downsample)
     if cfg.encoder.downsample > 1 and cfg.encoder.stack_tail == "pad":
         log.info("s3prl drops the last T %% R frames when stacking; aviary keeps them, so outputs "
                  "differ slightly when T %% %d != 0", cfg.encoder.downsample)
