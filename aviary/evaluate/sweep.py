@@ -185,8 +185,10 @@ def run_extract(checkpoint: str, data: str | os.PathLike, out: str | os.PathLike
         :class:`~aviary.evaluate.cache.ExtractStats`.
     """
     from aviary.data import load_manifest
+    from aviary.data.manifest import check_disjoint_splits
 
     up, resolved = resolve_upstream(checkpoint, device=device, seed=random_seed)
     name = name or (display_name(checkpoint) if resolved == checkpoint else resolved)
     utts = load_manifest(data, split=split)
+    check_disjoint_splits(data)  # a cache of overlapping splits would feed inflated probes
     return extract_to_cache(up, utts, out, name=name, layers=layers, dtype=dtype, **kwargs)
