@@ -18,6 +18,11 @@ directory, which the next run deletes and redoes; completed shards are kept. Bec
 plan fixes which utterance goes into which shard, the finished cache holds every
 utterance exactly once however often the run was interrupted.
 
+Checksums (version 2): ``shard.json`` holds the SHA-256 of every layer file, computed at
+write. A layer file is verified the first time it is read (a flipped byte would otherwise
+reach the probes as NaN or changed features), and ``aviary extract`` re-creates any finished
+shard that fails its check (a truncated or damaged shard is redone, not skipped).
+
 Validation: :func:`open_cache` refuses an incomplete cache, files whose shapes disagree with
 their ``shard.json``, a cache made by a different upstream (weights fingerprint) and
 utterances whose durations differ from the manifest's (a regenerated corpus), each with an
@@ -26,6 +31,7 @@ error naming the cache and the problem.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -44,7 +50,9 @@ from aviary.models.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""1: no checksums (still read, unverified); 2: SHA-256 of every layer file in shard.json."""
+_READABLE_VERSIONS = (1, 2)
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -139,6 +147,38 @@ def batches_by_duration(positions: Sequence[int], durations: Sequence[float],
 
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_problem(sdir: Path, layers: Sequence[int], ids: Sequence[str] | None = None) -> str | None:
+    """Why a finished shard directory cannot be used (``None``: it verifies).
+
+    Checks that ``shard.json`` is readable (and lists ``ids``), and that every layer file
+    exists and matches the checksum stored at write.
+    """
+    try:
+        meta = json.loads((sdir / "shard.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{sdir / 'shard.json'}: unreadable ({e})"
+    if ids is not None and meta.get("ids") != list(ids):
+        return f"{sdir / 'shard.json'}: utterance ids differ from the plan"
+    sums = meta.get("sha256")
+    if not isinstance(sums, dict):
+        return f"{sdir / 'shard.json'}: no checksums (written by an older aviary)"
+    for k in layers:
+        f = sdir / f"layer-{k:02d}.npy"
+        if not f.is_file():
+            return f"{f}: missing"
+        if sums.get(f.name) != _file_sha256(f):
+            return f"{f}: checksum mismatch (truncated or corrupted)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -250,8 +290,15 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         tmp = out / (_shard_name(si) + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)  # left by an interrupted run: redo the shard
-        if not (final / "shard.json").is_file():
-            todo.append(si)
+        if final.exists():
+            # A finished shard is kept only when it verifies: "extract again" must repair a
+            # truncated or bit-flipped one, not skip it.
+            problem = shard_problem(final, layer_list, [ids[i] for i in shards[si]])
+            if problem is None:
+                continue
+            log.warning("%s: re-creating the shard: %s", final, problem)
+            shutil.rmtree(final)
+        todo.append(si)
     audio_todo = sum(durations[i] for si in todo for i in shards[si])
     bar = tqdm(total=round(audio_todo), unit="s audio", desc=f"extract {name}", disable=not progress)
     for si in todo:
@@ -268,7 +315,14 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
             for k in layer_list:
                 h = states[k].float().cpu().numpy()  # (B, T, H)
                 for b, n in enumerate(lengths):
-                    feats[k].append(h[b, :n].astype(np_dtype))
+                    row = h[b, :n].astype(np_dtype)
+                    if not np.isfinite(row).all():
+                        # NaN features would train every probe to chance, silently.
+                        u = utterances[batch[b]]
+                        raise CacheError(f"{u.audio}: upstream {name} gives non-finite features for "
+                                         f"utterance {u.id!r} at hidden state {k}"
+                                         f"{' (float16 overflow? try --dtype float32)' if np.isfinite(h[b, :n]).all() else ''}")
+                    feats[k].append(row)
             lengths_out += [int(n) for n in lengths]
             bar.update(round(sum(durations[i] for i in batch)))
         _write_shard(out, si, [ids[i] for i in pos], lengths_out, feats)
@@ -289,6 +343,7 @@ def _write_shard(out: Path, si: int, ids: list[str], lengths: list[int],
     tmp = out / (_shard_name(si) + ".tmp")
     tmp.mkdir()
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist() if lengths else []
+    sums = {}
     for k, chunks in feats.items():
         arr = np.concatenate(chunks, axis=0)  # (frames, H)
         path = tmp / f"layer-{k:02d}.npy"
@@ -296,7 +351,8 @@ def _write_shard(out: Path, si: int, ids: list[str], lengths: list[int],
             np.save(f, arr)
             f.flush()
             os.fsync(f.fileno())
-    meta = {"ids": ids, "lengths": lengths, "offsets": offsets, "frames": int(sum(lengths))}
+        sums[path.name] = _file_sha256(path)  # of the bytes on disk, as read back
+    meta = {"ids": ids, "lengths": lengths, "offsets": offsets, "frames": int(sum(lengths)), "sha256": sums}
     with open(tmp / "shard.json", "w") as f:
         json.dump(meta, f)
         f.flush()
@@ -326,8 +382,11 @@ class FeatureCache:
                     if (self.path / "plan.json").is_file() else "")
             raise CacheError(f"{self.path}: not a complete feature cache, index.json missing{hint}")
         index = _read_json(idx_path)
-        if index.get("version") != CACHE_VERSION or not index.get("complete"):
+        if index.get("version") not in _READABLE_VERSIONS or not index.get("complete"):
             raise CacheError(f"{idx_path}: unsupported cache version {index.get('version')!r} or incomplete")
+        if index["version"] == 1:
+            log.warning("%s: a version-1 cache has no checksums; its features are not verified "
+                        "(extract into a new directory to get them)", self.path)
         self.index = index
         self.layers: list[int] = [int(k) for k in index["layers"]]
         self.upstream: dict[str, Any] = index["upstream"]
@@ -335,6 +394,8 @@ class FeatureCache:
         self.hidden_size = int(index["hidden_size"])
         self.dtype = index["dtype"]
         self.memo: dict[Any, Any] = {}
+        self._sums: list[dict[str, str] | None] = []
+        self._verified: set[tuple[int, int]] = set()
         # utterance id -> (shard, offset, length)
         self._where: dict[str, tuple[int, int, int]] = {}
         self._durations: dict[str, float] = {}
@@ -344,6 +405,11 @@ class FeatureCache:
             meta = _read_json(sdir / "shard.json")
             if meta["ids"] != shard["ids"] or len(meta["lengths"]) != len(meta["ids"]):
                 raise CacheError(f"{sdir}/shard.json: utterance ids disagree with {idx_path}; the cache is corrupted")
+            sums = meta.get("sha256")
+            if sums is None and index["version"] >= 2:
+                raise CacheError(f"{sdir}/shard.json: no checksums; the cache is corrupted, extract again "
+                                 "(`aviary extract` re-creates the shard)")
+            self._sums.append(sums)
             arrays = {}
             for k in self.layers:
                 f = sdir / f"layer-{k:02d}.npy"
@@ -380,7 +446,18 @@ class FeatureCache:
         if layer not in self._arrays[0]:
             raise CacheError(f"{self.path}: layer {layer} not cached (cached layers: {self.layers})")
         si, off, n = self._where[uid]
+        if (si, layer) not in self._verified:
+            self._verify(si, layer)
         return self._arrays[si][layer][off: off + n]
+
+    def _verify(self, si: int, layer: int) -> None:
+        """Check a layer file against its stored checksum, once, before its first use."""
+        sums = self._sums[si]
+        f = self.path / _shard_name(si) / f"layer-{layer:02d}.npy"
+        if sums is not None and sums.get(f.name) != _file_sha256(f):
+            raise CacheError(f"{f}: checksum mismatch, the cache is corrupted; run `aviary extract` again "
+                             "with the same arguments (it re-creates shards that fail their check)")
+        self._verified.add((si, layer))
 
     def get_stacked(self, uid: str, layers: Sequence[int]) -> np.ndarray:
         """Frames of several layers as float32 ``(T, len(layers), H)``."""
