@@ -431,3 +431,23 @@ def latest_good_checkpoint(run_dir: str | os.PathLike):
         raise CheckpointError(f"{run_dir}: none of the {len(found)} checkpoints is usable: "
                               + "; ".join(errors))
     return None
+
+
+def stored_run_config(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """``(model file, config)`` of the newest checkpoint whose header verifies, or ``None``.
+
+    Reads only the safetensors header (config and checksums), not the weights: what
+    ``--resume`` compares the command line against when ``run.json`` is gone.
+    """
+    for _step, d in list_checkpoints(run_dir):
+        path = d / MODEL_FILE
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            meta = dict(header.get("__metadata__") or {})
+            verify_metadata(path, meta)
+            return path, load_config_from_metadata(path, meta)
+        except (OSError, ValueError, AttributeError, CheckpointError) as e:
+            log.warning("%s: unreadable header (%s); trying the previous checkpoint", path, e)
+    return None

@@ -332,8 +332,24 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
         raise ConfigError(f"{run_dir} already holds checkpoints (newest step {existing[0][0]}); "
                           "pass --resume to continue that run or choose another --out")
     run_json = run_dir / "run.json"
+    if resume and not run_json.is_file() and existing:
+        # run.json is gone: the newest checkpoint's header says what the run is. Comparing
+        # here, before run.json is rewritten, keeps a wrong --model from replacing the record
+        # (after which the right command would be refused).
+        found = ckpt.stored_run_config(run_dir)
+        if found is not None and found[1].get("model") != model_cfg.to_dict():
+            theirs = found[1].get("model") or {}
+            diff = sorted(k for k in set(theirs) | set(model_cfg.to_dict())
+                          if theirs.get(k) != model_cfg.to_dict().get(k))
+            raise ConfigError(f"{found[0]}: --resume with a different model config than this "
+                              f"checkpoint's (keys {diff}; {run_json} is missing); resume with the "
+                              "model the run was started with")
     if resume and run_json.is_file():
         stored = ckpt.read_json(run_json)
+        if stored.get("data") and data_desc and not _same_data(stored["data"], data_desc):
+            raise ConfigError(f"{run_json}: the run was trained on {stored['data']!r}, --resume was given "
+                              f"--data {data_desc!r}; resume on the same corpus (or omit --data), or start "
+                              "a new run in another --out")
         if stored.get("model") != model_cfg.to_dict():
             diff = sorted(k for k in set(stored.get("model", {})) | set(model_cfg.to_dict())
                           if stored.get("model", {}).get(k) != model_cfg.to_dict().get(k))
@@ -349,6 +365,16 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
             "world_size": info.world_size, "git_commit": _git_commit(),
             "format_version": ckpt.FORMAT_VERSION,
         })
+
+
+def _same_data(a: str, b: str) -> bool:
+    """The same corpus: the same string, or the same path once resolved."""
+    if a == b:
+        return True
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def _save(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,

@@ -406,3 +406,46 @@ def test_stale_manifest_durations_stop_pretrain_and_fail_check_data(sine_corpus,
     assert re.search(r"only \d+ of the \d+ (training|valid) files read so far were usable", caplog.text)
     assert "u0" in caplog.text and "check-data" in caplog.text
     assert not (tmp_path / "run/model.safetensors").exists()
+
+
+def _cli_pretrain(*args):
+    from aviary.cli import main as cli_main
+
+    return cli_main(["pretrain", *args, "train.precision=fp32", "train.tensorboard=false",
+                     "train.checkpoint_every=2", "train.log_every=2", "train.crop_seconds=1",
+                     "train.max_batch_seconds=4"])
+
+
+def test_resume_mistakes_are_refused_without_damaging_the_run(sine_corpus, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert _cli_pretrain("--model", "tiny-test", "--data", str(sine_corpus), "--out", str(out), "--steps", "2") == 0
+    (out / "run.json").unlink()
+    caplog.clear()
+    # A wrong --model after run.json was lost: refused naming the checkpoint, run.json not rewritten.
+    assert _cli_pretrain("--model", "tiny-test-nodrop", "--data", str(sine_corpus), "--out", str(out),
+                         "--steps", "4", "--resume") == 2
+    assert "different model config than this checkpoint's (keys ['dropout']" in caplog.text
+    assert "step-00000002/model.safetensors" in caplog.text and not (out / "run.json").exists()
+    # Without run.json and without --data: the missing file is named (not "no model given").
+    caplog.clear()
+    assert _cli_pretrain("--out", str(out), "--resume", "--steps", "4") == 2
+    assert f"{out / 'run.json'}: not found, so the run's corpus is unknown" in caplog.text
+    # The right command still works (settings from the checkpoint's header).
+    assert _cli_pretrain("--model", "tiny-test", "--data", str(sine_corpus), "--out", str(out),
+                         "--steps", "4", "--resume") == 0
+    assert json.loads((out / "run.json").read_text())["model"]["dropout"] == 0.1
+    # Another corpus on --resume: refused (was a warning about `steps` at most).
+    other = tmp_path / "other"
+    shutil.copytree(sine_corpus, other)
+    caplog.clear()
+    assert _cli_pretrain("--data", str(other), "--out", str(out), "--steps", "6", "--resume") == 2
+    assert "the run was trained on" in caplog.text and str(other) in caplog.text
+    # Nothing to resume at all: named.
+    caplog.clear()
+    assert _cli_pretrain("--out", str(tmp_path / "empty"), "--resume") == 2
+    assert "run.json: not found and" in caplog.text and "nothing to resume" in caplog.text
+    # --out naming a file.
+    (tmp_path / "afile").write_text("x")
+    caplog.clear()
+    assert _cli_pretrain("--model", "tiny-test", "--data", str(sine_corpus), "--out", str(tmp_path / "afile")) == 2
+    assert "afile: is a file, not a run directory" in caplog.text and "Errno" not in caplog.text
