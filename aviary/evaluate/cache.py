@@ -31,6 +31,7 @@ error naming the cache and the problem.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -339,8 +340,25 @@ def _sample_rate(upstream: Upstream) -> int:
 
 def _write_shard(out: Path, si: int, ids: list[str], lengths: list[int],
                  feats: dict[int, list[np.ndarray]]) -> None:
-    """Write one shard into a .tmp directory, fsync everything, rename it into place."""
+    """Write one shard into a .tmp directory, fsync everything, rename it into place.
+
+    Raises:
+        CacheError: the write failed (disk full): the partial ``.tmp`` directory is removed,
+            the finished shards are kept.
+    """
     tmp = out / (_shard_name(si) + ".tmp")
+    try:
+        _write_shard_files(out, tmp, si, ids, lengths, feats)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = " (disk full)" if e.errno == errno.ENOSPC or "written" in str(e) else ""
+        raise CacheError(f"{out / _shard_name(si)}: could not write the shard{full}: {e.strerror or e}; "
+                         "the finished shards are kept: free space and run the same `aviary extract` "
+                         "again to continue") from e
+
+
+def _write_shard_files(out: Path, tmp: Path, si: int, ids: list[str], lengths: list[int],
+                       feats: dict[int, list[np.ndarray]]) -> None:
     tmp.mkdir()
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist() if lengths else []
     sums = {}

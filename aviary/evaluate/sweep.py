@@ -190,5 +190,9 @@ def run_extract(checkpoint: str, data: str | os.PathLike, out: str | os.PathLike
     up, resolved = resolve_upstream(checkpoint, device=device, seed=random_seed)
     name = name or (display_name(checkpoint) if resolved == checkpoint else resolved)
     utts = load_manifest(data, split=split)
+    if not utts:
+        from aviary.data.manifest import manifest_path
+
+        raise ValueError(f"{manifest_path(data, split)}: no utterances to extract (the manifest is empty)")
     check_disjoint_splits(data)  # a cache of overlapping splits would feed inflated probes
     return extract_to_cache(up, utts, out, name=name, layers=layers, dtype=dtype, **kwargs)

@@ -157,7 +157,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                     log.warning("%s", e)
                 break
     model_cfg = stored.get("model", stored)
-    cfg = config_from_dict(model_cfg)
+    cfg = config_from_dict(model_cfg, source=weights)
     family = get_family(cfg.family)
     upstream = family.build_upstream(cfg)
     preset, diff = match_preset(model_cfg)

@@ -128,7 +128,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: 
     tensors, meta = load_tensors(wpath)
     cfg_dict = load_config_from_metadata(wpath, meta)
     model_cfg = cfg_dict.get("model", cfg_dict)
-    cfg = config_from_dict(model_cfg)
+    cfg = config_from_dict(model_cfg, source=wpath)
     family = get_family(cfg.family)
     upstream = family.build_upstream(cfg)
     # Pretraining checkpoints store the whole pretraining model; the upstream is its

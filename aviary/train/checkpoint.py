@@ -185,6 +185,12 @@ def load_tensors(path: str | os.PathLike, verify: bool = True
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    kind = torch_file_kind(path)
+    if kind is not None:
+        # Whatever its name says: a pickle is never unpickled here.
+        raise CheckpointError(f"{path}: a torch.save / pickle file ({kind}), not a safetensors file; it is "
+                              "not loaded (unpickling runs code). Other toolkits' checkpoints go through "
+                              "`aviary import`")
     data = path.read_bytes()
     if len(data) < 8:
         raise CheckpointError(f"{path}: file is truncated ({len(data)} bytes)")
@@ -250,9 +256,12 @@ def load_config_from_metadata(path: str | os.PathLike, meta: Mapping[str, str]) 
         raise CheckpointError(f"{path}: no 'aviary.config' in the safetensors metadata; "
                               "not an aviary checkpoint (for other toolkits use `aviary import`)")
     try:
-        return json.loads(raw)
+        cfg = json.loads(raw)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: stored config is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: stored config is a JSON {type(cfg).__name__}, not an object")
+    return cfg
 
 
 def optimizer_to_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
