@@ -27,6 +27,7 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -187,3 +188,28 @@ def check_corpus(path_or_dir: str | os.PathLike, split: str | None = None, sampl
 def write_report(rep: CheckReport, path: str | os.PathLike) -> None:
     """Write the report as JSON."""
     Path(path).write_text(json.dumps(rep.to_dict(), indent=1) + "\n")
+
+
+def usable_utterances(utts: Sequence[Any], sample_rate: int = 16000
+                      ) -> tuple[list[Any], list[tuple[str, str]]]:
+    """Split utterances into those whose audio loads and those that fail (``--skip-bad``).
+
+    Each file is read with :func:`aviary.audio.load_audio`, exactly as extraction and
+    probing read it, so a kept file is one they can use.
+
+    Returns:
+        (kept utterances, [(id, error message), ...] of the skipped ones).
+    """
+    from aviary.audio import load_audio
+
+    kept, skipped = [], []
+    for u in utts:
+        try:
+            load_audio(u.audio, sample_rate)
+        except AudioError as e:
+            skipped.append((str(u.id), str(e)))
+            continue
+        kept.append(u)
+    if skipped:
+        log.warning("skipping %d of %d unusable files (first: %s)", len(skipped), len(utts), skipped[0][1])
+    return kept, skipped

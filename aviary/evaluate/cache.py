@@ -192,6 +192,7 @@ class ExtractStats:
     shards_written: int
     audio_seconds: float
     seconds: float
+    skipped: int = 0  # unusable files left out (``--skip-bad``; listed in index.json)
 
     @property
     def x_real_time(self) -> float:
@@ -203,7 +204,13 @@ def load_waveforms(utts: Sequence[Any], sample_rate: int, normalize_db: float | 
     """Read utterances' audio as one zero-padded batch ``(B, N)`` with lengths ``(B,)``."""
     from aviary.audio import load_audio
 
-    arrays = [load_audio(u.audio, sample_rate=sample_rate, normalize_db=normalize_db) for u in utts]
+    from aviary.audio import AudioError
+
+    try:
+        arrays = [load_audio(u.audio, sample_rate=sample_rate, normalize_db=normalize_db) for u in utts]
+    except AudioError as e:
+        raise AudioError(f"{e}; list every such file with `aviary check-data`, or pass --skip-bad "
+                         "to leave unusable files out (counted)") from None
     lengths = torch.tensor([len(a) for a in arrays], dtype=torch.long)
     wavs = torch.zeros(len(arrays), int(lengths.max()))
     for i, a in enumerate(arrays):
@@ -224,7 +231,8 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
                      name: str, layers: str | Sequence[int] | None = "all", dtype: str = "float16",
                      batch_seconds: float = 80.0, shard_seconds: float = 600.0,
                      autocast: str = "none", normalize_db: float | None = None,
-                     progress: bool = True, info: UpstreamInfo | None = None) -> ExtractStats:
+                     progress: bool = True, info: UpstreamInfo | None = None,
+                     skipped: Sequence[tuple[str, str]] = ()) -> ExtractStats:
     """Run ``upstream`` once over ``utterances`` and write the requested layers to ``out``.
 
     Args:
@@ -241,6 +249,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         normalize_db: passed to :func:`aviary.audio.load_audio` (e.g. -25 for s3prl's level).
         progress: show a tqdm bar.
         info: precomputed :func:`describe_upstream` (saves hashing the weights twice).
+        skipped: ``(id, error)`` of utterances left out as unusable, recorded in the index.
 
     Returns:
         :class:`ExtractStats`.
@@ -268,10 +277,18 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         "frame_shift": info.frame_shift, "hidden_size": info.hidden_size, "normalize_db": normalize_db,
         "shards": [{"ids": [ids[i] for i in s], "durations": [durations[i] for i in s]} for s in shards],
     }
+    if skipped:
+        plan["skipped_files"] = [list(x) for x in skipped]
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
     if plan_path.exists():
         old = _read_json(plan_path)
+        if old != json.loads(json.dumps(plan)) and not any(out.glob("shard-?????")):
+            # Nothing finished under the old plan (e.g. it stopped at its first bad file and is
+            # re-run with --skip-bad): nothing to mix up, start over with the new plan.
+            log.info("%s: replacing the plan of an extraction that finished no shard", out)
+            _write_json(plan_path, plan)
+            old = json.loads(json.dumps(plan))
         if old != json.loads(json.dumps(plan)):
             diff = [k for k in plan if old.get(k) != json.loads(json.dumps(plan[k]))]
             raise CacheError(f"{out}: holds a feature cache made with different settings ({', '.join(diff)} "
@@ -331,7 +348,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
     _write_json(out / "index.json", {**plan, "complete": True})
     elapsed = time.perf_counter() - t0
     return ExtractStats(path=str(out), utterances=len(ids), shards_total=len(shards), shards_written=len(todo),
-                        audio_seconds=audio_todo, seconds=elapsed)
+                        audio_seconds=audio_todo, seconds=elapsed, skipped=len(skipped))
 
 
 def _sample_rate(upstream: Upstream) -> int:
