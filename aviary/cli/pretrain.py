@@ -22,7 +22,7 @@ Overrides are model.KEY=VALUE or train.KEY=VALUE (bare KEY=VALUE when KEY is una
 Train keys: steps lr warmup_fraction min_lr_ratio weight_decay beta1 beta2 eps grad_clip
 grad_accum max_batch_seconds max_batch_tokens crop_seconds min_seconds precision
 (auto|fp32|bf16|fp16) seed log_every val_every val_batches checkpoint_every keep_last
-max_nonfinite_steps num_workers device tensorboard. Ctrl-C or SIGTERM writes a checkpoint
+max_nonfinite_steps min_usable_fraction num_workers device tensorboard. Ctrl-C or SIGTERM writes a checkpoint
 and exits; a second Ctrl-C exits at once.
 """
 
