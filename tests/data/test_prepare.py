@@ -156,8 +156,7 @@ def test_prepare_folder_skip_bad_decodes_what_it_keeps(tmp_path):
     sf.write(f / "trunc.wav", tone, 16000)
     (f / "trunc.wav").write_bytes((f / "trunc.wav").read_bytes()[:16000])
     utts = prepare_folder(tmp_path / "f", tmp_path / "c", skip_bad=True)
-    assert sorted(u.id for u in utts) == ["s1-good0", "s1-good1", "s1-good2"] or \
-        sorted(u.audio.rsplit("/", 1)[-1] for u in utts) == ["good0.wav", "good1.wav", "good2.wav"]
+    assert sorted(u.id for u in utts) == ["s1-good0", "s1-good1", "s1-good2"]
     readme = (tmp_path / "c" / "README").read_text()
     assert "Skipped 3" in readme
     for name, kind in (("short.wav", "too_short"), ("nan.wav", "nonfinite"), ("trunc.wav", "truncated")):
