@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any, Iterable, Mapping, TypeVar
@@ -128,14 +129,21 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        f = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            f = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                f = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if f is None:
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(f):
+            # inf / nan pass every range check written as "> 0" (nan fails them all, inf passes
+            # "(0, inf]"): a learning rate of inf trains a NaN model, so no setting may be one.
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: allowed a finite number")
+        return f
     if tp is str:
         if isinstance(value, str):
             return value

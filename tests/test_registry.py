@@ -130,3 +130,16 @@ def _check_preset(name, big):
         assert abs(int(lengths[0]) - expect) <= 1, (int(lengths[0]), expect)
     with torch.no_grad():
         assert len(up.extract(audio["wavs"], audio["wav_lengths"], max_layer=1)[0]) == 2
+    if not big:
+        # A NaN sample inside a row is an error naming the row (its states would be all NaN);
+        # NaN in the padding past a row's length is nobody's business.
+        nan_row = audio["wavs"].clone()
+        nan_row[1, 10] = float("nan")
+        with pytest.raises(ValueError, match=r"row\(s\) \[1\] hold non-finite"):
+            up.extract(nan_row, audio["wav_lengths"])
+        n1 = int(audio["wav_lengths"][1])
+        assert n1 < audio["wavs"].shape[1]
+        nan_pad = audio["wavs"].clone()
+        nan_pad[1, n1:] = float("nan")
+        with torch.no_grad():
+            up.extract(nan_pad, audio["wav_lengths"])

@@ -592,6 +592,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
     log.info("precision %s (requested %s) for extraction, probes and analysis", precision, cfg.precision)
 
     corpus = ensure_corpus(cfg, out / "corpus")
+    from aviary.data.manifest import check_disjoint_splits
+
+    check_disjoint_splits(corpus)  # before hours of pretraining, not at the probes
     runs, probes, analysis = out / "runs", out / "probes", out / "analysis"
     models = pretrain_models(cfg, corpus, runs, state)
     records = run_probes(cfg, corpus, runs, probes)

@@ -69,13 +69,57 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except BrokenPipeError:
+        # `aviary info RUN | head`: the reader has what it wanted. Quiet, and the status a
+        # shell gives a command killed by SIGPIPE (128 + 13), as `cat` would end.
+        _silence_stdout()
+        return 141
     except (ValueError, OSError, RuntimeError) as e:
         # Library errors carry the file / key / value in their message: show it, not a traceback.
         if args.verbose:
             raise
-        log.error("%s", e)
+        log.error("%s", describe_error(e))
         return 2
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
     return int(rc or 0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def describe_error(e: BaseException) -> str:
+    """The message shown for a library error: OS errors get the file and a plain reason."""
+    import errno
+
+    if not isinstance(e, OSError):
+        return str(e)
+    where = e.filename
+    reason = {
+        errno.ENOSPC: "no space left on device (disk full)",
+        errno.EEXIST: "exists and is not a directory (a file is in the way); choose another path",
+        errno.ENOTDIR: "a part of this path is a file, not a directory; choose another path",
+        errno.EACCES: "permission denied",
+        errno.EROFS: "read-only file system",
+    }.get(e.errno)
+    if where is None:
+        return str(e) if reason is None else f"{reason}: {e}"
+    if reason is None:
+        return f"{where}: {e.strerror or e}"
+    detail = f" ({e.strerror})" if e.strerror and e.errno not in (errno.EEXIST, errno.ENOTDIR) and \
+        e.strerror.lower() not in reason else ""
+    return f"{where}: {reason}{detail}"
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ def _prepare_run(args: argparse.Namespace) -> int:
 
 def _check_args(p: argparse.ArgumentParser) -> None:
     p.epilog = ("Errors (file unusable): missing, empty, corrupt, truncated, nonfinite, too_short, "
-                "bad_alignment. Warnings (handled by the loader): resampled, low_bit_depth, "
-                "multichannel, long, duration_mismatch, silent. Exit code 1 if any error "
+                "bad_alignment, duration_mismatch; of a corpus directory's splits: an utterance id in "
+                "two splits, a speaker in two -spk splits. Warnings (handled by the loader): resampled, "
+                "low_bit_depth, multichannel, long, silent. Exit code 1 if any error "
                 "(with --strict: any warning too), else 0.")
     p.add_argument("data", help="corpus directory or manifest file")
     p.add_argument("--split", help="check one split only (train, valid-spk, ...)")
@@ -100,7 +101,7 @@ def _check_run(args: argparse.Namespace) -> int:
     print(rep.format(args.max_listed))
     if args.json:
         write_report(rep, args.json)
-    return 1 if rep.num_errors or (args.strict and rep.num_warnings) else 0
+    return 1 if rep.failed or (args.strict and rep.num_warnings) else 0
 
 
 register("synth", "make a synthetic speech corpus (espeak-ng voices, exact phone alignments)",

@@ -65,6 +65,9 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-seconds", type=float, default=600.0, help="audio seconds per shard (unit of resumption)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of random:PRESET")
     p.add_argument("--name", help="display name (default: the run directory's name or the baseline's)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out files whose audio does not load (counted, listed in CACHE/index.json) "
+                        "instead of stopping at the first")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 can be "
@@ -85,10 +88,11 @@ def _extract_run(args: argparse.Namespace) -> int:
     stats = run_extract(args.checkpoint, args.data, args.out, layers=args.layers, dtype=args.dtype,
                         split=args.split, device=args.device, random_seed=args.seed, name=args.name,
                         precision=precision_arg(args), batch_seconds=args.batch_seconds,
-                        shard_seconds=args.shard_seconds)
+                        shard_seconds=args.shard_seconds, skip_bad=args.skip_bad)
     print(f"{stats.path}: {stats.utterances} utterances in {stats.shards_total} shards "
           f"({stats.shards_written} written now, {stats.audio_seconds:.0f} s of audio in {stats.seconds:.1f} s, "
-          f"{stats.x_real_time:.0f}x real time, {stats.precision})")
+          f"{stats.x_real_time:.0f}x real time, {stats.precision})"
+          + (f"; {stats.skipped} unusable files skipped (listed in {stats.path}/index.json)" if stats.skipped else ""))
     return 0
 
 
@@ -116,6 +120,9 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                           "results.jsonl is not redone in another precision)")
     p.add_argument("--random-seed", type=int, default=0, help="initialisation seed of random:PRESET")
     p.add_argument("--name", help="display name of the upstream in the results")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out files whose audio does not load (counted per split in every record as "
+                        "skipped_files) instead of stopping at the first")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 can be "
@@ -138,7 +145,7 @@ def _probe_run(args: argparse.Namespace) -> int:
     recs = run_sweep(args.upstream, args.data, args.out, tasks=args.task, heads=args.head, layers=args.layers,
                      label_fractions=args.label_fraction, seeds=args.seed, finetune=args.finetune, cache=args.cache,
                      name=args.name, overrides=overrides, extract={"precision": precision}, device=args.device,
-                     random_seed=args.random_seed)
+                     random_seed=args.random_seed, skip_bad=args.skip_bad)
     if recs:
         print(format_table(recs))
     else:

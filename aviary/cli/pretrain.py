@@ -22,7 +22,7 @@ Overrides are model.KEY=VALUE or train.KEY=VALUE (bare KEY=VALUE when KEY is una
 Train keys: steps lr warmup_fraction min_lr_ratio weight_decay beta1 beta2 eps grad_clip
 grad_accum max_batch_seconds max_batch_tokens crop_seconds min_seconds precision
 (auto|fp32|bf16|fp16) seed log_every val_every val_batches checkpoint_every keep_last
-max_nonfinite_steps num_workers device tensorboard. Ctrl-C or SIGTERM writes a checkpoint
+max_nonfinite_steps min_usable_fraction num_workers device tensorboard. Ctrl-C or SIGTERM writes a checkpoint
 and exits; a second Ctrl-C exits at once.
 """
 
@@ -54,18 +54,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from aviary.config import ConfigError
     from aviary.models.registry import config_from_dict
-    from aviary.train.checkpoint import read_json
+    from aviary.train.checkpoint import read_json, stored_run_config
     from aviary.train.config import TrainConfig
     from aviary.train.loop import pretrain
     from aviary.train.recipe import resolve_configs
 
-    run_json = Path(args.out) / "run.json"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a run directory; choose another --out")
+    run_json = out / "run.json"
     base = None
     data = args.data
     if args.resume and run_json.is_file():
         stored = read_json(run_json)
         base = (config_from_dict(stored["model"]), TrainConfig.from_dict(stored["train"]))
         data = data or stored.get("data")
+    elif args.resume:
+        found = stored_run_config(out)
+        if found is None and args.model is None and args.config is None:
+            raise ConfigError(f"{run_json}: not found and {out} has no checkpoint, so there is nothing "
+                              "to resume; start the run with --model PRESET --data CORPUS")
+        if found is not None and args.model is None and args.config is None:
+            log.warning("%s is missing: taking the model and train settings from %s", run_json, found[0])
+            base = (config_from_dict(found[1]["model"]), TrainConfig.from_dict(found[1]["train"]))
+        if data is None:
+            raise ConfigError(f"{run_json}: not found, so the run's corpus is unknown; pass --data CORPUS")
     overrides = list(args.overrides) + ([f"train.precision={args.precision}"] if args.precision else [])
     model_cfg, train_cfg = resolve_configs(args.model, args.config, overrides, args.steps, base=base)
     if data is None:

@@ -6,12 +6,15 @@ costs little memory), and classified:
 errors (the file cannot be used; training skips it with ``skip_bad``, otherwise stops):
     ``missing``, ``empty``, ``corrupt`` (header unreadable or decoding fails),
     ``truncated``, ``nonfinite`` (NaN / inf samples), ``too_short`` (< one 25 ms window),
-    ``bad_alignment`` (phones ending after the audio).
+    ``bad_alignment`` (phones ending after the audio), ``duration_mismatch`` (the manifest's
+    duration differs from the file's by more than 0.1 s: crops are drawn from the manifest's
+    duration, so a stale one makes most crops fall past the end of the file).
 warnings (usable, but worth knowing; the loader handles them):
     ``resampled`` (rate differs from the target), ``low_bit_depth`` (8-bit),
     ``multichannel`` (downmixed), ``long`` (longer than ``long_seconds``: cropped in
-    pretraining), ``duration_mismatch`` (the manifest's duration differs from the file's by
-    more than 0.1 s), ``silent`` (all samples zero).
+    pretraining), ``silent`` (all samples zero).
+corpus errors (of a corpus directory's split files): an utterance id in two splits, a
+    speaker in two of the speaker-disjoint ``-spk`` splits.
 
 The report groups files by problem; the exit code of the command is 1 when any error was
 found (``--strict``: also for warnings), else 0.
@@ -24,17 +27,19 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import soundfile as sf
 
 from aviary.audio import MIN_DURATION, AudioError, audio_info
-from aviary.data.manifest import ALIGNMENT_TOLERANCE, load_manifest
+from aviary.data.manifest import ALIGNMENT_TOLERANCE, load_manifest, load_split_files, split_overlaps
 
 log = logging.getLogger(__name__)
 
-ERRORS = ("missing", "empty", "corrupt", "truncated", "nonfinite", "too_short", "bad_alignment")
-WARNINGS = ("resampled", "low_bit_depth", "multichannel", "long", "duration_mismatch", "silent")
+ERRORS = ("missing", "empty", "corrupt", "truncated", "nonfinite", "too_short", "bad_alignment",
+          "duration_mismatch")
+WARNINGS = ("resampled", "low_bit_depth", "multichannel", "long", "silent")
 _BLOCK = 16000 * 30
 
 
@@ -47,6 +52,12 @@ class CheckReport:
     num_ok: int = 0
     hours: float = 0.0
     problems: dict[str, list[tuple[str, str]]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    corpus_errors: list[str] = dataclasses.field(default_factory=list)  # overlapping splits
+
+    @property
+    def failed(self) -> bool:
+        """Whether any error (of a file or of the splits) was found."""
+        return bool(self.num_errors or self.corpus_errors)
 
     @property
     def num_errors(self) -> int:
@@ -63,13 +74,16 @@ class CheckReport:
     def to_dict(self) -> dict:
         return {"source": self.source, "num_utterances": self.num_utterances, "num_ok": self.num_ok,
                 "hours": round(self.hours, 4), "num_errors": self.num_errors,
-                "num_warnings": self.num_warnings,
+                "num_warnings": self.num_warnings, "corpus_errors": list(self.corpus_errors),
                 "problems": {k: [list(x) for x in v] for k, v in self.problems.items() if v}}
 
     def format(self, max_listed: int = 10) -> str:
         """A readable, grouped report."""
         lines = [f"check-data {self.source}: {self.num_utterances} utterances, {self.hours:.3f} h; "
                  f"{self.num_ok} usable, {self.num_errors} unusable, {self.num_warnings} warnings"]
+        if self.corpus_errors:
+            lines.append("ERRORS (splits)")
+            lines += [f"  {e}" for e in self.corpus_errors]
         for title, kinds in (("ERRORS (file unusable)", ERRORS), ("WARNINGS (handled by the loader)", WARNINGS)):
             present = [k for k in kinds if self.problems.get(k)]
             if not present:
@@ -156,6 +170,7 @@ def check_corpus(path_or_dir: str | os.PathLike, split: str | None = None, sampl
 
     utts = load_manifest(path_or_dir, split)
     rep = CheckReport(source=str(path_or_dir), num_utterances=len(utts))
+    rep.corpus_errors = split_overlaps(load_split_files(path_or_dir), path_or_dir)
     for u in tqdm(utts, desc="check-data", unit="file", disable=not progress):
         found, duration = check_file(u.audio, sample_rate, long_seconds)
         if duration and abs(duration - u.duration) > 0.1:
@@ -173,3 +188,28 @@ def check_corpus(path_or_dir: str | os.PathLike, split: str | None = None, sampl
 def write_report(rep: CheckReport, path: str | os.PathLike) -> None:
     """Write the report as JSON."""
     Path(path).write_text(json.dumps(rep.to_dict(), indent=1) + "\n")
+
+
+def usable_utterances(utts: Sequence[Any], sample_rate: int = 16000
+                      ) -> tuple[list[Any], list[tuple[str, str]]]:
+    """Split utterances into those whose audio loads and those that fail (``--skip-bad``).
+
+    Each file is read with :func:`aviary.audio.load_audio`, exactly as extraction and
+    probing read it, so a kept file is one they can use.
+
+    Returns:
+        (kept utterances, [(id, error message), ...] of the skipped ones).
+    """
+    from aviary.audio import load_audio
+
+    kept, skipped = [], []
+    for u in utts:
+        try:
+            load_audio(u.audio, sample_rate)
+        except AudioError as e:
+            skipped.append((str(u.id), str(e)))
+            continue
+        kept.append(u)
+    if skipped:
+        log.warning("skipping %d of %d unusable files (first: %s)", len(skipped), len(utts), skipped[0][1])
+    return kept, skipped

@@ -377,3 +377,62 @@ def write_corpus(out_dir: str | os.PathLike, utts: Sequence[Utterance], readme: 
               "the -spk splits are speaker-disjoint. Load with aviary.data.load_manifest(DIR, split)."]
     (out / "README").write_text("\n".join(lines) + "\n")
     return counts
+
+
+def split_overlaps(splits: dict[str, Sequence[Utterance]], where: Any = "corpus") -> list[str]:
+    """Problems of a set of splits that must be disjoint: the same utterance id in two
+    splits, and (for the speaker-disjoint ``-spk`` splits) the same speaker in two.
+
+    A speaker in both train-spk and test-spk silently inflates every speaker-disjoint
+    result (the probe has heard the voice); an id in train and test tests on training data.
+
+    Args:
+        splits: split name -> utterances (only names present are compared).
+        where: how messages name the corpus.
+
+    Returns:
+        One readable message per overlapping pair (empty when all is well).
+    """
+    problems = []
+    for family in (SPLITS, SPEAKER_SPLITS):
+        names = [n for n in family if n in splits]
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                ids = sorted({u.id for u in splits[a]} & {u.id for u in splits[b]})
+                if ids:
+                    problems.append(f"{where}: {len(ids)} utterance id(s) in both {a} and {b} "
+                                    f"(e.g. {ids[:3]})")
+                if family is SPEAKER_SPLITS:
+                    spk = sorted({u.speaker for u in splits[a]} & {u.speaker for u in splits[b]})
+                    if spk:
+                        problems.append(f"{where}: {len(spk)} speaker(s) in both {a} and {b}, which must "
+                                        f"be speaker-disjoint (e.g. {spk[:3]})")
+    return problems
+
+
+def load_split_files(path_or_dir: str | os.PathLike) -> dict[str, list[Utterance]]:
+    """Every split file of a corpus directory (or of the directory of its ``manifest.jsonl``);
+    ``{}`` for a single manifest file that is not part of a corpus directory."""
+    p = Path(path_or_dir)
+    root = p if p.is_dir() else p.parent if p.name == MANIFEST_NAME else None
+    if root is None:
+        return {}
+    return {s: read_manifest(root / f"{s}.jsonl") for s in ALL_SPLITS if (root / f"{s}.jsonl").is_file()}
+
+
+def check_disjoint_splits(path_or_dir: str | os.PathLike,
+                          splits: dict[str, Sequence[Utterance]] | None = None) -> None:
+    """Refuse a corpus whose splits overlap (see :func:`split_overlaps`).
+
+    Args:
+        path_or_dir: the corpus (its split files are read unless ``splits`` is given).
+        splits: already loaded splits.
+
+    Raises:
+        ManifestError: naming the corpus, the splits and the first shared ids / speakers.
+    """
+    splits = load_split_files(path_or_dir) if splits is None else splits
+    problems = split_overlaps(splits, path_or_dir)
+    if problems:
+        raise ManifestError("; ".join(problems) + ". Re-make the splits (e.g. `aviary prepare`), "
+                            "or remove the shared utterances / speakers")

@@ -7,7 +7,8 @@ and speaker-disjoint splits, README). Audio stays where it is: manifests hold ab
 
 Bad inputs: an audio file whose header cannot be read, a transcript line without audio, or an
 alignment that does not fit its audio raise an error naming the file (and line), unless
-``skip_bad=True``, in which case they are skipped, counted in the log and listed in the README.
+``skip_bad=True``, in which case they are skipped, counted in the log and listed in the README
+(and then every kept file is also decoded: truncated, NaN and too-short files are skipped too).
 """
 from __future__ import annotations
 
@@ -88,7 +89,12 @@ def _readme(kind: str, root: Path, coll: _Collector, extra: Sequence[str]) -> st
 
 
 def _readable_info(path: Path, coll: _Collector):
-    """The file's header info, or None after reporting an unreadable or empty file to ``coll``."""
+    """The file's header info, or None after reporting an unusable file to ``coll``.
+
+    With ``skip_bad`` every file is also decoded (:func:`aviary.data.check.check_file`): a
+    header can be fine while the samples are truncated, NaN or too short, and a corpus
+    prepared "skipping bad files" must not hand those to training, extraction and probes.
+    """
     try:
         info = audio_info(path)
         if info.frames == 0:
@@ -96,6 +102,14 @@ def _readable_info(path: Path, coll: _Collector):
     except AudioError as e:
         coll.bad(str(e), AudioError)
         return None
+    if coll.skip_bad:
+        from aviary.data.check import ERRORS, check_file
+
+        found, _duration = check_file(path)
+        errors = [f"{kind} ({detail.replace(f'{path}: ', '')})" for kind, detail in found if kind in ERRORS]
+        if errors:
+            coll.bad(f"{path}: {'; '.join(errors)}", AudioError)
+            return None
     return info
 
 

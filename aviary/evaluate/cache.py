@@ -20,6 +20,11 @@ directory, which the next run deletes and redoes; completed shards are kept. Bec
 plan fixes which utterance goes into which shard, the finished cache holds every
 utterance exactly once however often the run was interrupted.
 
+Checksums (version 2): ``shard.json`` holds the SHA-256 of every layer file, computed at
+write. A layer file is verified the first time it is read (a flipped byte would otherwise
+reach the probes as NaN or changed features), and ``aviary extract`` re-creates any finished
+shard that fails its check (a truncated or damaged shard is redone, not skipped).
+
 Validation: :func:`open_cache` refuses an incomplete cache, files whose shapes disagree with
 their ``shard.json``, a cache made by a different upstream (weights fingerprint) and
 utterances whose durations differ from the manifest's (a regenerated corpus), each with an
@@ -27,6 +32,9 @@ error naming the cache and the problem.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -46,7 +54,9 @@ from aviary.models.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""1: no checksums (still read, unverified); 2: SHA-256 of every layer file in shard.json."""
+_READABLE_VERSIONS = (1, 2)
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -143,6 +153,38 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_problem(sdir: Path, layers: Sequence[int], ids: Sequence[str] | None = None) -> str | None:
+    """Why a finished shard directory cannot be used (``None``: it verifies).
+
+    Checks that ``shard.json`` is readable (and lists ``ids``), and that every layer file
+    exists and matches the checksum stored at write.
+    """
+    try:
+        meta = json.loads((sdir / "shard.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{sdir / 'shard.json'}: unreadable ({e})"
+    if ids is not None and meta.get("ids") != list(ids):
+        return f"{sdir / 'shard.json'}: utterance ids differ from the plan"
+    sums = meta.get("sha256")
+    if not isinstance(sums, dict):
+        return f"{sdir / 'shard.json'}: no checksums (written by an older aviary)"
+    for k in layers:
+        f = sdir / f"layer-{k:02d}.npy"
+        if not f.is_file():
+            return f"{f}: missing"
+        if sums.get(f.name) != _file_sha256(f):
+            return f"{f}: checksum mismatch (truncated or corrupted)"
+    return None
+
+
 @dataclass(frozen=True)
 class ExtractStats:
     """What one :func:`extract_to_cache` call did."""
@@ -154,6 +196,7 @@ class ExtractStats:
     audio_seconds: float
     seconds: float
     precision: str = "fp32"  # resolved forward-pass precision
+    skipped: int = 0  # unusable files left out (``--skip-bad``; listed in index.json)
 
     @property
     def x_real_time(self) -> float:
@@ -165,7 +208,13 @@ def load_waveforms(utts: Sequence[Any], sample_rate: int, normalize_db: float | 
     """Read utterances' audio as one zero-padded batch ``(B, N)`` with lengths ``(B,)``."""
     from aviary.audio import load_audio
 
-    arrays = [load_audio(u.audio, sample_rate=sample_rate, normalize_db=normalize_db) for u in utts]
+    from aviary.audio import AudioError
+
+    try:
+        arrays = [load_audio(u.audio, sample_rate=sample_rate, normalize_db=normalize_db) for u in utts]
+    except AudioError as e:
+        raise AudioError(f"{e}; list every such file with `aviary check-data`, or pass --skip-bad "
+                         "to leave unusable files out (counted)") from None
     lengths = torch.tensor([len(a) for a in arrays], dtype=torch.long)
     wavs = torch.zeros(len(arrays), int(lengths.max()))
     for i, a in enumerate(arrays):
@@ -177,7 +226,8 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
                      name: str, layers: str | Sequence[int] | None = "all", dtype: str = "float16",
                      batch_seconds: float = 80.0, shard_seconds: float = 600.0,
                      precision: str = "auto", normalize_db: float | None = None,
-                     progress: bool = True, info: UpstreamInfo | None = None) -> ExtractStats:
+                     progress: bool = True, info: UpstreamInfo | None = None,
+                     skipped: Sequence[tuple[str, str]] = ()) -> ExtractStats:
     """Run ``upstream`` once over ``utterances`` and write the requested layers to ``out``.
 
     Args:
@@ -196,6 +246,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         normalize_db: passed to :func:`aviary.audio.load_audio` (e.g. -25 for s3prl's level).
         progress: show a tqdm bar.
         info: precomputed :func:`describe_upstream` (saves hashing the weights twice).
+        skipped: ``(id, error)`` of utterances left out as unusable, recorded in the index.
 
     Returns:
         :class:`ExtractStats`.
@@ -227,6 +278,8 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         "precision": resolved,
         "shards": [{"ids": [ids[i] for i in s], "durations": [durations[i] for i in s]} for s in shards],
     }
+    if skipped:
+        plan["skipped_files"] = [list(x) for x in skipped]
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
     if plan_path.exists():
@@ -235,6 +288,12 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
             # Made before the precision was recorded: which one it ran in is unknown.
             log.warning("%s: the cache does not record its precision; assuming %s", out, resolved)
             old["precision"] = resolved
+        if old != json.loads(json.dumps(plan)) and not any(out.glob("shard-?????")):
+            # Nothing finished under the old plan (e.g. it stopped at its first bad file and is
+            # re-run with --skip-bad): nothing to mix up, start over with the new plan.
+            log.info("%s: replacing the plan of an extraction that finished no shard", out)
+            _write_json(plan_path, plan)
+            old = json.loads(json.dumps(plan))
         if old != json.loads(json.dumps(plan)):
             diff = [k for k in plan if old.get(k) != json.loads(json.dumps(plan[k]))]
             raise CacheError(f"{out}: holds a feature cache made with different settings ({', '.join(diff)} "
@@ -253,8 +312,15 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         tmp = out / (_shard_name(si) + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)  # left by an interrupted run: redo the shard
-        if not (final / "shard.json").is_file():
-            todo.append(si)
+        if final.exists():
+            # A finished shard is kept only when it verifies: "extract again" must repair a
+            # truncated or bit-flipped one, not skip it.
+            problem = shard_problem(final, layer_list, [ids[i] for i in shards[si]])
+            if problem is None:
+                continue
+            log.warning("%s: re-creating the shard: %s", final, problem)
+            shutil.rmtree(final)
+        todo.append(si)
     audio_todo = sum(durations[i] for si in todo for i in shards[si])
     bar = tqdm(total=round(audio_todo), unit="s audio", desc=f"extract {name}", disable=not progress)
     for si in todo:
@@ -271,7 +337,14 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
             for k in layer_list:
                 h = states[k].float().cpu().numpy()  # (B, T, H)
                 for b, n in enumerate(lengths):
-                    feats[k].append(h[b, :n].astype(np_dtype))
+                    row = h[b, :n].astype(np_dtype)
+                    if not np.isfinite(row).all():
+                        # NaN features would train every probe to chance, silently.
+                        u = utterances[batch[b]]
+                        raise CacheError(f"{u.audio}: upstream {name} gives non-finite features for "
+                                         f"utterance {u.id!r} at hidden state {k}"
+                                         f"{' (float16 overflow? try --dtype float32)' if np.isfinite(h[b, :n]).all() else ''}")
+                    feats[k].append(row)
             lengths_out += [int(n) for n in lengths]
             bar.update(round(sum(durations[i] for i in batch)))
         _write_shard(out, si, [ids[i] for i in pos], lengths_out, feats)
@@ -279,7 +352,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
     _write_json(out / "index.json", {**plan, "precision_requested": precision, "complete": True})
     elapsed = time.perf_counter() - t0
     return ExtractStats(path=str(out), utterances=len(ids), shards_total=len(shards), shards_written=len(todo),
-                        audio_seconds=audio_todo, seconds=elapsed, precision=resolved)
+                        audio_seconds=audio_todo, seconds=elapsed, precision=resolved, skipped=len(skipped))
 
 
 def _sample_rate(upstream: Upstream) -> int:
@@ -288,10 +361,28 @@ def _sample_rate(upstream: Upstream) -> int:
 
 def _write_shard(out: Path, si: int, ids: list[str], lengths: list[int],
                  feats: dict[int, list[np.ndarray]]) -> None:
-    """Write one shard into a .tmp directory, fsync everything, rename it into place."""
+    """Write one shard into a .tmp directory, fsync everything, rename it into place.
+
+    Raises:
+        CacheError: the write failed (disk full): the partial ``.tmp`` directory is removed,
+            the finished shards are kept.
+    """
     tmp = out / (_shard_name(si) + ".tmp")
+    try:
+        _write_shard_files(out, tmp, si, ids, lengths, feats)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = " (disk full)" if e.errno == errno.ENOSPC or "written" in str(e) else ""
+        raise CacheError(f"{out / _shard_name(si)}: could not write the shard{full}: {e.strerror or e}; "
+                         "the finished shards are kept: free space and run the same `aviary extract` "
+                         "again to continue") from e
+
+
+def _write_shard_files(out: Path, tmp: Path, si: int, ids: list[str], lengths: list[int],
+                       feats: dict[int, list[np.ndarray]]) -> None:
     tmp.mkdir()
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist() if lengths else []
+    sums = {}
     for k, chunks in feats.items():
         arr = np.concatenate(chunks, axis=0)  # (frames, H)
         path = tmp / f"layer-{k:02d}.npy"
@@ -299,7 +390,8 @@ def _write_shard(out: Path, si: int, ids: list[str], lengths: list[int],
             np.save(f, arr)
             f.flush()
             os.fsync(f.fileno())
-    meta = {"ids": ids, "lengths": lengths, "offsets": offsets, "frames": int(sum(lengths))}
+        sums[path.name] = _file_sha256(path)  # of the bytes on disk, as read back
+    meta = {"ids": ids, "lengths": lengths, "offsets": offsets, "frames": int(sum(lengths)), "sha256": sums}
     with open(tmp / "shard.json", "w") as f:
         json.dump(meta, f)
         f.flush()
@@ -329,8 +421,11 @@ class FeatureCache:
                     if (self.path / "plan.json").is_file() else "")
             raise CacheError(f"{self.path}: not a complete feature cache, index.json missing{hint}")
         index = _read_json(idx_path)
-        if index.get("version") != CACHE_VERSION or not index.get("complete"):
+        if index.get("version") not in _READABLE_VERSIONS or not index.get("complete"):
             raise CacheError(f"{idx_path}: unsupported cache version {index.get('version')!r} or incomplete")
+        if index["version"] == 1:
+            log.warning("%s: a version-1 cache has no checksums; its features are not verified "
+                        "(extract into a new directory to get them)", self.path)
         self.index = index
         self.layers: list[int] = [int(k) for k in index["layers"]]
         self.upstream: dict[str, Any] = index["upstream"]
@@ -339,6 +434,8 @@ class FeatureCache:
         self.dtype = index["dtype"]
         self.precision: str | None = index.get("precision")  # None: made before it was recorded
         self.memo: dict[Any, Any] = {}
+        self._sums: list[dict[str, str] | None] = []
+        self._verified: set[tuple[int, int]] = set()
         # utterance id -> (shard, offset, length)
         self._where: dict[str, tuple[int, int, int]] = {}
         self._durations: dict[str, float] = {}
@@ -348,6 +445,11 @@ class FeatureCache:
             meta = _read_json(sdir / "shard.json")
             if meta["ids"] != shard["ids"] or len(meta["lengths"]) != len(meta["ids"]):
                 raise CacheError(f"{sdir}/shard.json: utterance ids disagree with {idx_path}; the cache is corrupted")
+            sums = meta.get("sha256")
+            if sums is None and index["version"] >= 2:
+                raise CacheError(f"{sdir}/shard.json: no checksums; the cache is corrupted, extract again "
+                                 "(`aviary extract` re-creates the shard)")
+            self._sums.append(sums)
             arrays = {}
             for k in self.layers:
                 f = sdir / f"layer-{k:02d}.npy"
@@ -384,7 +486,18 @@ class FeatureCache:
         if layer not in self._arrays[0]:
             raise CacheError(f"{self.path}: layer {layer} not cached (cached layers: {self.layers})")
         si, off, n = self._where[uid]
+        if (si, layer) not in self._verified:
+            self._verify(si, layer)
         return self._arrays[si][layer][off: off + n]
+
+    def _verify(self, si: int, layer: int) -> None:
+        """Check a layer file against its stored checksum, once, before its first use."""
+        sums = self._sums[si]
+        f = self.path / _shard_name(si) / f"layer-{layer:02d}.npy"
+        if sums is not None and sums.get(f.name) != _file_sha256(f):
+            raise CacheError(f"{f}: checksum mismatch, the cache is corrupted; run `aviary extract` again "
+                             "with the same arguments (it re-creates shards that fail their check)")
+        self._verified.add((si, layer))
 
     def get_stacked(self, uid: str, layers: Sequence[int]) -> np.ndarray:
         """Frames of several layers as float32 ``(T, len(layers), H)``."""

@@ -17,6 +17,7 @@ line, so a resumed sweep neither duplicates nor loses a finished probe.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -50,8 +51,14 @@ def append_record(out_dir: str | os.PathLike, record: dict[str, Any]) -> None:
                 f.seek(size - 1)
                 if f.read(1) != b"\n":
                     line = b"\n" + line
-        os.write(fd, line)
+        written = os.write(fd, line)
+        if written != len(line):  # a torn line is ignored by load_records; say why it happened
+            raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written (disk full?)")
         os.fsync(fd)
+    except OSError as e:
+        # Name the file: a bare "[Errno 28] No space left on device" leaves the user guessing.
+        raise OSError(e.errno, f"could not append a probe record ({e.strerror}); the records "
+                               "before it are intact, re-run the same command to continue", str(path)) from e
     finally:
         os.close(fd)
 

@@ -69,7 +69,7 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
               seeds: Sequence[int] = (0,), finetune: bool = False, cache: str | os.PathLike | None = None,
               name: str | None = None, overrides: dict[str, Any] | None = None,
               extract: dict[str, Any] | None = None, device: str = "cpu", progress: bool = True,
-              random_seed: int = 0) -> list[dict[str, Any]]:
+              random_seed: int = 0, skip_bad: bool = False) -> list[dict[str, Any]]:
     """Run every combination of task x label fraction x head x layer x seed; append records.
 
     Args:
@@ -88,6 +88,8 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
         device: torch device.
         progress: show the progress bar.
         random_seed: initialisation seed of ``random:PRESET``.
+        skip_bad: leave out utterances whose audio does not load (counted per split in each
+            record as ``skipped_files``) instead of stopping at the first.
 
     Returns:
         The records written by this call (already-recorded probes are not repeated).
@@ -139,6 +141,9 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
              resolve_precision(requested, device if finetune else "cpu"), requested)
 
     splits = {t: load_splits(data, t) for t in sorted({c.task for c in todo})}
+    skipped_counts: dict[str, dict[str, int]] = {}
+    if skip_bad:
+        splits, skipped_counts = _drop_unusable(splits, data)
     all_utts = {u.id: u for parts in splits.values() for utts in parts.values() for u in utts}
 
     feature_cache: FeatureCache | None = None
@@ -173,6 +178,8 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
             up_copy = copy.deepcopy(up_obj)
         rec = run_probe(cfg, splits[cfg.task], cache=feature_cache, upstream=up_copy,
                         upstream_info=info, progress=bar)
+        if skip_bad:
+            rec["skipped_files"] = skipped_counts[cfg.task]
         append_record(out, rec)
         written.append(rec)
         log.info("%s %s %s layer %s frac %g: valid %.4f test %.4f (%.1fs)", name, cfg.task, cfg.head,
@@ -182,17 +189,50 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
     return written
 
 
+def _drop_unusable(splits: dict[str, dict[str, list[Any]]], data: Any
+                   ) -> tuple[dict[str, dict[str, list[Any]]], dict[str, dict[str, int]]]:
+    """``--skip-bad``: each task's splits without the utterances whose audio does not load."""
+    from aviary.data.check import usable_utterances
+
+    verdict: dict[str, bool] = {}
+    out, counts = {}, {}
+    for task, parts in splits.items():
+        todo = [u for utts in parts.values() for u in utts if u.id not in verdict]
+        kept, _ = usable_utterances(todo)
+        verdict.update({u.id: False for u in todo})
+        verdict.update({u.id: True for u in kept})
+        out[task] = {name: [u for u in utts if verdict[u.id]] for name, utts in parts.items()}
+        counts[task] = {name: len(parts[name]) - len(out[task][name]) for name in parts}
+        for name, utts in out[task].items():
+            if not utts:
+                raise ValueError(f"{data}: every file of split {name!r} of task {task!r} is unusable")
+    return out, counts
+
+
 def run_extract(checkpoint: str, data: str | os.PathLike, out: str | os.PathLike, *, layers: str = "all",
                 dtype: str = "float16", split: str | None = None, device: str = "cpu",
-                random_seed: int = 0, name: str | None = None, **kwargs: Any):
+                random_seed: int = 0, name: str | None = None, skip_bad: bool = False, **kwargs: Any):
     """``aviary extract``: resolve the upstream, load the corpus (or one split), fill the cache.
 
     Returns:
         :class:`~aviary.evaluate.cache.ExtractStats`.
     """
     from aviary.data import load_manifest
+    from aviary.data.manifest import check_disjoint_splits
 
     up, resolved = resolve_upstream(checkpoint, device=device, seed=random_seed)
     name = name or (display_name(checkpoint) if resolved == checkpoint else resolved)
     utts = load_manifest(data, split=split)
-    return extract_to_cache(up, utts, out, name=name, layers=layers, dtype=dtype, **kwargs)
+    if not utts:
+        from aviary.data.manifest import manifest_path
+
+        raise ValueError(f"{manifest_path(data, split)}: no utterances to extract (the manifest is empty)")
+    check_disjoint_splits(data)  # a cache of overlapping splits would feed inflated probes
+    skipped: list[tuple[str, str]] = []
+    if skip_bad:
+        from aviary.data.check import usable_utterances
+
+        utts, skipped = usable_utterances(utts, int(getattr(up, "sample_rate", 16000)))
+        if not utts:
+            raise ValueError(f"{data}: every file is unusable ({skipped[0][1]}, ...)")
+    return extract_to_cache(up, utts, out, name=name, layers=layers, dtype=dtype, skipped=skipped, **kwargs)

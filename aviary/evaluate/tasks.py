@@ -64,7 +64,7 @@ def load_splits(data: str | os.PathLike, task: str) -> dict[str, list[Any]]:
     Returns:
         ``{"train": [...], "valid": [...], "test": [...]}``.
     """
-    from aviary.data.manifest import load_manifest, make_splits
+    from aviary.data.manifest import check_disjoint_splits, load_manifest, make_splits
 
     spec = get_task(task)
     p = Path(data)
@@ -74,6 +74,8 @@ def load_splits(data: str | os.PathLike, task: str) -> dict[str, list[Any]]:
         log.info("%s: a single manifest, splitting it 8:1:1 with seed 0", data)
         splits = make_splits(load_manifest(data), seed=0)
         parts = [splits[s] for s in spec.splits]
+    # Overlapping splits (a speaker in train-spk and test-spk) silently inflate every result.
+    check_disjoint_splits(data, dict(zip(spec.splits, parts)))
     out = dict(zip(("train", "valid", "test"), parts))
     for name, utts in out.items():
         if not utts:

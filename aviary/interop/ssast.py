@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -67,8 +68,19 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SSASTImportError(f"{path}: file not found") from None
+    except pickle.UnpicklingError as e:
+        # torch's own message ends "Re-running torch.load with weights_only set to False will
+        # likely succeed": advice that runs the file's code. Keep only what was refused.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise SSASTImportError(
+            f"{path}: refused to load: the file contains pickled Python objects beyond tensors and "
+            f"plain containers{f' ({detail})' if detail else ''}. aviary never unpickles such objects, "
+            "since that can run code; an SSAST checkpoint is a plain state dict of tensors") from None
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise SSASTImportError(f"{path}: not a readable weights-only torch checkpoint ({type(e).__name__}: {e})") from None
+        msg = " ".join(ln.strip() for ln in str(e).splitlines()
+                       if ln.strip() and "weights_only" not in ln)  # never suggest unpickling
+        raise SSASTImportError(f"{path}: not a readable weights-only torch checkpoint ({type(e).__name__}: {msg})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -147,7 +147,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         weights = _find_weights(Path(spath))
         tensors, meta = ckpt.load_tensors(weights)
         stored = ckpt.load_config_from_metadata(weights, meta)
-        version = int(meta.get("aviary.format_version", ckpt.FORMAT_VERSION))
+        version = ckpt.format_version(weights, meta)
         run_json = {}
         for cand in (weights.parent / "run.json", weights.parent.parent.parent / "run.json"):
             if cand.is_file():
@@ -157,7 +157,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                     log.warning("%s", e)
                 break
     model_cfg = stored.get("model", stored)
-    cfg = config_from_dict(model_cfg)
+    cfg = config_from_dict(model_cfg, source=weights)
     family = get_family(cfg.family)
     upstream = family.build_upstream(cfg)
     preset, diff = match_preset(model_cfg)
@@ -188,6 +188,15 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     return d
 
 
+def _checksum_note(version: int | None) -> str:
+    if version is None:
+        return " (plain safetensors, no aviary checksum)"
+    if version < 2:
+        # Format 1's checksum covers the tensors, not the config stored beside them.
+        return f" (aviary format version {version}, checksum of the weights verified; the config is not covered)"
+    return f" (aviary format version {version}, checksum of weights and config verified)"
+
+
 def format_description(d: Mapping[str, Any]) -> str:
     """Human-readable lines for :func:`describe`'s dict."""
     if d.get("preset"):
@@ -200,7 +209,7 @@ def format_description(d: Mapping[str, Any]) -> str:
         preset = "custom"
     lines = [
         f"checkpoint   {d['weights']}",
-        f"format       {d['format']}" + (f" (aviary format version {d['format_version']}, checksum verified)"
+        f"format       {d['format']}" + (_checksum_note(d.get("format_version"))
                                           if d["format"] == "aviary" else " (imported on the fly, read with weights_only)"),
         f"model        {d['family']}" + (f" / {d['variant']}" if d.get("variant") else ""),
         f"preset       {preset}",

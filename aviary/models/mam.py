@@ -209,7 +209,7 @@ class MAMPretrainModel(nn.Module):
 
     def forward(self, batch: dict[str, Any], return_extras: bool = False) -> ObjectiveOutput:
         """One masked-reconstruction step on a batch of waveforms (see the class docstring)."""
-        wavs, wav_lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"))
+        wavs, wav_lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"), check_finite=False)
         feats, flen, target = self._features_and_target(wavs, wav_lengths)
         enc = self.upstream.encoder
         R = enc.downsample

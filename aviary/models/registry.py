@@ -91,8 +91,20 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def config_from_dict(d: Mapping[str, Any]) -> Config:
-    """Rebuild a pretraining config from its JSON dict (dispatching on ``family``)."""
+def config_from_dict(d: Mapping[str, Any], source: Any = None) -> Config:
+    """Rebuild a pretraining config from its JSON dict (dispatching on ``family``).
+
+    Args:
+        d: the dict.
+        source: the file it was read from; a bad config's error then names it.
+    """
+    if source is not None:
+        try:
+            return config_from_dict(d)
+        except (ConfigError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{source}: the model config stored in the file is invalid: {e}") from None
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"config must be a mapping, got {type(d).__name__}")
     fam = d.get("family")
     if fam is None:
         raise ConfigError(f"config has no 'family' key (keys: {sorted(d)})")

@@ -469,7 +469,7 @@ class SSASTPretrainModel(nn.Module):
         self.objective = MSPM(cfg.objective, cfg.encoder.hidden_size, cfg.encoder.patch_dim)
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> ObjectiveOutput:
-        wavs, lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"))
+        wavs, lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"), check_finite=False)
         feats, flen = self.upstream.frontend(wavs, lengths)  # (B, T, 128)
         feats, flen = crop_frames(feats, flen, self.config.max_frames, self.training, generator)
         return self.objective(self.upstream.encoder, feats, flen, mask=batch.get("patch_mask"),

@@ -49,8 +49,14 @@ class Upstream(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def _as_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalise (N,) / (B, N) input and default lengths; checks shapes."""
+    def _as_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor | None,
+                  check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalise (N,) / (B, N) input and default lengths; checks shapes.
+
+        With ``check_finite`` (extraction), a row holding NaN / inf samples within its length
+        is an error naming the row: its hidden states would be all NaN, without a word.
+        Pretraining passes ``False``: the loop skips and counts non-finite steps itself.
+        """
         if wavs.dim() == 1:
             wavs = wavs.unsqueeze(0)
         if wavs.dim() != 2:
@@ -62,7 +68,16 @@ class Upstream(nn.Module):
             raise ValueError(f"wav_lengths must be ({wavs.shape[0]},), got {tuple(wav_lengths.shape)}")
         if int(wav_lengths.max()) > wavs.shape[1]:
             raise ValueError(f"wav_lengths max {int(wav_lengths.max())} > padded length {wavs.shape[1]}")
-        return wavs.float(), wav_lengths
+        wavs = wavs.float()
+        if check_finite:
+            inside = torch.arange(wavs.shape[1], device=wavs.device)[None] < wav_lengths[:, None]  # (B, N)
+            bad = (~torch.isfinite(wavs) & inside).sum(1)  # (B,)
+            if bool(bad.any()):
+                rows = bad.nonzero().flatten().tolist()
+                raise ValueError(f"wavs row(s) {rows[:5]} hold non-finite (NaN / inf) samples "
+                                 f"({int(bad[rows[0]])} in row {rows[0]}); their hidden states would be NaN. "
+                                 "Check the audio (`aviary check-data`)")
+        return wavs, wav_lengths
 
 
 def _find_weights(path: Path) -> Path:
@@ -113,7 +128,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: 
     tensors, meta = load_tensors(wpath)
     cfg_dict = load_config_from_metadata(wpath, meta)
     model_cfg = cfg_dict.get("model", cfg_dict)
-    cfg = config_from_dict(model_cfg)
+    cfg = config_from_dict(model_cfg, source=wpath)
     family = get_family(cfg.family)
     upstream = family.build_upstream(cfg)
     # Pretraining checkpoints store the whole pretraining model; the upstream is its

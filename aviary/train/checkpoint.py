@@ -7,6 +7,8 @@ Format (version ``FORMAT_VERSION``):
   shape and bytes, so truncation or bit rot is detected even where safetensors' own
   header check passes) and ``aviary.config`` (the JSON config needed to rebuild the model).
   Such a file is self-contained: it is the "single-file bundle" :func:`aviary.load` accepts.
+  Since format 2, ``aviary.header_sha256`` covers all of that metadata as well (a flipped
+  bit in the stored ``num_layers`` would otherwise build a different model).
 * JSON sidecars (``*.json``) are written atomically too.
 
 Nothing is ever pickled. Atomic write = write to a temporary file in the same directory,
@@ -34,8 +36,15 @@ from safetensors.torch import save as st_save_bytes
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-"""Bumped whenever the on-disk layout changes; older versions must keep loading."""
+FORMAT_VERSION = 2
+"""Bumped whenever the on-disk layout changes; older versions must keep loading.
+
+1: ``aviary.sha256`` covers the tensors only (a flipped bit in the stored config went unseen).
+2: ``aviary.header_sha256`` also covers the whole string metadata: config, format version
+   and the tensor checksum.
+"""
+
+HEADER_CHECKSUM = "aviary.header_sha256"
 
 
 class CheckpointError(RuntimeError):
@@ -53,6 +62,12 @@ def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
         if t.numel():
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def header_checksum(meta: Mapping[str, str]) -> str:
+    """SHA-256 over every metadata entry but :data:`HEADER_CHECKSUM` itself (format 2)."""
+    rest = {k: v for k, v in meta.items() if k != HEADER_CHECKSUM}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -133,6 +148,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
         meta["aviary.config"] = json.dumps(config, sort_keys=True)
     if metadata:
         meta.update({str(k): str(v) for k, v in metadata.items()})
+    meta[HEADER_CHECKSUM] = header_checksum(meta)
     write_bytes_atomic(path, st_save_bytes(cpu, metadata=meta))
 
 
@@ -169,6 +185,12 @@ def load_tensors(path: str | os.PathLike, verify: bool = True
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    kind = torch_file_kind(path)
+    if kind is not None:
+        # Whatever its name says: a pickle is never unpickled here.
+        raise CheckpointError(f"{path}: a torch.save / pickle file ({kind}), not a safetensors file; it is "
+                              "not loaded (unpickling runs code). Other toolkits' checkpoints go through "
+                              "`aviary import`")
     data = path.read_bytes()
     if len(data) < 8:
         raise CheckpointError(f"{path}: file is truncated ({len(data)} bytes)")
@@ -178,16 +200,53 @@ def load_tensors(path: str | os.PathLike, verify: bool = True
         header = json.loads(data[8:8 + header_len])
     except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
     meta = dict(header.get("__metadata__") or {})
-    if verify and "aviary.sha256" in meta:
-        got = tensors_checksum(tensors)
-        if got != meta["aviary.sha256"]:
-            raise CheckpointError(f"{path}: checksum mismatch, the file is corrupted "
-                                  f"(stored {meta['aviary.sha256'][:12]}..., computed {got[:12]}...)")
-    version = int(meta.get("aviary.format_version", FORMAT_VERSION))
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: written by a newer aviary (format {version} > {FORMAT_VERSION}); upgrade aviary")
+    if verify:
+        verify_metadata(path, meta)
+        if "aviary.sha256" in meta:
+            got = tensors_checksum(tensors)
+            if got != meta["aviary.sha256"]:
+                raise CheckpointError(f"{path}: checksum mismatch, the file is corrupted "
+                                      f"(stored {meta['aviary.sha256'][:12]}..., computed {got[:12]}...)")
     return tensors, meta
+
+
+def format_version(path: str | os.PathLike, meta: Mapping[str, str]) -> int | None:
+    """The aviary format version in ``meta`` (``None``: a plain safetensors file)."""
+    raw = meta.get("aviary.format_version")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise CheckpointError(f"{path}: format version {raw!r} in the metadata is not a number; "
+                              "the file is corrupted") from None
+
+
+def verify_metadata(path: str | os.PathLike, meta: Mapping[str, str]) -> None:
+    """Check the format version and (format >= 2) the checksum of the whole metadata.
+
+    A file that carries a header checksum is always checked against it, whatever version it
+    claims, so a bit flip that turns "2" into "0" cannot switch verification off.
+
+    Raises:
+        CheckpointError: newer format, damaged metadata or a missing checksum, naming ``path``.
+    """
+    version = format_version(path, meta)
+    if version is not None and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer aviary (format {version} > {FORMAT_VERSION}); upgrade aviary")
+    if HEADER_CHECKSUM in meta:
+        if header_checksum(meta) != meta[HEADER_CHECKSUM]:
+            raise CheckpointError(f"{path}: checksum mismatch in the header (config or format version "
+                                  "changed since the file was written); the file is corrupted")
+    elif version is not None and version >= 2:
+        raise CheckpointError(f"{path}: format {version} but no {HEADER_CHECKSUM!r} in the metadata; "
+                              "the file is corrupted")
+    if version is not None and version >= 2 and "aviary.sha256" not in meta:
+        raise CheckpointError(f"{path}: format {version} but no 'aviary.sha256' in the metadata; "
+                              "the file is corrupted")
 
 
 def load_config_from_metadata(path: str | os.PathLike, meta: Mapping[str, str]) -> dict[str, Any]:
@@ -197,9 +256,12 @@ def load_config_from_metadata(path: str | os.PathLike, meta: Mapping[str, str]) 
         raise CheckpointError(f"{path}: no 'aviary.config' in the safetensors metadata; "
                               "not an aviary checkpoint (for other toolkits use `aviary import`)")
     try:
-        return json.loads(raw)
+        cfg = json.loads(raw)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: stored config is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: stored config is a JSON {type(cfg).__name__}, not an object")
+    return cfg
 
 
 def optimizer_to_tensors(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -377,4 +439,24 @@ def latest_good_checkpoint(run_dir: str | os.PathLike):
     if found:
         raise CheckpointError(f"{run_dir}: none of the {len(found)} checkpoints is usable: "
                               + "; ".join(errors))
+    return None
+
+
+def stored_run_config(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """``(model file, config)`` of the newest checkpoint whose header verifies, or ``None``.
+
+    Reads only the safetensors header (config and checksums), not the weights: what
+    ``--resume`` compares the command line against when ``run.json`` is gone.
+    """
+    for _step, d in list_checkpoints(run_dir):
+        path = d / MODEL_FILE
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            meta = dict(header.get("__metadata__") or {})
+            verify_metadata(path, meta)
+            return path, load_config_from_metadata(path, meta)
+        except (OSError, ValueError, AttributeError, CheckpointError) as e:
+            log.warning("%s: unreadable header (%s); trying the previous checkpoint", path, e)
     return None

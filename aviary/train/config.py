@@ -42,6 +42,10 @@ class TrainConfig(Config):
     checkpoint_every: int = 1000     # steps between checkpoints (always one at the end)
     keep_last: int = 3               # newest checkpoints kept on disk (>= 2 lets resume fall back)
     max_nonfinite_steps: int = 20    # stop after this many non-finite steps in a row
+    # Stop when fewer than this share of the files read so far (train or valid) were usable:
+    # a corpus whose files are mostly broken (or whose manifest durations are stale) would
+    # otherwise "train" on the few that load, or on nothing at all, and exit 0.
+    min_usable_fraction: float = 0.5
     num_workers: int = 0             # DataLoader worker processes (0: load in the main process)
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     tensorboard: bool = True         # also write RUN_DIR/tb/ when tensorboard is importable
@@ -74,6 +78,7 @@ class TrainConfig(Config):
         check_range("checkpoint_every", self.checkpoint_every, 1)
         check_range("keep_last", self.keep_last, 1)
         check_range("max_nonfinite_steps", self.max_nonfinite_steps, 1)
+        check_range("min_usable_fraction", self.min_usable_fraction, 0.0, 1.0)
         check_range("num_workers", self.num_workers, 0, 64)
         check_range("corpus_stats_utterances", self.corpus_stats_utterances, 0)
         check(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")

@@ -63,6 +63,10 @@ class TrainData:
         """How much data a collated batch holds, in :attr:`unit` (for throughput)."""
         return float(len(batch.get("ids", ())))
 
+    def item_name(self, index: int) -> str:
+        """How error messages name item ``index`` (a file path where there is one)."""
+        return f"item {index}"
+
 
 @dataclass
 class StreamPosition:
@@ -130,22 +134,27 @@ class ItemDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[int, Any]:
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[int, Any, int]:
         index, seed, g = key
-        return g, self.data.load_item(index, seed)
+        return g, self.data.load_item(index, seed), index
 
 
 class Collate:
-    """Drops unusable items, collates the rest; returns ``(g, batch or None, n_dropped)``."""
+    """Drops unusable items, collates the rest.
+
+    Returns ``(g, batch or None, dropped item indices, number of items read)``: the loop
+    counts them (also across DataLoader workers, whose ``skipped`` dicts it cannot see).
+    """
 
     def __init__(self, data: TrainData) -> None:
         self.data = data
 
-    def __call__(self, pairs: list[tuple[int, Any]]) -> tuple[int, dict[str, Any] | None, int]:
-        g = pairs[0][0]
-        items = [it for _, it in pairs if it is not None]
-        dropped = len(pairs) - len(items)
-        return g, (self.data.collate(items) if items else None), dropped
+    def __call__(self, triples: list[tuple[int, Any, int]]
+                 ) -> tuple[int, dict[str, Any] | None, list[int], int]:
+        g = triples[0][0]
+        items = [it for _, it, _ in triples if it is not None]
+        dropped = [i for _, it, i in triples if it is None]
+        return g, (self.data.collate(items) if items else None), dropped, len(triples)
 
 
 def duration_batches(durations: Sequence[float], max_seconds: float, seed: int, epoch: int,
@@ -231,6 +240,13 @@ class AudioTrainData(TrainData):
 
     def batch_amount(self, batch: dict[str, Any]) -> float:
         return float(batch["wav_lengths"].sum()) / self.sample_rate
+
+    def item_name(self, index: int) -> str:
+        u = self.utts[index]
+        reason = self.skipped.get(u.id)  # known when loaded in this process (num_workers=0)
+        if reason is None:
+            return str(u.audio)
+        return reason if str(u.audio) in reason else f"{u.audio}: {reason}"
 
 
 def build_train_data(batch_kind: str, data_path: str | Path, split: str | None,

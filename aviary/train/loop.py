@@ -47,7 +47,41 @@ _VALID_STREAM = 0x7A11D
 
 
 class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+    """Too many optimizer steps in a row had a non-finite loss or gradient, or the run's
+    final weights or validation loss are non-finite."""
+
+
+class UnusableDataError(RuntimeError):
+    """Too few of the files a run read could be used (``train.min_usable_fraction``)."""
+
+
+#: Items read before the usable fraction is judged (all of them for a smaller split).
+_USABLE_MIN_ITEMS = 64
+
+
+def usable_fraction_error(split: str, read: int, dropped: int, total: int, min_fraction: float,
+                          first: list[str]) -> str | None:
+    """The message for a split whose usable share is below ``min_fraction``, else ``None``.
+
+    Judged once ``min(total, 64)`` items were read, so that a few broken files in the first
+    batch of a large corpus do not stop it.
+    """
+    if read == 0 or read < min(total, _USABLE_MIN_ITEMS):
+        return None
+    usable = read - dropped
+    if usable / read >= min_fraction and usable > 0:
+        return None
+    listed = "; ".join(first[:3]) + (" ..." if len(first) > 3 else "")
+    return (f"only {usable} of the {read} {split} files read so far were usable ({dropped} skipped; "
+            f"train.min_usable_fraction={min_fraction:g}); first unusable: {listed}. Run "
+            "`aviary check-data` on the corpus (stale durations in the manifest make files unusable "
+            "too) and fix or remove the broken files")
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or inf."""
+    return [k for k, v in tensors.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 @dataclass
@@ -143,8 +177,10 @@ def _trim_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step``: a resumed run re-does those steps and logs them again."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    keep: list[str] = []
+    # From step 0 (no checkpoint yet) nothing of a killed run survives, not even its step-0
+    # validation line, which the new start writes again.
+    for line in path.read_text(encoding="utf-8").splitlines() if step > 0 else []:
         try:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
@@ -205,8 +241,11 @@ def validation_loss(model: nn.Module, data: TrainData, cfg: TrainConfig, device:
         batches = batches[: cfg.val_batches]
     sums: dict[str, float] = {}
     n = 0
+    read, dropped = 0, []
     for j, idx in enumerate(batches):
         items = [data.load_item(i, mix_seed(cfg.seed, _VALID_STREAM, j, k)) for k, i in enumerate(idx)]
+        read += len(items)
+        dropped += [i for i, it in zip(idx, items) if it is None]
         items = [it for it in items if it is not None]
         if not items:
             continue
@@ -218,6 +257,10 @@ def validation_loss(model: nn.Module, data: TrainData, cfg: TrainConfig, device:
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
     model.train(was_training)
+    err = usable_fraction_error("valid", read, len(dropped), read, cfg.min_usable_fraction,
+                                [data.item_name(i) for i in dropped[:4]])
+    if err:
+        raise UnusableDataError(err)
     return {k: v / n for k, v in sums.items()} if n else {}
 
 
@@ -263,8 +306,24 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
         raise ConfigError(f"{run_dir} already holds checkpoints (newest step {existing[0][0]}); "
                           "pass --resume to continue that run or choose another --out")
     run_json = run_dir / "run.json"
+    if resume and not run_json.is_file() and existing:
+        # run.json is gone: the newest checkpoint's header says what the run is. Comparing
+        # here, before run.json is rewritten, keeps a wrong --model from replacing the record
+        # (after which the right command would be refused).
+        found = ckpt.stored_run_config(run_dir)
+        if found is not None and found[1].get("model") != model_cfg.to_dict():
+            theirs = found[1].get("model") or {}
+            diff = sorted(k for k in set(theirs) | set(model_cfg.to_dict())
+                          if theirs.get(k) != model_cfg.to_dict().get(k))
+            raise ConfigError(f"{found[0]}: --resume with a different model config than this "
+                              f"checkpoint's (keys {diff}; {run_json} is missing); resume with the "
+                              "model the run was started with")
     if resume and run_json.is_file():
         stored = ckpt.read_json(run_json)
+        if stored.get("data") and data_desc and not _same_data(stored["data"], data_desc):
+            raise ConfigError(f"{run_json}: the run was trained on {stored['data']!r}, --resume was given "
+                              f"--data {data_desc!r}; resume on the same corpus (or omit --data), or start "
+                              "a new run in another --out")
         if stored.get("model") != model_cfg.to_dict():
             diff = sorted(k for k in set(stored.get("model", {})) | set(model_cfg.to_dict())
                           if stored.get("model", {}).get(k) != model_cfg.to_dict().get(k))
@@ -284,6 +343,16 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
         })
 
 
+def _same_data(a: str, b: str) -> bool:
+    """The same corpus: the same string, or the same path once resolved."""
+    if a == b:
+        return True
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
 def _save(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
           scaler: Any, model_cfg: Config, train_cfg: TrainConfig, stream: StreamPosition,
           counters: dict[str, int], info: DistInfo) -> None:
@@ -291,6 +360,11 @@ def _save(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer
     if not info.is_main:
         return
     tensors = _unwrap(model).state_dict()
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        # A checkpoint or bundle of NaN weights would load and give NaN features, silently.
+        raise NonFiniteError(f"step {step}: {len(bad)} weight tensors are non-finite (first: {bad[0]}); "
+                             "nothing written. Lower train.lr or use fp32.")
     config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "step": step,
               "format_version": ckpt.FORMAT_VERSION}
     opt_tensors, opt_json = ckpt.optimizer_to_tensors(opt.state_dict())
@@ -299,8 +373,13 @@ def _save(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer
              "scaler": scaler.state_dict() if scaler is not None else None}
     d = ckpt.save_checkpoint(run_dir, step, tensors, config, opt_tensors, state,
                              keep_last=train_cfg.keep_last)
-    # The root bundle is what `aviary.load(RUN_DIR)` reads first.
-    ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, tensors, config=config)
+    # The root bundle is what `aviary.load(RUN_DIR)` reads first: only weights whose last step
+    # was finite go there (the weights after a blow-up are finite but huge; their features NaN).
+    if counters["nonfinite_in_a_row"]:
+        log.warning("step %d: %d non-finite steps in a row; checkpoint written, root bundle left as it was",
+                    step, counters["nonfinite_in_a_row"])
+    else:
+        ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, tensors, config=config)
     log.info("checkpoint %s", d)
 
 
@@ -370,7 +449,8 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
                                 betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         scaler = torch.amp.GradScaler(device.type) if use_scaler else None
         start = StreamPosition()
-        counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0, "skipped_items": 0}
+        counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0, "skipped_items": 0,
+                    "read_items": 0}
         step = 0
         found = None
         if resume:
@@ -392,6 +472,10 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
                 log.info("--resume: %s has no checkpoint yet, starting from scratch", run_dir)
         if step >= cfg.steps:
             log.info("%s is already at step %d of %d", run_dir, step, cfg.steps)
+            if found is not None and (counters["nonfinite_in_a_row"] or nonfinite_tensors(m_tensors)):
+                raise NonFiniteError(f"{found[0]}: the run ended with {counters['nonfinite_in_a_row']} "
+                                     "non-finite steps in a row (or non-finite weights); no bundle is "
+                                     "written from it. Start a new run with a lower train.lr.")
             if resume and found is not None and info.is_main and not _bundle_holds(run_dir, m_tensors):
                 # A run killed between its last checkpoint and the root bundle left an older
                 # bundle behind: the bundle must hold the final weights. (An intact bundle is
@@ -462,6 +546,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
     window: dict[str, float] = {}
     window_steps, window_amount, window_t0 = 0, 0.0, time.perf_counter()
     last_saved = step
+    first_dropped: list[str] = []  # names of the first unusable files (this rank's)
 
     def save(at: int) -> None:
         nonlocal last_saved
@@ -495,16 +580,21 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
                     core.set_progress(step, cfg.steps)
                 opt.zero_grad(set_to_none=True)
                 step_loss, loss_finite, step_metrics = 0.0, True, {}
+                step_read, step_dropped, used = 0, 0, 0
                 for micro in range(cfg.grad_accum):
-                    g, batch, dropped = next(batches)
+                    g, batch, dropped, n_read = next(batches)
                     for _ in range(info.world_size):
                         shadow.next_global()
-                    counters["skipped_items"] += dropped
+                    step_read += n_read
+                    step_dropped += len(dropped)
+                    if len(first_dropped) < 4:
+                        first_dropped += [train_data.item_name(i) for i in dropped[:4 - len(first_dropped)]]
                     if batch is None:
                         if info.enabled:
                             raise RuntimeError(f"micro-batch {g}: every file is unusable; run "
                                                "`aviary check-data` and remove the broken files")
                         continue  # nothing usable in this micro-batch: no gradient from it
+                    used += 1
                     window_amount += train_data.batch_amount(batch)
                     batch = _to_device(batch, device)
                     # Masks and dropout of micro-batch g depend on (seed, g) only.
@@ -530,9 +620,18 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
                 # Clip and measure in one pass; inf max_norm only measures.
                 gnorm = float(torch.nn.utils.clip_grad_norm_(
                     params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-                # Every rank must take the same decision: share "was my loss finite".
-                bad = torch.tensor([0.0 if loss_finite else 1.0], device=device)
-                all_reduce_sum(bad, info)
+                # Every rank must take the same decision: share "was my loss finite" (and, in
+                # the same call, how many files were read and dropped).
+                shared = torch.tensor([0.0 if loss_finite else 1.0, float(step_read), float(step_dropped)],
+                                      dtype=torch.float64, device=device)
+                all_reduce_sum(shared, info)
+                bad = shared[:1]
+                counters["read_items"] += int(shared[1].item())
+                counters["skipped_items"] += int(shared[2].item())
+                err = usable_fraction_error("training", counters["read_items"], counters["skipped_items"],
+                                            len(train_data), cfg.min_usable_fraction, first_dropped)
+                if err:
+                    raise UnusableDataError(f"stopping at step {step + 1}: {err}")
                 finite = bool(bad.item() == 0) and math.isfinite(gnorm)
                 if scaler is not None:
                     # fp16: GradScaler skips overflowing steps itself and lowers the scale;
@@ -557,7 +656,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
                             f"had a non-finite loss or gradient (max_nonfinite_steps="
                             f"{cfg.max_nonfinite_steps}); last checkpoint: step {last_saved}. "
                             "Lower train.lr, check the data (`aviary check-data`), or use fp32.")
-                if finite:  # skipped steps stay out of the averages (they are counted apart)
+                if finite and used:  # skipped and empty steps stay out of the averages
                     for k, v in {"loss": step_loss, "grad_norm": gnorm, **step_metrics}.items():
                         window[k] = window.get(k, 0.0) + v
                     window_steps += 1
@@ -598,6 +697,8 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
                 if valid_data is not None:
                     result.valid_loss = _validate(core, valid_data, cfg, device, amp_dtype, step,
                                                   metrics, result, info)
+                _check_final(core, result, counters, step, last_saved, valid_data is not None,
+                             device, info)
                 if last_saved != step:
                     save(step)
     finally:
@@ -612,6 +713,31 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
         log.warning("%d unusable files were skipped during training (first: %s)",
                     len(skipped), next(iter(skipped.items())))
     return result
+
+
+def _check_final(core: nn.Module, result: PretrainResult, counters: dict[str, int], step: int,
+                 last_saved: int, validated: bool, device: torch.device, info: DistInfo) -> None:
+    """Refuse to finish (exit 0, write the bundle) with a model that gives NaN.
+
+    A run may end within ``max_nonfinite_steps`` of a blow-up: the last steps were skipped, the
+    weights are finite but huge (lr 1e30) or non-finite, and their features are NaN.
+    """
+    problems = []
+    if counters["nonfinite_in_a_row"]:
+        problems.append(f"its last {counters['nonfinite_in_a_row']} steps had a non-finite loss or gradient")
+    bad = nonfinite_tensors(core.state_dict())
+    if bad:
+        problems.append(f"{len(bad)} weight tensors are non-finite (first: {bad[0]})")
+    if info.is_main and validated and result.valid_loss is not None and not math.isfinite(result.valid_loss):
+        problems.append(f"the final validation loss is {result.valid_loss}")
+    # Rank 0 alone knows the validation loss: agree, or the other ranks would wait forever.
+    flag = torch.tensor([1.0 if problems else 0.0], device=device)
+    all_reduce_sum(flag, info)
+    if flag.item() > 0:
+        raise NonFiniteError(
+            f"step {step}: the run diverged: {'; '.join(problems) or 'see rank 0'}. The final weights "
+            f"are not written (last checkpoint: step {last_saved}). Lower train.lr, check the data "
+            "(`aviary check-data`), or use fp32.")
 
 
 def _log_record(window: dict[str, float], n: int, amount: float, t0: float, step: int, lr: float,
@@ -636,13 +762,21 @@ def _validate(core: nn.Module, data: TrainData, cfg: TrainConfig, device: torch.
               result: PretrainResult, info: DistInfo) -> float | None:
     """Rank 0 computes the validation loss; the others wait."""
     loss = None
+    err = None
     if info.is_main:
-        vals = validation_loss(core, data, cfg, device, amp_dtype)
+        try:
+            vals = validation_loss(core, data, cfg, device, amp_dtype)
+        except UnusableDataError as e:
+            err, vals = e, {}
         if vals:
             rec = {"step": step, "split": "valid", **vals}
             metrics.write(rec)
             result.history.append(rec)
             loss = vals["loss"]
             log.info("step %d: validation loss %.4f", step, loss)
-    barrier(info)
+    # Also the barrier: every rank learns whether rank 0 found the split unusable.
+    flag = torch.tensor([1.0 if err is not None else 0.0], device=device)
+    all_reduce_sum(flag, info)
+    if flag.item() > 0:
+        raise UnusableDataError(f"validation at step {step}: {err or 'unusable on rank 0'}")
     return loss

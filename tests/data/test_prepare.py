@@ -134,3 +134,30 @@ def test_prepare_folder_speaker_levels(tmp_path):
     assert {u.speaker for u in prepare_folder(tmp_path / "f", tmp_path / "c3", speaker_level=0)} == {"f"}
     with pytest.raises(ManifestError, match="speaker level 3"):
         prepare_folder(tmp_path / "f", tmp_path / "c4", speaker_level=3)
+
+
+def test_prepare_folder_skip_bad_decodes_what_it_keeps(tmp_path):
+    # Headers alone pass a truncated, a NaN and a 10 ms file; with --skip-bad they must not
+    # reach training, extraction or probes.
+    import numpy as np
+    import soundfile as sf
+
+    from aviary.data.prepare import prepare_folder
+
+    f = tmp_path / "f" / "s1"
+    f.mkdir(parents=True)
+    tone = (0.1 * np.sin(np.arange(16000) / 5)).astype(np.float32)
+    for i in range(3):
+        sf.write(f / f"good{i}.wav", tone, 16000)
+    sf.write(f / "short.wav", tone[:160], 16000)
+    nan = tone.copy()
+    nan[100] = np.nan
+    sf.write(f / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(f / "trunc.wav", tone, 16000)
+    (f / "trunc.wav").write_bytes((f / "trunc.wav").read_bytes()[:16000])
+    utts = prepare_folder(tmp_path / "f", tmp_path / "c", skip_bad=True)
+    assert sorted(u.id for u in utts) == ["s1-good0", "s1-good1", "s1-good2"]
+    readme = (tmp_path / "c" / "README").read_text()
+    assert "Skipped 3" in readme
+    for name, kind in (("short.wav", "too_short"), ("nan.wav", "nonfinite"), ("trunc.wav", "truncated")):
+        assert any(name in line and kind in line for line in readme.splitlines()), (name, readme)

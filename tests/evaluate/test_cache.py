@@ -102,3 +102,69 @@ def test_corrupted_layer_file_is_detected(corpus, tmp_path):
     np.save(f, np.zeros((3, 3), dtype=np.float16))
     with pytest.raises(CacheError, match="layer-01.npy"):
         FeatureCache(out)
+
+
+def _extract(utts, out, **kw):
+    return extract_to_cache(OracleUpstream(), utts, out, name="oracle", layers="all", dtype="float32",
+                            shard_seconds=1.0, progress=False, **kw)
+
+
+def _snapshot(out, utts):
+    c = open_cache(out)
+    return {(u.id, k): np.array(c.get(u.id, k)) for u in utts for k in c.layers}
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate"])
+def test_damaged_shard_is_refused_at_read_and_recreated_by_extract(corpus, tmp_path, damage):
+    utts = load_manifest(corpus)[:12]
+    out = tmp_path / "c"
+    _extract(utts, out)
+    ref = _snapshot(out, utts)
+    f = sorted(out.glob("shard-*/layer-02.npy"))[1]
+    data = bytearray(f.read_bytes())
+    if damage == "bitflip":
+        # 64 flipped bytes in the data (past the .npy header): same shape, NaN / changed features.
+        for i in range(len(data) - 64, len(data)):
+            data[i] ^= 0xFF
+    else:
+        data = data[: len(data) - 100]
+    f.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=rf"{f.parent.name}/layer-02.npy"):
+        c = open_cache(out)
+        for u in utts:
+            c.get(u.id, 2)
+    # "Extract again" repairs the cache: the broken shard (only it) is written anew.
+    stats = _extract(utts, out)
+    assert stats.shards_written == 1
+    after = _snapshot(out, utts)
+    assert after.keys() == ref.keys() and all(np.array_equal(after[k], ref[k]) for k in ref)
+
+
+def test_probe_from_a_bitflipped_cache_fails_naming_the_file(corpus, tmp_path, caplog):
+    from aviary.cli import main
+
+    out = tmp_path / "cache"
+    assert main(["extract", "--checkpoint", "logmel", "--data", str(corpus), "--out", str(out),
+                 "--dtype", "float32", "--shard-seconds", "2"]) == 0
+    f = sorted(out.glob("shard-*/layer-00.npy"))[0]
+    data = bytearray(f.read_bytes())
+    for i in range(len(data) - 64, len(data)):
+        data[i] ^= 0x7F
+    f.write_bytes(bytes(data))
+    rc = main(["probe", "--upstream", "logmel", "--data", str(corpus), "--task", "speaker", "--cache", str(out),
+               "--out", str(tmp_path / "p"), "--max-epochs", "1"])
+    assert rc == 2 and "checksum mismatch" in caplog.text and f.name in caplog.text
+
+
+class _NaNUpstream(OracleUpstream):
+    def extract(self, wavs, wav_lengths=None, max_layer=None):
+        states, lengths = super().extract(wavs, wav_lengths, max_layer)
+        states[1] = states[1].clone()
+        states[1][0, 0, 0] = float("nan")
+        return states, lengths
+
+
+def test_nonfinite_features_are_never_cached(corpus, tmp_path):
+    utts = load_manifest(corpus)[:4]
+    with pytest.raises(CacheError, match=r"non-finite features for utterance '.*' at hidden state 1"):
+        extract_to_cache(_NaNUpstream(), utts, tmp_path / "c", name="nan", progress=False)

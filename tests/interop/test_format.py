@@ -151,3 +151,42 @@ def test_malicious_pickle_at_a_checkpoint_path_is_refused_not_executed(tmp_path,
     assert cli_main(["info", str(tmp_path / "states.ckpt")]) == 2
     assert cli_main(["export", "s3prl", str(run), "--out", str(tmp_path / "x.ckpt")]) == 2
     assert not marker.exists(), "the pickle was executed"
+
+
+def _flip_in_header(src: Path, dst: Path, old: bytes, new: bytes) -> None:
+    data = src.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = data[8:8 + header_len]
+    assert header.count(old) == 1 and len(old) == len(new)
+    dst.write_bytes(data[:8] + header.replace(old, new) + data[8 + header_len:])
+
+
+def test_a_flipped_bit_in_the_stored_config_is_refused(tmp_path, capsys):
+    # num_layers 2 -> 3 is one bit ('2' = 0x32, '3' = 0x33) in the config of the header: it
+    # would build a different model from the same weights. Format 2 covers the header.
+    current = DATA / f"tiny-mam-v{FORMAT_VERSION}.safetensors"
+    bad = tmp_path / "model.safetensors"
+    _flip_in_header(current, bad, b'num_layers\\": 2', b'num_layers\\": 3')
+    with pytest.raises(CheckpointError, match=r"model.safetensors: checksum mismatch in the header"):
+        aviary.load(bad)
+    assert cli_main(["info", str(bad)]) == 2
+    assert "checksum verified" not in capsys.readouterr().out
+    # A flip of the format version itself ("2" -> "0", one bit) does not switch verification off.
+    downgraded = tmp_path / "v0.safetensors"
+    _flip_in_header(current, downgraded, b'"aviary.format_version":"2"', b'"aviary.format_version":"0"')
+    with pytest.raises(CheckpointError, match="checksum mismatch in the header"):
+        aviary.load(downgraded)
+    # Format 1 files keep loading (verified the old way) and `aviary info` says what was checked.
+    assert cli_main(["info", str(DATA / "tiny-mam-v1.safetensors")]) == 0
+    assert "config is not covered" in capsys.readouterr().out
+    assert cli_main(["info", str(current)]) == 0
+    assert "checksum of weights and config verified" in capsys.readouterr().out
+
+
+def test_a_format_2_file_without_its_header_checksum_is_refused(tmp_path):
+    current = DATA / f"tiny-mam-v{FORMAT_VERSION}.safetensors"
+    bad = tmp_path / "nosum.safetensors"
+    # A flip in the key's name makes the checksum "absent": still refused.
+    _flip_in_header(current, bad, b'"aviary.header_sha256"', b'"aviary.header_sha257"')
+    with pytest.raises(CheckpointError, match="no 'aviary.header_sha256'"):
+        aviary.load(bad)

@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import shutil
+import re
 import signal
 
 import pytest
@@ -14,7 +15,7 @@ import tiny
 from aviary.config import ConfigError
 from aviary.train import checkpoint as ckpt
 from aviary.train.config import TrainConfig
-from aviary.train.loop import NonFiniteError, param_groups, pretrain
+from aviary.train.loop import NonFiniteError, UnusableDataError, param_groups, pretrain
 
 BASE = dict(steps=12, lr=3e-3, precision="fp32", log_every=2, val_every=6, checkpoint_every=4,
             keep_last=10, tensorboard=False)
@@ -236,11 +237,16 @@ def test_nan_inputs_skip_steps_then_stop(tmp_path):
 
 def test_skipped_step_does_not_touch_the_weights(tmp_path):
     out = tmp_path / "skip"
-    res = run(out, data=tiny.SineData(nan_items=set(range(24))), steps=3, max_nonfinite_steps=5)
-    assert res.nonfinite_steps == 3
+    # Every step skipped: the run must not end "successfully" with these weights (below), but
+    # its intermediate checkpoint shows them untouched.
+    with pytest.raises(NonFiniteError, match="last 3 steps had a non-finite loss"):
+        run(out, data=tiny.SineData(nan_items=set(range(24))), steps=3, max_nonfinite_steps=5,
+            checkpoint_every=2)
     torch.manual_seed(0)
     init = tiny.TinyPretrain(tiny.TinyConfig()).state_dict()
-    assert_bitwise(weights(out / "model.safetensors"), init)
+    assert_bitwise(weights(out / "checkpoints/step-00000002/model.safetensors"), init)
+    # No root bundle is written while the run is in a streak of skipped steps.
+    assert not (out / "model.safetensors").exists()
 
 
 def test_huge_learning_rate_stops_with_clear_error(tmp_path):
@@ -293,3 +299,153 @@ def test_broken_audio_files_are_skipped_and_counted(sine_corpus, tmp_path, caplo
     rec = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
     assert rec["skipped_items"] >= 1 and math.isfinite(rec["loss"])
     assert train[0].id in caplog.text or train[1].id in caplog.text
+
+
+class _Unusable(tiny.SineData):
+    """SineData whose items in ``bad`` fail to load (``None``), as broken files do."""
+
+    def __init__(self, bad, **kw):
+        super().__init__(**kw)
+        self.bad = set(bad)
+
+    def load_item(self, index, seed):
+        return None if index in self.bad else super().load_item(index, seed)
+
+    def item_name(self, index):
+        return f"file-{index}.wav"
+
+
+def test_diverged_run_exits_nonzero_and_writes_no_bundle(tmp_path):
+    # lr 1e30: the first update makes the weights huge (finite), every later step is skipped.
+    # The run ends within max_nonfinite_steps of the blow-up: it must not end as a success.
+    out = tmp_path / "lr"
+    with pytest.raises(NonFiniteError, match=r"diverged: its last \d+ steps had a non-finite"):
+        run(out, lr=1e30, steps=6, max_nonfinite_steps=20, warmup_fraction=0.0, checkpoint_every=4)
+    assert not (out / "model.safetensors").exists()
+    # --resume of that run (from its step-4 checkpoint) diverges again, and writes no bundle either.
+    with pytest.raises(NonFiniteError, match="diverged"):
+        run(out, resume=True, lr=1e30, steps=6, max_nonfinite_steps=20, warmup_fraction=0.0,
+            checkpoint_every=4)
+    assert not (out / "model.safetensors").exists()
+
+
+def test_nonfinite_final_validation_loss_fails_the_run(tmp_path):
+    with pytest.raises(NonFiniteError, match="final validation loss is nan"):
+        pretrain(tiny.TinyConfig(), cfg(steps=4, val_every=0), None, tmp_path / "v",
+                 train_data=tiny.SineData(), valid_data=tiny.SineData(6, seed=1, nan_items={0, 1, 2, 3, 4, 5}))
+
+
+def test_nonfinite_weights_are_never_written(tmp_path):
+    from aviary.train.loop import _save
+
+    model = tiny.TinyPretrain(tiny.TinyConfig())
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    opt = torch.optim.AdamW(model.parameters())
+    from aviary.train.data import StreamPosition
+    from aviary.train.distributed import DistInfo
+    with pytest.raises(NonFiniteError, match=r"non-finite \(first: head.weight\); nothing written"):
+        _save(tmp_path, 3, model, opt, None, tiny.TinyConfig(), cfg(), StreamPosition(),
+              {"nonfinite_in_a_row": 0}, DistInfo())
+    assert not (tmp_path / "model.safetensors").exists() and not ckpt.list_checkpoints(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [set(range(24)), set(range(20))])
+def test_mostly_unusable_training_data_stops_the_run(tmp_path, bad):
+    # All (or 20 of 24) files unusable: before, the run did all its steps on nothing (loss 0.0)
+    # and exited 0 with an untrained model.
+    with pytest.raises(UnusableDataError, match=r"only \d+ of the \d+ training files read so far were "
+                                                r"usable .*first unusable: file-\d+\.wav"):
+        run(tmp_path / "r", data=_Unusable(bad), steps=50, checkpoint_every=100)
+    assert not (tmp_path / "r/model.safetensors").exists()
+    # A few broken files are skipped and counted as before.
+    res = run(tmp_path / "ok", data=_Unusable({0, 7}), steps=6)
+    assert res.step == 6 and math.isfinite(res.train_loss)
+
+
+def test_unusable_validation_data_stops_the_run(tmp_path):
+    with pytest.raises(UnusableDataError, match=r"validation at step 0: only 0 of the 6 valid files"):
+        pretrain(tiny.TinyConfig(), cfg(steps=4), None, tmp_path / "v", train_data=tiny.SineData(),
+                 valid_data=_Unusable(range(6), n=6, seed=1))
+
+
+def test_step0_validation_line_is_not_repeated_after_a_kill_before_the_first_checkpoint(reference, tmp_path):
+    # A run killed before its first checkpoint left its step-0 validation line; the new start
+    # (from step 0) writes it again, once.
+    out = tmp_path / "early"
+    out.mkdir()
+    shutil.copy(reference[0] / "run.json", out / "run.json")
+    lines = (reference[0] / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    run(out, resume=True)
+    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("split")) for r in rec] == [
+        (r["step"], r.get("split")) for r in map(json.loads, lines)]
+
+
+def test_stale_manifest_durations_stop_pretrain_and_fail_check_data(sine_corpus, tmp_path, caplog, capsys):
+    # Durations 20x too long (a manifest left from before the audio was re-cut): crops fall past
+    # the end of most files. Before: "train_loss" 0.0, an untrained model, exit 0; check-data
+    # called it a warning "handled by the loader".
+    from aviary.cli import main as cli_main
+    from aviary.data.manifest import read_manifest, write_manifest
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(sine_corpus, corpus)
+    for split in ("manifest", "train", "valid"):
+        utts = read_manifest(corpus / f"{split}.jsonl")
+        write_manifest(corpus / f"{split}.jsonl", [u.__class__(**{**u.to_dict(), "audio": u.audio,
+                                                                   "duration": 20 * u.duration}) for u in utts])
+    assert cli_main(["check-data", str(corpus)]) == 1
+    out = capsys.readouterr().out
+    assert "ERRORS (file unusable)" in out and "duration_mismatch" in out.split("WARNINGS")[0]
+    rc = cli_main(["pretrain", "--model", "mockingjay-tiny", "--data", str(corpus), "--out",
+                   str(tmp_path / "run"), "--steps", "5", "train.precision=fp32", "train.crop_seconds=1",
+                   "train.max_batch_seconds=4", "train.tensorboard=false"])
+    assert rc == 2
+    assert re.search(r"only \d+ of the \d+ (training|valid) files read so far were usable", caplog.text)
+    assert "u0" in caplog.text and "check-data" in caplog.text
+    assert not (tmp_path / "run/model.safetensors").exists()
+
+
+def _cli_pretrain(*args):
+    from aviary.cli import main as cli_main
+
+    return cli_main(["pretrain", *args, "train.precision=fp32", "train.tensorboard=false",
+                     "train.checkpoint_every=2", "train.log_every=2", "train.crop_seconds=1",
+                     "train.max_batch_seconds=4"])
+
+
+def test_resume_mistakes_are_refused_without_damaging_the_run(sine_corpus, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert _cli_pretrain("--model", "tiny-test", "--data", str(sine_corpus), "--out", str(out), "--steps", "2") == 0
+    (out / "run.json").unlink()
+    caplog.clear()
+    # A wrong --model after run.json was lost: refused naming the checkpoint, run.json not rewritten.
+    assert _cli_pretrain("--model", "tiny-test-nodrop", "--data", str(sine_corpus), "--out", str(out),
+                         "--steps", "4", "--resume") == 2
+    assert "different model config than this checkpoint's (keys ['dropout']" in caplog.text
+    assert "step-00000002/model.safetensors" in caplog.text and not (out / "run.json").exists()
+    # Without run.json and without --data: the missing file is named (not "no model given").
+    caplog.clear()
+    assert _cli_pretrain("--out", str(out), "--resume", "--steps", "4") == 2
+    assert f"{out / 'run.json'}: not found, so the run's corpus is unknown" in caplog.text
+    # The right command still works (settings from the checkpoint's header).
+    assert _cli_pretrain("--model", "tiny-test", "--data", str(sine_corpus), "--out", str(out),
+                         "--steps", "4", "--resume") == 0
+    assert json.loads((out / "run.json").read_text())["model"]["dropout"] == 0.1
+    # Another corpus on --resume: refused (was a warning about `steps` at most).
+    other = tmp_path / "other"
+    shutil.copytree(sine_corpus, other)
+    caplog.clear()
+    assert _cli_pretrain("--data", str(other), "--out", str(out), "--steps", "6", "--resume") == 2
+    assert "the run was trained on" in caplog.text and str(other) in caplog.text
+    # Nothing to resume at all: named.
+    caplog.clear()
+    assert _cli_pretrain("--out", str(tmp_path / "empty"), "--resume") == 2
+    assert "run.json: not found and" in caplog.text and "nothing to resume" in caplog.text
+    # --out naming a file.
+    (tmp_path / "afile").write_text("x")
+    caplog.clear()
+    assert _cli_pretrain("--model", "tiny-test", "--data", str(sine_corpus), "--out", str(tmp_path / "afile")) == 2
+    assert "afile: is a file, not a run directory" in caplog.text and "Errno" not in caplog.text

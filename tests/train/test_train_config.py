@@ -97,3 +97,13 @@ def test_cli_rejects_bad_keys_before_any_work(tmp_path, caplog):
     assert main(["pretrain", "--model", "tiny-test", "--data", str(tmp_path / "nowhere"),
                  "--out", str(out)]) == 2
     assert "no such manifest file or corpus directory" in caplog.text and not out.exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+@pytest.mark.parametrize("key", ["train.lr", "train.grad_clip", "model.dropout"])
+def test_nonfinite_values_are_refused(key, value):
+    # "inf" passed the range check "(0.0, inf]" and trained a NaN model.
+    with pytest.raises(ConfigError, match=rf"'{key.split('.')[1]}' = '{value}' is invalid: allowed a finite number"):
+        resolve_configs("tiny-test", overrides=[f"{key}={value}"], steps=5)
+    with pytest.raises(ConfigError, match="finite"):
+        TrainConfig(lr=float(value))
