@@ -67,9 +67,12 @@ class DemoConfig(Config):
     # every layer past the input projection is worse than the input for phones.
     preset: str = "aalbert-cpu"
     steps: int = 600  # optimizer steps per model (the same budget for both)
-    # No rank collapse at 1e-3 with the zero-init head (frame spread of the last layer stays
-    # ~1); with the normal init even 2e-4 collapsed (see MAMConfig.head_init).
-    lr: float = 1e-3
+    # 5e-4, not 1e-3: at 1e-3 the attention and FFN outputs of the post-LN layers grew from
+    # norm ~5 to 30-60 within 100 steps (the residual they are added to is LayerNorm'd to
+    # norm 16), an FFN output went constant over time, and its layer collapsed every frame to
+    # one vector: the gradient below vanished and the model stayed at the utterance mean, for
+    # one seed in three (issue 14; models/mam.py `_cpu_budget`). At 5e-4 those norms stay 3-5.
+    lr: float = 5e-4
     warmup_fraction: float = 0.1
     max_batch_seconds: float = 16.0  # audio per step
     crop_seconds: float = 4.0  # random 4 s crops: 133 encoder frames at R=3
