@@ -74,3 +74,20 @@ def test_quick_demo_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Key results" in proc.stdout and "aalbert" in proc.stdout
     _check_outputs(out)
+
+
+def test_seed_runs_names_and_learning_curve_checkpoints():
+    from aviary.analysis.demo import base_name, learned, seed_runs, train_config
+
+    cfg = DemoConfig(seed=5, seeds=3)
+    assert seed_runs(cfg) == [(5, ""), (6, "-s6"), (7, "-s7")]
+    assert base_name("aalbert-s6") == "aalbert" and base_name("random-init") == "random-init"
+    assert base_name("random-init-s7") == "random-init" and base_name("fbank") == "fbank"
+    # The learning curve's points are checkpoints, and all of them are kept.
+    t = train_config(cfg.replace(steps=600, learning_curve_points=4), seed=6)
+    assert t.seed == 6 and t.checkpoint_every == 150 and t.keep_last >= 5
+    assert train_config(cfg.replace(learning_curve_points=0)).keep_last == 2
+    # Learned = final L1 at most learned_ratio of the utterance-mean predictor's.
+    assert learned({"loss": 0.56, "l1_utt_mean": 0.79}, 0.85) == (True, 0.56 / 0.79)
+    assert learned({"loss": 0.75, "l1_utt_mean": 0.79}, 0.85)[0] is False
+    assert learned({"loss": 0.75}, 0.85) == (None, None)

@@ -101,3 +101,43 @@ def test_findings_warn_about_collapsed_layers():
     text = " ".join(findings({"key_results": rows, "models": {},
                               "layer_spread": {"mj": [0.9, 0.2, 0.001, 0.0005], "logmel": [0.0]}}))
     assert "layers 2, 3 of mj hardly vary" in text and "logmel" not in text.split("Warning")[1]
+
+
+def test_a_model_that_did_not_learn_is_said_first_and_compared_with_nothing():
+    from aviary.analysis.report import ROLE_NOT_LEARNED
+
+    recs = _records()
+    rows = key_results(recs, roles={"random-init": "random", "mj": ROLE_NOT_LEARNED})
+    summary = {"key_results": rows,
+               "models": {"mj": {"shared": False, "learned": False, "final_valid_loss": 0.7856,
+                                 "utt_mean_valid_loss": 0.7945, "plateau_ratio": 0.7856 / 0.7945,
+                                 "learned_ratio": 0.85},
+                          "aa": {"shared": True, "learned": True}},
+               "attention": {"mj": {"adjacent_mean": 0.3, "off_diagonal_mean": 0.4},
+                             "aa": {"adjacent_mean": 0.1, "off_diagonal_mean": 0.2}}}
+    out = findings(summary)
+    assert out[0].startswith("mj did not learn") and "98.9 %" in out[0] and "85 %" in out[0]
+    text = " ".join(out[1:])
+    # No AALBERT-vs-Mockingjay ratio, no attention comparison, and the best pretrained model
+    # compared with the baseline is aa (66.0), not the unlearned mj (70.0).
+    assert "of Mockingjay's" not in text and "Attention:" not in text
+    assert "(aa, 66.0 %) beats the best spectrogram baseline (logmel, 49.0 %) by +17.0 points" in text
+
+
+def test_seeds_are_averaged_with_their_spread():
+    from aviary.analysis.demo import base_name
+    from aviary.analysis.report import aggregate_seeds
+
+    recs = []
+    for name, accs in (("mj", (0.70, 0.60)), ("mj-s1", (0.74, 0.62)), ("mj-s2", (0.72, 0.61))):
+        for layer, (t) in enumerate(accs):
+            recs.append(_rec(name, "phone", "linear", layer, t, t))
+    recs.append(_rec("logmel", "phone", "linear", 0, 0.50, 0.49, params=0, nhs=1, kind="features"))
+    rows = aggregate_seeds(key_results(recs), base_name)
+    by = {r["upstream"]: r for r in rows}
+    assert set(by) == {"mj", "logmel"} and by["mj"]["seeds"] == ["mj", "mj-s1", "mj-s2"]
+    assert abs(by["mj"]["phone_linear"] - 0.72) < 1e-9 and abs(by["mj"]["phone_linear_sd"] - 0.02) < 1e-9
+    assert by["mj"]["phone_linear_min"] == 0.70 and by["mj"]["phone_linear_n"] == 3
+    assert by["logmel"]["phone_linear_n"] == 1 and by["logmel"]["phone_linear_sd"] == 0.0
+    table = format_key_results(rows)
+    assert "72.0 ± 2.0 (0)" in table and "49.0" in table and "49.0 ±" not in table
