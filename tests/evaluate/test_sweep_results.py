@@ -13,7 +13,7 @@ from aviary.evaluate.upstreams import FeatureUpstream, resolve_upstream
 
 from evaluate_fakes import H, OracleUpstream
 
-FAST = {"max_epochs": 3, "patience": 3, "lr": 1e-2, "batch_frames": 512}
+FAST = {"steps": 30, "patience": 3, "lr": 1e-2, "batch_frames": 512}
 
 
 def test_expand_layers():
@@ -144,7 +144,7 @@ def test_finetune_sweep_starts_each_probe_from_the_same_weights(corpus, tmp_path
     up = OracleUpstream()
     before = {k: v.clone() for k, v in up.state_dict().items()}
     recs = run_sweep(up, corpus, tmp_path / "ft", name="oracle", finetune=True, heads=["linear", "mlp1"], layers="2",
-                     overrides={"max_epochs": 1, "batch_seconds": 8.0, "hidden": 8, "upstream_lr": 1e-2},
+                     overrides={"steps": 5, "batch_seconds": 8.0, "hidden": 8, "upstream_lr": 1e-2},
                      progress=False)
     assert [r["mode"] for r in recs] == ["finetune", "finetune"] and all(r["upstream_lr"] == 1e-2 for r in recs)
     # The caller's upstream is untouched: each probe fine-tunes its own copy.
@@ -162,7 +162,7 @@ def test_sweep_from_a_run_directory(corpus, tmp_path):
     run = tmp_path / "my-run"
     save_tensors(run / "model.safetensors", {f"upstream.{k}": v for k, v in up.state_dict().items()},
                  config={"model": cfg.to_dict(), "step": 0})
-    recs = run_sweep(str(run), corpus, tmp_path / "p", layers="last", overrides={"max_epochs": 1}, progress=False)
+    recs = run_sweep(str(run), corpus, tmp_path / "p", layers="last", overrides={"steps": 5}, progress=False)
     assert recs[0]["upstream"] == "my-run" and recs[0]["layer"] == "last"
     assert recs[0]["upstream_params"] == sum(p.numel() for p in up.parameters())
 
