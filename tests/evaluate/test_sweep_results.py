@@ -116,7 +116,7 @@ def test_cli_extract_probe_results(corpus, tmp_path, capsys):
     assert idx["upstream"]["name"] == "logmel" and idx["layers"] == [0]
     out = tmp_path / "probes"
     args = ["probe", "--upstream", "logmel", "--data", str(corpus), "--task", "phone,speaker", "--head", "linear",
-            "--layers", "last", "--cache", str(cache), "--out", str(out), "--max-epochs", "2"]
+            "--layers", "last", "--cache", str(cache), "--out", str(out), "--steps", "20"]
     assert main(args) == 0
     recs = load_records(out)
     assert {r["task"] for r in recs} == {"phone", "speaker"} and all(r["upstream"] == "logmel" for r in recs)
@@ -131,7 +131,7 @@ def test_cli_extract_probe_results(corpus, tmp_path, capsys):
 def test_cli_random_preset_sweep_extracts_once(corpus, tmp_path):
     out = tmp_path / "probes"
     args = ["probe", "--upstream", "random:mockingjay-tiny", "--data", str(corpus), "--layers", "all,weighted",
-            "--out", str(out), "--max-epochs", "1"]
+            "--out", str(out), "--steps", "5"]
     assert main(args) == 0
     caches = list((out / "cache").glob("*/index.json"))
     assert len(caches) == 1
