@@ -368,10 +368,10 @@ class _FrameData:
         return mean.float(), var.sqrt().clamp_min(1e-6).float()
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All labelled frames as float32 ``(n, N, H)`` and their labels (preloaded splits only)."""
+        """All labelled frames as float32, layer-major ``(N, n, H)``, and their labels (preloaded splits only)."""
         if not self.preloaded:
             raise ValueError("full(): split not held in memory")
-        return torch.stack([x.float() for x in self.x], dim=1), self.y
+        return torch.stack([x.float() for x in self.x], dim=0), self.y
 
     def _features(self, uid: str) -> np.ndarray:
         if len(self.layers) == 1:
@@ -438,7 +438,7 @@ class _PooledData:
         return standardize_stats(self.x)
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x, self.y
+        return self.x.permute(1, 0, 2).contiguous(), self.y  # (N, U, H) layer-major
 
     def batches(self, batch: int, rng: np.random.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.arange(len(self.y)) if rng is None else torch.from_numpy(rng.permutation(len(self.y)))
@@ -577,10 +577,12 @@ def _solve_frozen(cfg: ProbeConfig, model: ProbeModel, data: dict[str, Any], num
     weighted = cfg.layer_value == "weighted"
 
     def prepared(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = data[split].full()  # (n, N, H)
+        x, y = data[split].full()  # (N, n, H) layer-major: what the solver's mix wants
         with torch.no_grad():
-            x = model.prepare(x)
-        return (x if weighted else x[:, 0]).contiguous(), y
+            if model.layer_norm:
+                x = F.layer_norm(x, x.shape[-1:])
+            x = (x - model.mean[:, None]) / model.std[:, None]
+        return (x if weighted else x[0]).contiguous(), y
 
     sol = solve_linear(prepared("train"), prepared("valid"), num_classes, weighted=weighted, l2_grid=cfg.l2_grid,
                        max_iter=cfg.max_iter, tol=cfg.tol, patience=2)
@@ -684,7 +686,7 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
 
         best, history, fit = _train_budget(cfg, make, progress, label)
         model = best.modules["model"]
-        fit["epochs"] = round(fit["steps_total"] * batch / n_train, 2)
+        fit["epochs"] = round(fit["steps_total"] * min(batch, n_train) / n_train, 2)  # passes over the data
         valid_acc, _ = _evaluate(model, data["valid"].batches(batch, None), cfg.autocast)
     train_seconds = time.perf_counter() - t0
     test_acc, _, hits = _evaluate(model, data["test"].batches(batch, None), eval_autocast, per_example=True)

@@ -77,7 +77,7 @@ def test_path_stops_after_patience_without_improvement():
 
 def test_same_inputs_give_bitwise_the_same_solution():
     x, y = _blobs(500, d=8, c=4)
-    xs = torch.stack([x, torch.randn(500, 8, generator=torch.Generator().manual_seed(5))], 1)  # (n, 2, d)
+    xs = torch.stack([x, torch.randn(500, 8, generator=torch.Generator().manual_seed(5))], 0)  # (2, n, d)
     a = solve_linear((xs, y), (xs, y), 4, weighted=True)
     b = solve_linear((xs, y), (xs, y), 4, weighted=True)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.layer_logits, b.layer_logits)
@@ -90,7 +90,7 @@ def test_solver_refuses_bad_input():
     x, y = _blobs(20)
     with pytest.raises(ValueError, match="labels must lie"):
         solve_linear((x, y + 5), (x, y), 3)
-    with pytest.raises(ValueError, match=r"\(n, N, H\)"):
+    with pytest.raises(ValueError, match=r"\(N, n, H\)"):
         solve_linear((x, y), (x, y), 3, weighted=True)
     with pytest.raises(ValueError, match="no training examples"):
         solve_linear((x[:0], y[:0]), (x, y), 3)
