@@ -50,6 +50,14 @@ def extrapolate(results: dict, max_epochs: int, patience: int, batch_frames: int
     steps_full = math.ceil(train_frames * scale / batch_frames)
     probe_full = probe_linear = 0.0
     for pr in results["probes"]:
+        if not pr.get("epochs") or pr.get("best_epoch") is None:
+            # Solved (L-BFGS) or step-budgeted probes: no epochs; cost linear in the frames
+            # for the solver (every iteration is a full pass), constant for a step budget.
+            per = pr["train_seconds"] * (scale if pr.get("solver") == "lbfgs" else 1.0)
+            pr["estimated_epochs_default_corpus"] = None
+            probe_full += per
+            probe_linear += pr["train_seconds"] * scale
+            continue
         best = pr.get("best_epoch")
         if best is None:  # older records: stopped early -> best was `patience` epochs before the end
             best = pr["epochs"] - 1 - (patience if pr["epochs"] < max_epochs else 0)
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: bf16 on a CPU with AMX / AVX512-BF16, else fp32")
     p.add_argument("--probe-precision", choices=("auto", "fp32", "bf16"), default="fp32",
                    help="head matmuls (fp32: as the stored results were measured)")
-    p.add_argument("--max-epochs", type=int, default=None, help="override ProbeConfig.max_epochs")
+    p.add_argument("--steps", type=int, default=None, help="override ProbeConfig.steps (MLP heads)")
     p.add_argument("--name", default="probe", help="result file stem")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (on a CPU shared with other jobs, 1 avoids OpenMP oversubscription)")
@@ -91,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from aviary.evaluate.probe import ProbeConfig
 
-    defaults = ProbeConfig(**({"max_epochs": args.max_epochs} if args.max_epochs else {}))
+    defaults = ProbeConfig(**({"steps": args.steps} if args.steps else {}))
     if args.recompute:
         import json
 
         from benchmarks.common import RESULTS_DIR
 
         old = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
-        res = extrapolate(old["results"], defaults.max_epochs, defaults.patience, defaults.batch_frames)
+        res = extrapolate(old["results"], 30, defaults.patience, defaults.batch_frames)
         res["recomputed_extrapolation"] = True
         print(f"wrote {write_result(args.name, res)}")
         return 0
@@ -152,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                 wall = time.perf_counter() - t0
                 probes.append({"head": head, "layer": layer, "wall_seconds": round(wall, 2),
                                "train_seconds": rec["train_seconds"], "epochs": rec["epochs"],
-                               "best_epoch": rec["best_epoch"],
-                               "seconds_per_epoch": round(rec["train_seconds"] / rec["epochs"], 3),
+                               "best_epoch": rec["best_epoch"], "solver": rec.get("solver"),
+                               "seconds_per_epoch": (round(rec["train_seconds"] / rec["epochs"], 3)
+                                                     if rec["epochs"] else None),
                                "valid_acc": rec["valid_acc"], "test_acc": rec["test_acc"]})
                 logging.info("probe %s layer %d: %.1fs, %d epochs, test %.3f", head, layer, wall, rec["epochs"],
                              rec["test_acc"])
@@ -180,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             # The CPU is shared: the load average says how contended these timings were.
             "load_average_1m": round(os.getloadavg()[0], 2),
         }
-        results = extrapolate(results, defaults.max_epochs, defaults.patience, defaults.batch_frames)
+        # 30 / 4: the epoch cap and patience of the epoch-based trainer (records that have epochs).
+        results = extrapolate(results, 30, 4, defaults.batch_frames)
         path = write_result(args.name, results)
         print(f"extraction: {extract_seconds:.1f} s for {audio_seconds:.0f} s of audio "
               f"({audio_seconds / extract_seconds:.0f}x real time, {stats.precision})")

@@ -53,7 +53,7 @@ def test_paired_models_differ_only_in_sharing():
 @pytest.mark.slow
 def test_micro_demo_and_resume(tmp_path):
     cfg = DemoConfig.quick().replace(speakers=4, utterances_per_speaker=6, steps=4, phone_heads=["linear"],
-                                     baselines=["logmel"], probe_max_epochs=1, jsd_utterances=2, val_batches=1)
+                                     baselines=["logmel"], probe_steps=2, jsd_utterances=2, val_batches=1)
     out = tmp_path / "demo"
     run_demo(out, cfg)
     _check_outputs(out)

@@ -96,12 +96,12 @@ class DemoConfig(Config):
     baselines: tuple[str, ...] = ("logmel", "fbank")
     random_init: bool = True
     val_batches: int = 20  # validation micro-batches per pass (4 passes per run)
-    # Linear probes at 2e-3 were still rising after 8 epochs (aalbert layer 2: 48.5 % test);
-    # at 1e-2 they level off within 12 (53.6 %), and the comparison is between converged
-    # probes (log-mel 47.0 -> 48.0 %, random-init layer 2 46.9 -> 51.2 %).
-    probe_max_epochs: int = 12
-    probe_patience: int = 3
-    probe_lr: float = 1e-2
+    # Linear probes are solved (L-BFGS, L2 chosen on valid: no learning rate, no epochs).
+    # MLP probes: AdamW for this many steps (the 12 epochs x 20 steps the epoch-based recipe
+    # gave the pretrained models' 30 % phone split), lr chosen on valid when probe_lr is None.
+    probe_steps: int = 240
+    probe_patience: int = 3  # valid evaluations (every steps / 10) without improvement
+    probe_lr: float | None = None
     probe_batch_frames: int = 4096  # shuffled frames per step (splits held in memory)
     probe_batch_utterances: int = 64
     # Phone probes train on this fraction of the training utterances (nested, seeded
@@ -119,7 +119,7 @@ class DemoConfig(Config):
         check_range("learning_curve_points", self.learning_curve_points, 0, 20)
         check_range("learned_ratio", self.learned_ratio, 0.0, 1.0, lo_open=True)
         check_range("lr", self.lr, 0.0, lo_open=True)
-        check_range("probe_max_epochs", self.probe_max_epochs, 1)
+        check_range("probe_steps", self.probe_steps, 1)
         check_range("probe_batch_frames", self.probe_batch_frames, 1)
         check_range("probe_batch_utterances", self.probe_batch_utterances, 1)
         check_range("probe_label_fraction", self.probe_label_fraction, 0.0, 1.0, lo_open=True)
@@ -133,7 +133,7 @@ class DemoConfig(Config):
         """Toy size for tests and a first look: ~2 minutes on 2 cores."""
         return cls(speakers=6, utterances_per_speaker=10, preset="aalbert-tiny", steps=30, lr=1e-3,
                    probe_label_fraction=1.0, learning_curve_points=0,
-                   max_batch_seconds=16.0, crop_seconds=4.0, val_batches=4, probe_max_epochs=4,
+                   max_batch_seconds=16.0, crop_seconds=4.0, val_batches=4, probe_steps=40,
                    probe_patience=2, probe_batch_frames=1024, probe_batch_utterances=8, jsd_utterances=6)
 
 
@@ -321,7 +321,7 @@ def _random_upstream(cfg: DemoConfig, seed: int | None = None):
 
 def probe_overrides(cfg: DemoConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The study's probe settings: (``ProbeConfig`` overrides, ``extract_to_cache`` keywords)."""
-    overrides = {"max_epochs": cfg.probe_max_epochs, "patience": cfg.probe_patience, "lr": cfg.probe_lr,
+    overrides = {"steps": cfg.probe_steps, "patience": cfg.probe_patience, "lr": cfg.probe_lr,
                  "batch_frames": cfg.probe_batch_frames, "batch_utterances": cfg.probe_batch_utterances,
                  "precision": cfg.precision}
     return overrides, {"precision": cfg.precision}

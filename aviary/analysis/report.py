@@ -61,8 +61,11 @@ def key_results(recs: Sequence[dict[str, Any]], roles: dict[str, str] | None = N
     Returns:
         Rows ``{upstream, role, params, phone_linear, phone_linear_layer, phone_linear_weighted,
         phone_mlp1, phone_mlp1_layer, speaker_linear, speaker_linear_layer}`` (accuracies in
-        [0, 1] or None), in first-seen order of the upstreams.
+        [0, 1] or None) and, for each accuracy ``K``, ``K_ci``: its 95 % test interval
+        ``(low, high)`` or None, in first-seen order of the upstreams.
     """
+    from aviary.evaluate.results import test_interval
+
     roles = dict(roles or {})
     order: list[str] = []
     for r in recs:
@@ -79,8 +82,10 @@ def key_results(recs: Sequence[dict[str, Any]], roles: dict[str, str] | None = N
             b = best_layer(recs, up, task, head)
             row[f"{task}_{head}"] = b["test_acc"] if b else None
             row[f"{task}_{head}_layer"] = b["layer"] if b else None
+            row[f"{task}_{head}_ci"] = test_interval(b) if b else None
             w = weighted_record(recs, up, task, head)
             row[f"{task}_{head}_weighted"] = w["test_acc"] if w else None
+            row[f"{task}_{head}_weighted_ci"] = test_interval(w) if w else None
         rows.append(row)
     return rows
 
@@ -121,9 +126,29 @@ def aggregate_seeds(rows: Sequence[dict[str, Any]], group: Any) -> list[dict[str
                 continue
             row[k] = statistics.mean(vals)
             row[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            if len(vals) > 1:
+                row.pop(f"{k}_ci", None)  # the first seed's interval is not the mean's
             row[f"{k}_min"], row[f"{k}_max"], row[f"{k}_n"] = min(vals), max(vals), len(vals)
         out.append(row)
     return out
+
+
+def separation(a: dict[str, Any], a_key: str, b: dict[str, Any], b_key: str) -> bool | None:
+    """Whether ``a[a_key]`` and ``b[b_key]`` differ by more than their 95 % intervals (the
+    intervals do not overlap); None when either has no interval."""
+    ia, ib = a.get(f"{a_key}_ci"), b.get(f"{b_key}_ci")
+    if not ia or not ib:
+        return None
+    return ia[0] > ib[1] or ib[0] > ia[1]
+
+
+def _mark(a: dict[str, Any], a_key: str, b: dict[str, Any], b_key: str) -> str:
+    """The finding's note on one stated difference: larger than the intervals, or not."""
+    sep = separation(a, a_key, b, b_key)
+    if sep is None:
+        return ""
+    return (" [larger than the 95 % intervals]" if sep else
+            " [within the 95 % intervals: not a clear difference]")
 
 
 def _pct(x: float | None) -> str:
@@ -140,16 +165,19 @@ def _mean_sd(row: dict[str, Any], key: str) -> str:
     return f"{100 * v:.1f}"
 
 
-def _acc_cell(row: dict[str, Any], key: str, layer_word: str) -> str:
+def _acc_cell(row: dict[str, Any], key: str, layer_word: str, interval: bool = False) -> str:
     """Test accuracy % of ``row[key]`` (± its spread over seeds), with its best-valid layer in
-    brackets for multi-layer upstreams (the first seed's, when averaged)."""
+    brackets for multi-layer upstreams (the first seed's, when averaged) and, with
+    ``interval``, its 95 % interval (single runs)."""
     v = row.get(key)
     if v is None:
         return "-"
+    ci = row.get(f"{key}_ci") if interval else None
+    text = _mean_sd(row, key) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
     layer = row.get(f"{key}_layer")
     if row["num_hidden_states"] > 1 and layer is not None:
-        return f"{_mean_sd(row, key)} ({layer_word}{layer})"
-    return _mean_sd(row, key)
+        return f"{text} ({layer_word}{layer})"
+    return text
 
 
 def format_key_results(rows: Sequence[dict[str, Any]]) -> str:
@@ -228,19 +256,22 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
         verdict = "beats" if diff > 0 else "does not beat"
         out.append(f"With a linear probe, the best pretrained representation ({best_p['upstream']}, "
                    f"{_pct(best_p['phone_linear'])} %) {verdict} the best spectrogram baseline "
-                   f"({best_b['upstream']}, {_pct(best_b['phone_linear'])} %) by {diff:+.1f} points "
+                   f"({best_b['upstream']}, {_pct(best_b['phone_linear'])} %) by {diff:+.1f} points"
+                   f"{_mark(best_p, 'phone_linear', best_b, 'phone_linear')} "
                    f"(Mockingjay paper: +11.8 points for BASE over mel features).")
         for r in pretrained:
             if r is best_p:
                 continue
             d = 100 * (r["phone_linear"] - best_b["phone_linear"])
-            out.append(f"{r['upstream']} is {d:+.1f} points from that baseline.")
+            out.append(f"{r['upstream']} is {d:+.1f} points from that baseline"
+                       f"{_mark(r, 'phone_linear', best_b, 'phone_linear')}.")
     if pretrained and randoms:
         best_r = max(randoms, key=lambda r: r["phone_linear"])
         best_p = max(pretrained, key=lambda r: r["phone_linear"])
         out.append(f"A randomly initialised encoder of the same shape ({best_r['upstream']}) reaches "
                    f"{_pct(best_r['phone_linear'])} %, so pretraining adds "
-                   f"{100 * (best_p['phone_linear'] - best_r['phone_linear']):+.1f} points.")
+                   f"{100 * (best_p['phone_linear'] - best_r['phone_linear']):+.1f} points"
+                   f"{_mark(best_p, 'phone_linear', best_r, 'phone_linear')}.")
 
     if (mockingjay in rows and aalbert in rows and rows[mockingjay].get("phone_linear")
             and rows[aalbert].get("phone_linear")
@@ -250,12 +281,14 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
         ratio_par = a["params"] / max(m["params"], 1)
         out.append(f"Audio ALBERT ({aalbert}, {_fmt_params(a['params'])} parameters) reaches "
                    f"{100 * ratio_acc:.1f} % of Mockingjay's ({mockingjay}, {_fmt_params(m['params'])}) best "
-                   f"linear phoneme accuracy ({_pct(a['phone_linear'])} vs {_pct(m['phone_linear'])} %) with "
+                   f"linear phoneme accuracy ({_pct(a['phone_linear'])} vs {_pct(m['phone_linear'])} %"
+                   f"{_mark(a, 'phone_linear', m, 'phone_linear')}) with "
                    f"{100 * ratio_par:.0f} % of its parameters ({100 * (1 - ratio_par):.0f} % fewer; "
                    f"the paper: comparable accuracy with 91 % fewer at 12 layers).")
         if m.get("speaker_linear") is not None and a.get("speaker_linear") is not None:
             out.append(f"On speaker identification (linear, mean-pooled) AALBERT gets {_pct(a['speaker_linear'])} % "
-                       f"and Mockingjay {_pct(m['speaker_linear'])} %.")
+                       f"and Mockingjay {_pct(m['speaker_linear'])} %"
+                       f"{_mark(a, 'speaker_linear', m, 'speaker_linear')}.")
 
     from aviary.analysis.spread import COLLAPSE_THRESHOLD, collapsed_layers
 
@@ -352,15 +385,17 @@ def write_report(summary: dict[str, Any], figures: dict[str, str | Path | None],
                         for r in largest_fraction(summary.get("probes", []))})
         used = ", ".join(f"{t} {100 * f:g} %" for t, f in fracs) or "100 %"
         parts.append("<h2>Key results</h2><p>Test accuracy (%) of frozen probes (training labels used: "
-                     f"{html.escape(used)}); for single layers, the layer with the best validation accuracy "
-                     "(in brackets).</p>")
+                     f"{html.escape(used)}) with the 95 % bootstrap interval over test utterances in square "
+                     "brackets; for single layers, the layer with the best validation accuracy (in "
+                     "brackets). Findings marked [larger than the 95 % intervals] compare accuracies whose "
+                     "intervals do not overlap.</p>")
         rows = []
         for r in kr:
             def cell(k: str) -> str:
-                return _acc_cell(r, k, "layer ")
+                return _acc_cell(r, k, "layer ", interval=True)
             rows.append([r["upstream"], r["role"], _fmt_params(r["params"]), cell("phone_linear"),
-                         _mean_sd(r, "phone_linear_weighted"), cell("phone_mlp1"), _mean_sd(r, "phone_mlp1_weighted"),
-                         cell("speaker_linear"), _mean_sd(r, "speaker_linear_weighted")])
+                         cell("phone_linear_weighted"), cell("phone_mlp1"), cell("phone_mlp1_weighted"),
+                         cell("speaker_linear"), cell("speaker_linear_weighted")])
         parts.append(_table(["upstream", "role", "params", "phone linear", "phone linear, weighted sum",
                              "phone mlp1", "phone mlp1, weighted sum", "speaker linear",
                              "speaker linear, weighted sum"], rows))

@@ -26,6 +26,18 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
 
 
+def _lr(s: str) -> float | str:
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is neither 'auto' nor a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"learning rate {s!r} must be > 0")
+    return v
+
+
 def _words(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
@@ -112,10 +124,21 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="results directory (results.jsonl, feature cache)")
     p.add_argument("--hidden", type=int, default=None, help="hidden width of mlp heads (default 256; s3prl 768)")
     p.add_argument("--layer-norm", action="store_true", help="parameter-free layer norm per layer before the weighted sum")
-    p.add_argument("--lr", type=float, default=None, help="head learning rate (default 1e-3)")
+    p.add_argument("--solver", choices=("auto", "lbfgs", "adam"), default=None,
+                   help="auto (default): frozen linear probes solved by L-BFGS, MLP heads and fine-tuning by AdamW "
+                        "on a step budget; adam: AdamW for every head")
+    p.add_argument("--l2-grid", type=_floats, default=None,
+                   help="L2 strengths tried by the linear solver, chosen on valid (default 1e-1,...,1e-6)")
+    p.add_argument("--tol", type=float, default=None, help="solver convergence: max |gradient| (default 1e-3)")
+    p.add_argument("--max-iter", type=int, default=None, help="L-BFGS iterations per L2 value (default 100)")
+    p.add_argument("--lr", type=_lr, default=None,
+                   help="AdamW head learning rate, or 'auto' (default): chosen on valid from --lr-grid")
+    p.add_argument("--lr-grid", type=_floats, default=None, help="learning rates tried by --lr auto (default 1e-3,3e-3,1e-2)")
+    p.add_argument("--steps", type=int, default=None, help="AdamW budget in optimiser steps (default 1000)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between valid evaluations (default steps/10)")
     p.add_argument("--upstream-lr", type=float, default=None, help="upstream learning rate when fine-tuning (default 5e-5)")
-    p.add_argument("--max-epochs", type=int, default=None, help="epochs at most (default 30)")
-    p.add_argument("--patience", type=int, default=None, help="epochs without improvement before stopping (default 4)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="valid evaluations without improvement before stopping (default 4)")
     add_precision_args(p, "extraction, probe and fine-tuning (not part of a probe's key: a probe already in "
                           "results.jsonl is not redone in another precision)")
     p.add_argument("--random-seed", type=int, default=0, help="initialisation seed of random:PRESET")
@@ -136,8 +159,14 @@ def _probe_run(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     if args.upstream is None and args.cache is None:
         raise ValueError("give --upstream, --cache, or both")
-    overrides = {k: v for k, v in (("hidden", args.hidden), ("lr", args.lr), ("upstream_lr", args.upstream_lr),
-                                   ("max_epochs", args.max_epochs), ("patience", args.patience)) if v is not None}
+    pairs = (("hidden", args.hidden), ("upstream_lr", args.upstream_lr), ("steps", args.steps),
+             ("patience", args.patience), ("solver", args.solver), ("tol", args.tol), ("max_iter", args.max_iter),
+             ("eval_every", args.eval_every),
+             ("l2_grid", tuple(args.l2_grid) if args.l2_grid else None),
+             ("lr_grid", tuple(args.lr_grid) if args.lr_grid else None))
+    overrides = {k: v for k, v in pairs if v is not None}
+    if args.lr is not None and args.lr != "auto":
+        overrides["lr"] = args.lr
     if args.layer_norm:
         overrides["layer_norm"] = True
     precision = precision_arg(args)
@@ -163,6 +192,7 @@ def _results_run(args: argparse.Namespace) -> int:
     s = summarize(args.dir)
     print(s["table"])
     print(f"\nwrote {s['csv']}")
+    print(f"wrote {s['mean_csv']}")
     for kind, path in s["plots"].items():
         if path:
             print(f"wrote {path}")

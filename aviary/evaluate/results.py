@@ -3,8 +3,12 @@
 Each probe appends one JSON line to ``DIR/results.jsonl`` with (at least) ``key``,
 ``upstream``, ``upstream_params``, ``task``, ``head``, ``layer`` (int, ``"last"`` or
 ``"weighted"``), ``mode`` (``frozen`` / ``finetune``), ``label_fraction``, ``seed``,
-``valid_acc``, ``test_acc``, ``train_seconds``, ``lr``, ``upstream_lr`` (fine-tuning) and
-``weights`` (softmax weighted-sum weights, one per hidden state), ``precision`` (resolved),
+``valid_acc``, ``test_acc``, ``test_ci`` (95 % bootstrap interval over test utterances),
+``train_seconds``, ``solver`` (``lbfgs``: ``l2``, ``iterations``, ``converged``; ``adam``:
+``lr``, ``steps_run``), ``upstream_lr`` (fine-tuning) and ``weights`` (softmax weighted-sum
+weights, one per hidden state) - see :func:`aviary.evaluate.probe.make_record`. Records of
+older versions (no ``test_ci``, no ``solver``) still load; the table shows "-" for what they lack.
+Also ``precision`` (resolved),
 ``precision_requested`` and ``extract_precision`` - see :func:`aviary.evaluate.probe.make_record`.
 Records written before issue 14 carried ``autocast`` (``none`` / ``bf16``) in their config and,
 when it was not the default, in their key; :func:`load_records` reads them as ``precision``.
@@ -29,7 +33,11 @@ log = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.jsonl"
 CSV_COLUMNS = ["upstream", "upstream_params", "task", "head", "layer", "mode", "label_fraction", "seed",
-               "valid_acc", "test_acc", "train_seconds", "lr", "upstream_lr", "weights"]
+               "valid_acc", "test_acc", "train_seconds", "lr", "upstream_lr", "weights",
+               "test_ci_low", "test_ci_high", "solver", "l2", "iterations", "converged", "steps_run"]
+MEAN_CSV_COLUMNS = ["upstream", "task", "head", "layer", "mode", "label_fraction", "seeds", "test_mean", "test_std",
+                    "test_min", "test_max", "test_ci_low", "test_ci_high", "valid_mean"]
+GROUP_FIELDS = ("task", "upstream", "mode", "head", "label_fraction", "layer")
 
 
 def results_path(out_dir: str | os.PathLike) -> Path:
@@ -110,9 +118,10 @@ def _upgrade_record(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def done_keys(out_dir: str | os.PathLike) -> set[str]:
-    """Keys of the probes already recorded (what a resumed sweep skips)."""
-    return {r["key"] for r in load_records(out_dir)}
+def done_keys(out_dir: str | os.PathLike, require: str | None = None) -> set[str]:
+    """Keys of the probes already recorded (what a resumed sweep skips); with ``require``,
+    only of records that have that key."""
+    return {r["key"] for r in load_records(out_dir) if require is None or require in r}
 
 
 def _layer_sort(layer: Any) -> tuple[int, Any]:
@@ -126,23 +135,97 @@ def sort_records(recs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                                        r["label_fraction"], _layer_sort(r["layer"]), r["seed"]))
 
 
-def format_table(recs: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table of the records, sorted by task, upstream, head, fraction, layer."""
-    rows = [["task", "upstream", "params", "mode", "head", "frac", "layer", "seed", "valid", "test", "secs"]]
+def test_interval(r: dict[str, Any]) -> tuple[float, float] | None:
+    """The record's 95 % test-accuracy interval, or None (records written before intervals)."""
+    ci = r.get("test_ci")
+    if not ci or ci[0] is None or ci[1] is None:
+        return None
+    return float(ci[0]), float(ci[1])
+
+
+def _fit_note(r: dict[str, Any]) -> str:
+    solver = r.get("solver")
+    if solver == "lbfgs":
+        return (f"lbfgs l2={r['l2']:g} it={r.get('iterations_total', r.get('iterations'))}"
+                + ("" if r.get("converged") else " NOT converged"))
+    if solver == "adam":
+        return f"adam lr={r['lr']:g}{' (auto)' if r.get('lr_auto') else ''} {r.get('steps_run')}/{r.get('steps')} steps"
+    return f"epochs={r['epochs']}" if r.get("epochs") is not None else "-"
+
+
+def aggregate(recs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread of the test accuracy over seeds, per (task, upstream, mode, head, fraction, layer).
+
+    Returns:
+        One dict per group: the group fields, ``seeds`` (how many), ``test_mean``,
+        ``test_std`` (sample standard deviation; 0 for one seed), ``test_min``, ``test_max``,
+        ``test_ci_low`` / ``test_ci_high`` (the mean of the seeds' interval bounds, or None) and
+        ``valid_mean``, in :func:`sort_records` order.
+    """
+    import statistics
+
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in sort_records(recs):
+        groups[tuple(str(r.get(k)) for k in GROUP_FIELDS)].append(r)
+    out = []
+    for rs in groups.values():
+        tests = [float(r["test_acc"]) for r in rs]
+        cis = [test_interval(r) for r in rs]
+        have = [c for c in cis if c is not None]
+        row = {k: rs[0].get(k) for k in GROUP_FIELDS}
+        row.update(seeds=len(rs), test_mean=statistics.fmean(tests),
+                   test_std=statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                   test_min=min(tests), test_max=max(tests),
+                   test_ci_low=statistics.fmean(c[0] for c in have) if have else None,
+                   test_ci_high=statistics.fmean(c[1] for c in have) if have else None,
+                   valid_mean=statistics.fmean(float(r["valid_acc"]) for r in rs))
+        out.append(row)
+    return out
+
+
+def format_table(recs: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of the records, sorted by task, upstream, head, fraction, layer.
+
+    ``test 95% CI`` is the bootstrap interval over test utterances; ``fit`` says how the probe
+    was fitted. With several seeds of a probe a second table gives mean, standard deviation
+    and range over the seeds.
+    """
+    rows = [["task", "upstream", "params", "mode", "head", "frac", "layer", "seed", "valid", "test", "test 95% CI",
+             "secs", "fit"]]
+    for r in sort_records(recs):
+        ci = test_interval(r)
         rows.append([r["task"], r["upstream"], _fmt_params(r["upstream_params"]), r["mode"], r["head"],
                      f"{r['label_fraction']:g}", str(r["layer"]), str(r["seed"]),
-                     f"{100 * r['valid_acc']:.2f}", f"{100 * r['test_acc']:.2f}", f"{r['train_seconds']:.1f}"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 7 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+                     f"{100 * r['valid_acc']:.2f}", f"{100 * r['test_acc']:.2f}",
+                     f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}" if ci else "-", f"{r['train_seconds']:.1f}", _fit_note(r)])
+    lines = _align(rows, left=7)
+    agg = [a for a in aggregate(recs)]
+    if any(a["seeds"] > 1 for a in agg):
+        rows = [["task", "upstream", "mode", "head", "frac", "layer", "seeds", "test mean", "sd", "min-max",
+                 "mean 95% CI"]]
+        for a in agg:
+            ci = (f"{100 * a['test_ci_low']:.1f}-{100 * a['test_ci_high']:.1f}"
+                  if a["test_ci_low"] is not None else "-")
+            rows.append([a["task"], a["upstream"], a["mode"], a["head"], f"{a['label_fraction']:g}", str(a["layer"]),
+                         str(a["seeds"]), f"{100 * a['test_mean']:.2f}", f"{100 * a['test_std']:.2f}",
+                         f"{100 * a['test_min']:.1f}-{100 * a['test_max']:.1f}", ci])
+        lines += ["", "over seeds (test accuracy %):"] + _align(rows, left=6)
     weighted = [r for r in sort_records(recs) if r.get("weights")]
     if weighted:
         lines += ["", "learned weighted-sum weights (hidden state 0 .. L):"]
         lines += [f"  {r['task']} {r['upstream']} {r['mode']} {r['head']} frac {r['label_fraction']:g} seed {r['seed']}: "
                   + " ".join(f"{w:.3f}" for w in r["weights"]) for r in weighted]
     return "\n".join(lines)
+
+
+def _align(rows: list[list[str]], left: int) -> list[str]:
+    """Columns padded to width: the first ``left`` (and the last) left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    n = len(widths)
+    lines = ["  ".join(c.ljust(w) if (i < left or i == n - 1) else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def write_csv(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -154,12 +237,28 @@ def write_csv(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
         w.writerow(CSV_COLUMNS)
         for r in sort_records(recs):
             row = []
+            ci = test_interval(r)
             for c in CSV_COLUMNS:
                 v = r.get(c)
                 if c == "weights" and v is not None:
                     v = " ".join(f"{x:.4f}" for x in v)
+                elif c in ("test_ci_low", "test_ci_high"):
+                    v = None if ci is None else ci[0 if c == "test_ci_low" else 1]
                 row.append("" if v is None else v)
             w.writerow(row)
+    os.replace(tmp, path)
+    return path
+
+
+def write_mean_csv(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write :func:`aggregate` (mean and spread over seeds) to ``path``."""
+    path = Path(path)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(MEAN_CSV_COLUMNS)
+        for a in aggregate(recs):
+            w.writerow(["" if a.get(c) is None else a[c] for c in MEAN_CSV_COLUMNS])
     os.replace(tmp, path)
     return path
 
@@ -179,6 +278,26 @@ def largest_fraction(recs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in frozen:
         top[r["task"]] = max(top.get(r["task"], 0.0), float(r.get("label_fraction", 1.0)))
     return [r for r in frozen if abs(float(r.get("label_fraction", 1.0)) - top[r["task"]]) < 1e-9]
+
+
+def _mean_and_interval(rs: Sequence[dict[str, Any]]) -> tuple[float, float | None, float | None]:
+    """Mean test accuracy (%) of records (seeds) and the mean of their interval bounds (or None)."""
+    m = 100 * sum(r["test_acc"] for r in rs) / len(rs)
+    cis = [test_interval(r) for r in rs]
+    if any(c is None for c in cis):
+        return m, None, None
+    return m, 100 * sum(c[0] for c in cis) / len(cis), 100 * sum(c[1] for c in cis) / len(cis)
+
+
+def _errorbar(ax: Any, xs: Sequence[Any], points: Sequence[tuple[float, float | None, float | None]],
+              **kw: Any) -> None:
+    """Plot means with asymmetric interval bars where every point has an interval."""
+    ys = [p[0] for p in points]
+    if all(p[1] is not None for p in points):
+        yerr = [[max(0.0, y - p[1]) for y, p in zip(ys, points)], [max(0.0, p[2] - y) for y, p in zip(ys, points)]]
+        ax.errorbar(xs, ys, yerr=yerr, capsize=3, elinewidth=1, **kw)
+    else:
+        ax.plot(xs, ys, **kw)
 
 
 def plot_layers(recs: Sequence[dict[str, Any]], path: str | os.PathLike,
@@ -220,21 +339,24 @@ def plot_layers(recs: Sequence[dict[str, Any]], path: str | os.PathLike,
             layer = r["layer"]
             if layer == "last":
                 layer = r["num_hidden_states"] - 1
-            group[r["upstream"]][layer].append(100 * r["test_acc"])
+            group[r["upstream"]][layer].append(r)
             nhs[r["upstream"]] = r["num_hidden_states"]
             labels[r["upstream"]] = _upstream_label(r)
         for up, by_layer in sorted(group.items()):
             c = color_of[up]
             ints = sorted(k for k in by_layer if isinstance(k, int))
-            mean = {k: sum(v) / len(v) for k, v in by_layer.items()}
+            mean = {k: _mean_and_interval(v) for k, v in by_layer.items()}
             if nhs[up] == 1 and ints:
-                ax.axhline(mean[ints[0]], color=c, ls="--", lw=1.5, label=f"{labels[up]}")
+                m, lo, hi = mean[ints[0]]
+                ax.axhline(m, color=c, ls="--", lw=1.5, label=f"{labels[up]}")
+                if lo is not None:
+                    ax.axhspan(lo, hi, color=c, alpha=0.12, lw=0)
             elif ints:
-                ax.plot(ints, [mean[k] for k in ints], marker="o", color=c, label=labels[up])
+                _errorbar(ax, ints, [mean[k] for k in ints], color=c, marker="o", label=labels[up])
             if "weighted" in mean:
-                ax.plot([max_layer + 0.6], [mean["weighted"]], marker="*", ms=13, color=c, ls="none",
-                        label=f"{up} weighted sum")
-        ax.set_title(f"{task} / {head} head")
+                _errorbar(ax, [max_layer + 0.6], [mean["weighted"]], color=c, marker="*", ms=13, ls="none",
+                          label=f"{up} weighted sum")
+        ax.set_title(f"{task} / {head} head (bars, bands: 95 % intervals)")
         ax.set_xlabel("layer (0 = embedding output; w = weighted sum)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_xticks(list(range(max_layer + 1)) + [max_layer + 0.6],
@@ -296,10 +418,10 @@ def plot_label_fractions(recs: Sequence[dict[str, Any]], path: str | os.PathLike
             for layer in layers:
                 by_frac = pts[(t, h, up, mode, layer)]
                 xs = sorted(by_frac)
-                ys = [100 * sum(r["test_acc"] for r in by_frac[x]) / len(by_frac[x]) for x in xs]
                 name = "weighted sum" if layer == "weighted" else f"layer {layer}"
-                ax.plot(xs, ys, marker="*" if layer == "weighted" else "o", ls="--" if layer == "weighted" else "-",
-                        label=f"{up} {name}{' (fine-tuned)' if mode == 'finetune' else ''}")
+                _errorbar(ax, xs, [_mean_and_interval(by_frac[x]) for x in xs],
+                          marker="*" if layer == "weighted" else "o", ls="--" if layer == "weighted" else "-",
+                          label=f"{up} {name}{' (fine-tuned)' if mode == 'finetune' else ''}")
         ax.set_xscale("log")
         ax.set_title(f"{task} / {head} head")
         ax.set_xlabel("fraction of training labels")
@@ -308,7 +430,8 @@ def plot_label_fractions(recs: Sequence[dict[str, Any]], path: str | os.PathLike
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("Accuracy vs amount of labelled data (best layer on valid, and the weighted sum)")
+    fig.suptitle("Accuracy vs amount of labelled data (best layer on valid, and the weighted sum; "
+                 "bars: 95 % intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -371,5 +494,6 @@ def summarize(out_dir: str | os.PathLike) -> dict[str, Any]:
     plots["label_fraction"] = plot_label_fractions(recs, out / "accuracy_vs_label_fraction.png")
     plots["weights"] = plot_weights(recs, out / "weighted_sum_weights.png")
     csv_path = write_csv(recs, out / "results.csv")
-    return {"table": format_table(recs), "csv": str(csv_path),
+    mean_csv = write_mean_csv(recs, out / "results_mean.csv")
+    return {"table": format_table(recs), "csv": str(csv_path), "mean_csv": str(mean_csv),
             "plots": {k: (str(v) if v else None) for k, v in plots.items()}, "records": recs}

@@ -82,7 +82,7 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
         finetune: fine-tune mode (each probe starts from a fresh copy of the upstream).
         cache: an existing cache from ``aviary extract`` (validated against the corpus and upstream).
         name: display name for an upstream object (default: from the string).
-        overrides: other :class:`ProbeConfig` fields (``lr``, ``hidden``, ``max_epochs``,
+        overrides: other :class:`ProbeConfig` fields (``lr``, ``hidden``, ``steps``, ``l2_grid``,
             ``precision`` ...).
         extract: keyword arguments for :func:`extract_to_cache` (``dtype``, ``precision`` ...).
         device: torch device.
@@ -130,7 +130,9 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
     configs = [ProbeConfig(**{**overrides, "task": t, "head": h, "layer": str(layer), "label_fraction": f,
                               "seed": s, "finetune": finetune})
                for t in tasks for f in label_fractions for h in heads for layer in layer_list for s in seeds]
-    done = done_keys(out)
+    # Records of the epoch-based trainer (before solved probes and intervals: no "test_ci")
+    # do not count as done: such a probe is fitted again and its new record replaces the old.
+    done = done_keys(out, require="test_ci")
     todo = [c for c in configs if probe_key(name, c) not in done]
     if len(todo) < len(configs):
         log.info("%s: %d of %d probes already recorded, skipping them", out, len(configs) - len(todo), len(configs))

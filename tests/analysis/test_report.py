@@ -141,3 +141,23 @@ def test_seeds_are_averaged_with_their_spread():
     assert by["logmel"]["phone_linear_n"] == 1 and by["logmel"]["phone_linear_sd"] == 0.0
     table = format_key_results(rows)
     assert "72.0 ± 2.0 (0)" in table and "49.0" in table and "49.0 ±" not in table
+
+
+def test_findings_mark_differences_against_their_intervals():
+    recs = _records()
+    for r in recs:
+        # Wide intervals everywhere except a tight pair (mj best layer vs logmel).
+        r["test_ci"] = [r["test_acc"] - 0.2, r["test_acc"] + 0.2]
+    for r in recs:
+        if (r["upstream"], r["layer"]) in (("mj", 2), ("logmel", 0)):
+            r["test_ci"] = [r["test_acc"] - 0.01, r["test_acc"] + 0.01]
+    rows = key_results(recs, roles={"random-init": "random"})
+    by = {r["upstream"]: r for r in rows}
+    assert by["mj"]["phone_linear_ci"] == (0.69, 0.71)
+    text = " ".join(findings({"key_results": rows, "models": {"mj": {"shared": False}, "aa": {"shared": True}}}))
+    # mj 70.0 [69, 71] vs logmel 49.0 [48, 50]: separated; aa 66.0 [46, 86] vs logmel: not.
+    assert "by +21.0 points [larger than the 95 % intervals]" in text
+    assert "aa is +17.0 points from that baseline [within the 95 % intervals: not a clear difference]" in text
+    # Without intervals (older records) nothing is marked.
+    plain = " ".join(findings({"key_results": key_results(_records()), "models": {}}))
+    assert "intervals" not in plain

@@ -43,7 +43,7 @@ def test_pretrain_tokenize_pretrain_extract_probe(corpus, tmp_path, quantizer):
     out = tmp_path / "probes"
     assert main(["probe", "--upstream", str(bert), "--data", str(corpus), "--task", "phone,speaker",
                  "--head", "linear", "--layers", "all", "--cache", str(cache), "--out", str(out),
-                 "--max-epochs", "1"]) == 0
+                 "--steps", "5"]) == 0
     recs = load_records(out)
     assert {(r["task"], r["layer"]) for r in recs} == {(t, l) for t in ("phone", "speaker") for l in (0, 1, 2)}
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in recs)

@@ -59,7 +59,7 @@ def test_extract_survives_sigkill(corpus, tmp_path):
 def test_probe_sweep_survives_sigkill(corpus, oracle_cache, tmp_path):
     out = tmp_path / "probes"
     args = ["probe", "--cache", str(oracle_cache), "--data", str(corpus), "--task", "phone,speaker",
-            "--head", "linear,mlp1", "--layers", "all", "--max-epochs", "2", "--out", str(out)]
+            "--head", "linear,mlp1", "--layers", "all", "--steps", "20", "--out", str(out)]
     res = out / "results.jsonl"
 
     def n_lines():

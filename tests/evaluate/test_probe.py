@@ -10,7 +10,7 @@ from aviary.config import ConfigError
 
 from evaluate_fakes import N_CODES, N_PHONES, OracleUpstream
 
-FAST = dict(max_epochs=12, patience=12, lr=1e-2, batch_frames=256, batch_utterances=8)
+FAST = dict(steps=200, patience=12, lr=1e-2, batch_frames=256, batch_utterances=8)
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +47,14 @@ def test_speaker_probe_perfect_and_chance(cache, corpus):
 
 
 def test_weighted_sum_learns_to_favour_the_informative_layer(cache, phone_splits):
-    rec = run_probe(ProbeConfig(task="phone", head="linear", layer="weighted", **{**FAST, "max_epochs": 12}),
+    rec = run_probe(ProbeConfig(task="phone", head="linear", layer="weighted", **{**FAST, "steps": 200}),
                     phone_splits, cache=cache)
     w = rec["weights"]
     assert len(w) == 3 and sum(w) == pytest.approx(1.0, abs=1e-4)
     assert w[0] < 1 / 3  # the noise layer lost weight
     assert rec["test_acc"] > 0.95 and rec["layer"] == "weighted"
     ln = run_probe(ProbeConfig(task="phone", head="linear", layer="weighted", layer_norm=True,
-                               **{**FAST, "max_epochs": 12}),
+                               **{**FAST, "steps": 200}),
                    phone_splits, cache=cache)
     assert ln["layer_norm"] is True and ln["test_acc"] > 0.9
 
@@ -68,7 +68,7 @@ def test_keyword_probe_on_speaker_disjoint_split(kw_corpus, tmp_path):
     assert train_spk.isdisjoint({u.speaker for u in splits["test"]})
     extract_to_cache(OracleUpstream(), load_manifest(kw_corpus), tmp_path / "c", name="oracle", progress=False)
     cache = open_cache(tmp_path / "c")
-    rec = run_probe(ProbeConfig(task="keyword", head="linear", layer="1", **{**FAST, "max_epochs": 25, "lr": 3e-2}),
+    rec = run_probe(ProbeConfig(task="keyword", head="linear", layer="1", **{**FAST, "steps": 300, "lr": 3e-2}),
                     splits, cache=cache)
     assert {u.keyword for u in splits["test"]} <= {u.keyword for u in splits["train"]}
     assert rec["test_acc"] == pytest.approx(1.0)
@@ -84,13 +84,13 @@ def test_label_fraction_subsets_are_seeded_and_nested(phone_splits, cache):
     assert len(label_fraction_subset(train, 0.001, seed=0)) == 1
     rec = run_probe(ProbeConfig(task="phone", head="linear", layer="1", label_fraction=0.1, **FAST),
                     phone_splits, cache=cache)
-    full = run_probe(ProbeConfig(task="phone", head="linear", layer="1", max_epochs=1, patience=1), phone_splits,
+    full = run_probe(ProbeConfig(task="phone", head="linear", layer="1", steps=1, patience=1), phone_splits,
                      cache=cache)
     assert rec["label_fraction"] == 0.1 and rec["train_examples"] < full["train_examples"] / 5
 
 
 def test_seeded_probes_repeat(cache, phone_splits):
-    cfg = ProbeConfig(task="phone", head="mlp1", layer="2", hidden=16, max_epochs=3, patience=3)
+    cfg = ProbeConfig(task="phone", head="mlp1", layer="2", hidden=16, steps=30, patience=3)
     a = run_probe(cfg, phone_splits, cache=cache)
     b = run_probe(cfg, phone_splits, cache=cache)
     assert a["valid_history"] == b["valid_history"] and a["test_acc"] == b["test_acc"]
@@ -105,10 +105,10 @@ def test_frozen_keeps_and_finetune_changes_upstream(corpus, cache, phone_splits)
     info = describe_upstream(up, "oracle").to_dict()
     before = _params(up)
     # Frozen: the probe reads the cache; the upstream object is untouched even if passed.
-    run_probe(ProbeConfig(task="phone", head="linear", layer="2", max_epochs=2), phone_splits, cache=cache,
+    run_probe(ProbeConfig(task="phone", head="linear", layer="2", steps=20), phone_splits, cache=cache,
               upstream=up, upstream_info=info)
     assert all(torch.equal(before[k], v) for k, v in _params(up).items())
-    rec = run_probe(ProbeConfig(task="phone", head="linear", layer="2", finetune=True, max_epochs=2, lr=1e-2,
+    rec = run_probe(ProbeConfig(task="phone", head="linear", layer="2", finetune=True, steps=20, lr=1e-2,
                                 upstream_lr=1e-2, batch_seconds=8.0), phone_splits, upstream=up, upstream_info=info)
     assert not torch.equal(before["mix.weight"], up.mix.weight.detach())
     assert rec["mode"] == "finetune" and rec["upstream_lr"] == 1e-2 and rec["lr"] == 1e-2
@@ -119,7 +119,7 @@ def test_finetune_speaker_weighted(corpus):
     splits = load_splits(corpus, "speaker")
     up = OracleUpstream()
     info = describe_upstream(up, "oracle").to_dict()
-    rec = run_probe(ProbeConfig(task="speaker", head="linear", layer="weighted", finetune=True, max_epochs=3,
+    rec = run_probe(ProbeConfig(task="speaker", head="linear", layer="weighted", finetune=True, steps=30,
                                 lr=3e-2, upstream_lr=1e-3, batch_seconds=8.0), splits, upstream=up, upstream_info=info)
     assert rec["weights"] is not None and len(rec["weights"]) == 3
     assert 0.0 <= rec["test_acc"] <= 1.0
@@ -142,7 +142,7 @@ def test_probe_needs_cached_layers(tmp_path, corpus, phone_splits):
                      progress=False)
     c = open_cache(tmp_path / "c")
     with pytest.raises(ValueError, match="not available"):
-        run_probe(ProbeConfig(task="phone", layer="weighted", max_epochs=1), phone_splits, cache=c)
+        run_probe(ProbeConfig(task="phone", layer="weighted", steps=1), phone_splits, cache=c)
 
 
 def test_preloaded_and_streamed_frames_are_the_same_examples(cache, phone_splits):
@@ -175,3 +175,66 @@ def test_preloaded_and_streamed_frames_are_the_same_examples(cache, phone_splits
     assert all(torch.equal(a[1], b[1]) for a, b in zip(shuffled, again))
     # Batches mix utterances: the first shuffled batch is not the first utterance's frames.
     assert not torch.equal(shuffled[0][1], next(mem.batches(100, None))[1])
+
+
+def _without_time(rec):
+    return {k: v for k, v in rec.items() if k != "train_seconds"}
+
+
+@pytest.mark.parametrize("head,layer", [("linear", "2"), ("linear", "weighted"), ("mlp1", "2")])
+def test_same_inputs_same_seed_give_identical_records(cache, phone_splits, head, layer):
+    cfg = ProbeConfig(task="phone", head=head, layer=layer, hidden=16, steps=30, lr_grid=(1e-3, 1e-2),
+                      batch_frames=256)
+    a = run_probe(cfg, phone_splits, cache=cache)
+    b = run_probe(cfg, phone_splits, cache=cache)
+    assert _without_time(a) == _without_time(b)
+    lo, hi = a["test_ci"]
+    assert lo <= a["test_acc"] <= hi and a["test_ci_level"] == 0.95
+    assert a["test_utterances"] == len(phone_splits["test"])
+
+
+def test_linear_probe_is_solved_and_records_convergence(cache, phone_splits):
+    rec = run_probe(ProbeConfig(task="phone", head="linear", layer="1"), phone_splits, cache=cache)
+    assert rec["solver"] == "lbfgs" and rec["converged"] is True and rec["grad_norm"] <= 1e-3
+    assert rec["l2"] in ProbeConfig().l2_grid and rec["iterations"] >= 1
+    assert rec["lr"] is None and rec["steps"] is None
+    assert [p["l2"] for p in rec["l2_path"]] == sorted([p["l2"] for p in rec["l2_path"]], reverse=True)
+    best = max(rec["l2_path"], key=lambda p: (p["valid_acc"], -p["valid_loss"]))
+    assert rec["l2"] == best["l2"] and rec["test_acc"] > 0.98
+    # solver "adam" trains the same head with AdamW instead.
+    adam = run_probe(ProbeConfig(task="phone", head="linear", layer="1", solver="adam", steps=50, lr=1e-2,
+                                 batch_frames=256), phone_splits, cache=cache)
+    assert adam["solver"] == "adam" and adam["converged"] is None and adam["steps_run"] <= 50
+    with pytest.raises(ValueError, match="linear heads only"):
+        run_probe(ProbeConfig(task="phone", head="mlp1", layer="1", solver="lbfgs"), phone_splits, cache=cache)
+
+
+def test_step_budget_and_lr_chosen_on_valid(cache, corpus):
+    """A tiny split (one batch per epoch) still gets the whole step budget; --lr auto tries
+    every grid value for its share of the budget and continues the best one."""
+    splits = load_splits(corpus, "speaker")
+    cfg = ProbeConfig(task="speaker", head="mlp1", layer="1", hidden=16, steps=60, eval_every=10, patience=100,
+                      lr_grid=(1e-4, 1e-2), lr_trial_fraction=0.25, batch_utterances=64)
+    rec = run_probe(cfg, splits, cache=cache)
+    assert rec["solver"] == "adam" and rec["steps"] == 60 and rec["steps_run"] == 60
+    assert rec["lr_auto"] is True and [t["lr"] for t in rec["lr_trials"]] == [1e-4, 1e-2]
+    assert all(t["steps"] == 15 for t in rec["lr_trials"])
+    best = max(rec["lr_trials"], key=lambda t: (t["valid_acc"], -t["valid_loss"]))
+    assert rec["lr"] == best["lr"] == 1e-2  # 15 steps at 1e-4 barely move a fresh head
+    assert rec["train_examples"] == len(splits["train"]) < 64  # one batch = one epoch
+    assert rec["epochs"] == 60 + 15  # passes over the data, the losing trial's included
+    assert rec["test_acc"] >= 0.8
+    fixed = run_probe(cfg.replace(lr=3e-3), splits, cache=cache)
+    assert fixed["lr"] == 3e-3 and fixed["lr_auto"] is False and fixed["lr_trials"] is None
+
+
+def test_finetune_chooses_head_lr_on_valid(corpus):
+    splits = load_splits(corpus, "speaker")
+    up = OracleUpstream()
+    info = describe_upstream(up, "oracle").to_dict()
+    rec = run_probe(ProbeConfig(task="speaker", head="linear", layer="2", finetune=True, steps=8, eval_every=4,
+                                lr_grid=(1e-3, 3e-2), upstream_lr=1e-3, batch_seconds=8.0), splits,
+                    upstream=up, upstream_info=info)
+    assert rec["mode"] == "finetune" and rec["solver"] == "adam" and len(rec["lr_trials"]) == 2
+    assert rec["lr"] in (1e-3, 3e-2) and rec["upstream_lr"] == 1e-3
+    assert rec["test_ci"][0] <= rec["test_acc"] <= rec["test_ci"][1]

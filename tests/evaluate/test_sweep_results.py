@@ -13,7 +13,7 @@ from aviary.evaluate.upstreams import FeatureUpstream, resolve_upstream
 
 from evaluate_fakes import H, OracleUpstream
 
-FAST = {"max_epochs": 3, "patience": 3, "lr": 1e-2, "batch_frames": 512}
+FAST = {"steps": 30, "patience": 3, "lr": 1e-2, "batch_frames": 512}
 
 
 def test_expand_layers():
@@ -116,7 +116,7 @@ def test_cli_extract_probe_results(corpus, tmp_path, capsys):
     assert idx["upstream"]["name"] == "logmel" and idx["layers"] == [0]
     out = tmp_path / "probes"
     args = ["probe", "--upstream", "logmel", "--data", str(corpus), "--task", "phone,speaker", "--head", "linear",
-            "--layers", "last", "--cache", str(cache), "--out", str(out), "--max-epochs", "2"]
+            "--layers", "last", "--cache", str(cache), "--out", str(out), "--steps", "20"]
     assert main(args) == 0
     recs = load_records(out)
     assert {r["task"] for r in recs} == {"phone", "speaker"} and all(r["upstream"] == "logmel" for r in recs)
@@ -131,7 +131,7 @@ def test_cli_extract_probe_results(corpus, tmp_path, capsys):
 def test_cli_random_preset_sweep_extracts_once(corpus, tmp_path):
     out = tmp_path / "probes"
     args = ["probe", "--upstream", "random:mockingjay-tiny", "--data", str(corpus), "--layers", "all,weighted",
-            "--out", str(out), "--max-epochs", "1"]
+            "--out", str(out), "--steps", "5"]
     assert main(args) == 0
     caches = list((out / "cache").glob("*/index.json"))
     assert len(caches) == 1
@@ -144,7 +144,7 @@ def test_finetune_sweep_starts_each_probe_from_the_same_weights(corpus, tmp_path
     up = OracleUpstream()
     before = {k: v.clone() for k, v in up.state_dict().items()}
     recs = run_sweep(up, corpus, tmp_path / "ft", name="oracle", finetune=True, heads=["linear", "mlp1"], layers="2",
-                     overrides={"max_epochs": 1, "batch_seconds": 8.0, "hidden": 8, "upstream_lr": 1e-2},
+                     overrides={"steps": 5, "batch_seconds": 8.0, "hidden": 8, "upstream_lr": 1e-2},
                      progress=False)
     assert [r["mode"] for r in recs] == ["finetune", "finetune"] and all(r["upstream_lr"] == 1e-2 for r in recs)
     # The caller's upstream is untouched: each probe fine-tunes its own copy.
@@ -162,7 +162,7 @@ def test_sweep_from_a_run_directory(corpus, tmp_path):
     run = tmp_path / "my-run"
     save_tensors(run / "model.safetensors", {f"upstream.{k}": v for k, v in up.state_dict().items()},
                  config={"model": cfg.to_dict(), "step": 0})
-    recs = run_sweep(str(run), corpus, tmp_path / "p", layers="last", overrides={"max_epochs": 1}, progress=False)
+    recs = run_sweep(str(run), corpus, tmp_path / "p", layers="last", overrides={"steps": 5}, progress=False)
     assert recs[0]["upstream"] == "my-run" and recs[0]["layer"] == "last"
     assert recs[0]["upstream_params"] == sum(p.numel() for p in up.parameters())
 
@@ -176,3 +176,64 @@ def test_frame_tasks_refused_for_upstreams_without_frames(corpus, tmp_path):
     assert up.utterance_level_only
     with pytest.raises(ValueError, match="not frames"):
         run_sweep(up, corpus, tmp_path / "p", tasks=["phone"], name="patch", progress=False)
+
+
+def _old_record(**kw):
+    """A record as the epoch-based trainer wrote it (no test_ci, no solver)."""
+    r = {"key": "fbank|phone|linear|0|frozen|1|0", "upstream": "fbank", "upstream_params": 0, "upstream_kind": "features",
+         "num_hidden_states": 1, "task": "phone", "head": "linear", "hidden": None, "layer": 0, "mode": "frozen",
+         "label_fraction": 1.0, "seed": 0, "valid_acc": 0.4, "test_acc": 0.41, "train_seconds": 3.0, "best_epoch": 9,
+         "epochs": 12, "lr": 1e-3, "upstream_lr": None, "weights": None}
+    r.update(kw)
+    return r
+
+
+def test_old_records_load_and_are_refitted_on_resume(corpus, oracle_cache, tmp_path, capsys):
+    out = tmp_path / "p"
+    append_record(out, _old_record())
+    assert main(["results", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fbank" in printed and "epochs=12" in printed
+    row = next(l for l in printed.splitlines() if l.startswith("phone"))
+    assert " - " in row  # no interval for an old record
+    assert (out / "results.csv").read_text().splitlines()[1].count(",") == 20
+    # An old-format record of a probe does not count as done: the probe is fitted again.
+    old_key = "oracle|phone|linear|1|frozen|1|0"
+    append_record(out, _old_record(key=old_key, upstream="oracle", layer=1))
+    recs = run_sweep(None, corpus, out, cache=oracle_cache, layers="1", progress=False)
+    assert [r["key"] for r in recs] == [old_key] and recs[0]["solver"] == "lbfgs"
+    assert next(r for r in load_records(out) if r["key"] == old_key)["test_ci"] is not None
+    assert run_sweep(None, corpus, out, cache=oracle_cache, layers="1", progress=False) == []
+
+
+def test_several_seeds_are_aggregated(corpus, oracle_cache, tmp_path):
+    from aviary.evaluate.results import aggregate, format_table
+
+    out = tmp_path / "s"
+    run_sweep(None, corpus, out, cache=oracle_cache, tasks=["speaker"], heads=["mlp1"], layers="0", seeds=[0, 1, 2],
+              overrides={"steps": 20, "hidden": 8, "lr": 1e-2}, progress=False)
+    recs = load_records(out)
+    assert sorted(r["seed"] for r in recs) == [0, 1, 2]
+    (agg,) = aggregate(recs)
+    tests = [r["test_acc"] for r in recs]
+    assert agg["seeds"] == 3 and agg["test_mean"] == pytest.approx(np.mean(tests))
+    assert agg["test_std"] == pytest.approx(np.std(tests, ddof=1)) and agg["test_min"] == min(tests)
+    assert agg["test_ci_low"] == pytest.approx(np.mean([r["test_ci"][0] for r in recs]))
+    table = format_table(recs)
+    assert "over seeds" in table and "test mean" in table
+    s = summarize(out)
+    mean_csv = (out / "results_mean.csv").read_text().splitlines()
+    assert s["mean_csv"].endswith("results_mean.csv") and len(mean_csv) == 2 and mean_csv[1].split(",")[6] == "3"
+
+
+def test_cli_lr_auto_or_number(corpus, oracle_cache, tmp_path):
+    out = tmp_path / "c"
+    base = ["probe", "--cache", str(oracle_cache), "--data", str(corpus), "--task", "speaker", "--head", "mlp1",
+            "--layers", "1", "--hidden", "8", "--steps", "10", "--out", str(out)]
+    assert main(base + ["--lr", "auto", "--lr-grid", "1e-3,1e-2"]) == 0
+    assert main(base + ["--lr", "0.003", "--seed", "1"]) == 0
+    recs = sorted(load_records(out), key=lambda r: r["seed"])
+    assert recs[0]["lr_auto"] is True and len(recs[0]["lr_trials"]) == 2
+    assert recs[1]["lr"] == 0.003 and recs[1]["lr_auto"] is False
+    with pytest.raises(SystemExit):
+        main(base + ["--lr", "fast"])

@@ -1,0 +1,131 @@
+"""The linear solver: the optimum of the stated objective, L2 chosen on valid, determinism; intervals."""
+import numpy as np
+import pytest
+import torch
+
+from aviary.evaluate.metrics import bootstrap_interval, group_counts
+from aviary.evaluate.solver import evaluate_linear, solve_linear, standardize_stats
+
+
+def _blobs(n, d=5, c=3, sep=1.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, d, generator=g) * sep
+    y = torch.randint(0, c, (n,), generator=g)
+    x = centres[y] + torch.randn(n, d, generator=g)
+    return x, y
+
+
+def _objective64(x, y, w, b, l2):
+    """The documented objective, written out independently: mean CE + l2/2 ||W||^2, float64."""
+    logits = x.double() @ w.double().t() + b.double()
+    lse = torch.logsumexp(logits, 1)
+    ce = (lse - logits[torch.arange(len(y)), y]).mean()
+    return ce + 0.5 * l2 * (w.double() ** 2).sum()
+
+
+def test_solution_is_the_optimum_of_the_objective():
+    x, y = _blobs(400)
+    xv, yv = _blobs(200, seed=1)
+    sol = solve_linear((x, y), (xv, yv), 3, l2_grid=[1e-2], tol=1e-5, max_iter=500)
+    assert sol.converged and sol.grad_norm <= 1e-5 and sol.l2 == 1e-2
+    # Reference: the same objective minimised in float64 by plain gradient descent with Newton-free
+    # steps from another start; both must agree (strictly convex at l2 > 0: one optimum).
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=2000, tolerance_grad=1e-12, tolerance_change=0, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = _objective64(x, y, w, b, 1e-2)
+        f.backward()
+        return f
+
+    opt.step(closure)
+    torch.testing.assert_close(sol.weight.double(), w.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sol.bias.double(), b.detach(), atol=1e-4, rtol=1e-4)
+    assert abs(float(_objective64(x, y, sol.weight, sol.bias, 1e-2)) - sol.loss) < 1e-5
+
+
+def test_l2_is_chosen_on_validation_along_a_warm_started_path():
+    # 30 training examples in 300 dimensions, 295 of them noise: unregularised fits overfit.
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (30,), generator=g)
+    x = torch.randn(30, 300, generator=g)
+    x[:, :5] += 0.5 * (2 * y[:, None] - 1)
+    yv = torch.randint(0, 2, (400,), generator=g)
+    xv = torch.randn(400, 300, generator=g)
+    xv[:, :5] += 0.5 * (2 * yv[:, None] - 1)
+    sol = solve_linear((x, y), (xv, yv), 2, l2_grid=[1e-6, 1e-3, 1e-1, 1.0, 1e-2], patience=10)
+    l2s = [p["l2"] for p in sol.path]
+    assert l2s == sorted(l2s, reverse=True) == [1.0, 1e-1, 1e-2, 1e-3, 1e-6]
+    best = max(sol.path, key=lambda p: (p["valid_acc"], -p["valid_loss"]))
+    assert sol.l2 == best["l2"] and sol.valid_acc == pytest.approx(best["valid_acc"], abs=1e-6)
+    assert sol.l2 >= 1e-2  # regularisation helps with 30 examples in 300 dimensions
+    assert sol.iterations_total == sum(p["iterations"] for p in sol.path)
+    acc, _ = evaluate_linear(xv, yv, sol.weight, sol.bias)
+    assert acc == pytest.approx(sol.valid_acc)
+
+
+def test_path_stops_after_patience_without_improvement():
+    x, y = _blobs(300, sep=4.0)
+    sol = solve_linear((x, y), (x, y), 3, l2_grid=[1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6], patience=1)
+    assert 1 <= len(sol.path) <= 6
+    accs = [p["valid_acc"] for p in sol.path]
+    if len(sol.path) < 6:  # stopped: the last one did not beat the best before it
+        assert accs[-1] <= max(accs[:-1])
+
+
+def test_same_inputs_give_bitwise_the_same_solution():
+    x, y = _blobs(500, d=8, c=4)
+    xs = torch.stack([x, torch.randn(500, 8, generator=torch.Generator().manual_seed(5))], 0)  # (2, n, d)
+    a = solve_linear((xs, y), (xs, y), 4, weighted=True)
+    b = solve_linear((xs, y), (xs, y), 4, weighted=True)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.layer_logits, b.layer_logits)
+    assert a.path == b.path
+    # The weighted solve prefers the informative layer (0) over the noise layer (1).
+    assert float(torch.softmax(a.layer_logits, 0)[0]) > 0.5
+
+
+def test_solver_refuses_bad_input():
+    x, y = _blobs(20)
+    with pytest.raises(ValueError, match="labels must lie"):
+        solve_linear((x, y + 5), (x, y), 3)
+    with pytest.raises(ValueError, match=r"\(N, n, H\)"):
+        solve_linear((x, y), (x, y), 3, weighted=True)
+    with pytest.raises(ValueError, match="no training examples"):
+        solve_linear((x[:0], y[:0]), (x, y), 3)
+
+
+def test_standardize_stats():
+    x = torch.randn(1000, 3) * torch.tensor([1.0, 10.0, 0.0]) + 5
+    mean, std = standardize_stats(x)
+    z = (x - mean) / std
+    torch.testing.assert_close(z[:, :2].mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[:, :2].std(0, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
+    assert torch.isfinite(z).all()  # the constant feature stays finite
+
+
+def test_bootstrap_resamples_utterances_not_frames():
+    # 20 utterances: one of 1000 frames all correct, 19 of 10 frames all wrong.
+    correct = np.array([1000] + [0] * 19, dtype=float)
+    total = np.array([1000] + [10] * 19, dtype=float)
+    acc = correct.sum() / total.sum()
+    lo, hi = bootstrap_interval(correct, total, seed=0)
+    assert lo <= acc <= hi
+    # Frame-level resampling would give a tiny interval (1190 frames); by utterance it is wide:
+    # whether the long utterance is drawn 0, 1 or 2 times swings the accuracy from 0 to ~0.9.
+    assert hi - lo > 0.3
+    assert (lo, hi) == bootstrap_interval(correct, total, seed=0)
+    rng = np.random.default_rng(0)
+    c, t = rng.integers(0, 30, 50).astype(float), np.full(50, 30.0)
+    assert bootstrap_interval(c, t, seed=1) != bootstrap_interval(c, t, seed=2)
+    # More utterances of the same kind narrow the interval.
+    many = bootstrap_interval(np.tile([8.0, 2.0], 200), np.tile([10.0, 10.0], 200))
+    few = bootstrap_interval(np.tile([8.0, 2.0], 5), np.tile([10.0, 10.0], 5))
+    assert many[1] - many[0] < few[1] - few[0] and many[0] <= 0.5 <= many[1]
+    assert np.isnan(bootstrap_interval(np.zeros(3), np.zeros(3))[0])
+
+
+def test_group_counts():
+    c, t = group_counts(np.array([1, 0, 1, 1]), np.array([0, 0, 2, 2]), 3)
+    assert c.tolist() == [1, 0, 2] and t.tolist() == [2, 0, 2]
