@@ -24,6 +24,11 @@ across seeds, the best layer's probe accuracy by <= 2 points.
 Runs are kept in ``--work`` (default ``takeoff_work/``); a finished run is read back, not
 repeated, so an interrupted benchmark continues where it stopped. Results:
 ``benchmarks/results/takeoff.json``.
+
+``--demo DIR`` reads the Mockingjay / Audio ALBERT runs of a finished ``aviary demo --seeds N
+--out DIR`` instead of training them again: the demo trains exactly these recipes
+(:func:`train_settings`), so its runs for seeds ``seed .. seed + N - 1`` at its precision are
+this benchmark's runs, and its probe records hold the same linear phone probes.
 """
 from __future__ import annotations
 
@@ -98,6 +103,46 @@ def best_layer_probe(run_dir: Path, corpus: Path, out: Path, precision: str) -> 
     best = max(recs, key=lambda r: (r["valid_acc"], -r["layer"]))
     return {"best_layer": best["layer"], "valid_acc": best["valid_acc"], "test_acc": best["test_acc"],
             "test_acc_by_layer": {str(r["layer"]): r["test_acc"] for r in sorted(recs, key=lambda r: r["layer"])}}
+
+
+def from_demo(demo: Path, recipe: str, seed: int, precision: str) -> dict[str, Any] | None:
+    """The record of (recipe, seed, precision) from a finished demo directory, or None."""
+    from aviary.analysis.demo import AALBERT, MOCKINGJAY, seed_runs
+    from aviary.analysis.report import best_layer
+    from aviary.evaluate.results import load_records
+
+    summary_path = demo / "summary.json"
+    if recipe not in ("mockingjay-cpu", "aalbert-cpu") or not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    from aviary.analysis.demo import DemoConfig
+    cfg = DemoConfig.from_dict(summary["demo"]["config"])
+    base = MOCKINGJAY if recipe == "mockingjay-cpu" else AALBERT
+    names = {sd: base + sf for sd, sf in seed_runs(cfg)}
+    if cfg.preset != "aalbert-cpu" or seed not in names:
+        return None
+    model = summary["models"].get(names[seed], {})
+    if model.get("precision") != precision:
+        return None
+    run_dir = demo / "runs" / names[seed]
+    valid = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"split": "valid"' in line]
+    curve = [{"step": r["step"], "loss": r["loss"], "plateau_ratio": plateau_ratio(recipe, r),
+              "l1_utt_mean": r.get("l1_utt_mean")} for r in valid]
+    recs = load_records(demo / "probes")
+    best = best_layer(recs, names[seed], "phone", "linear")
+    layers = sorted((r for r in recs if r["upstream"] == names[seed] and r["task"] == "phone"
+                     and r["head"] == "linear" and isinstance(r["layer"], int)), key=lambda r: r["layer"])
+    rec = {"recipe": recipe, "seed": seed, "precision": precision, "steps": model["pretrain_steps"],
+           "pretrain_seconds": model["pretrain_seconds"], "curve": curve,
+           "final_valid_loss": curve[-1]["loss"], "final_plateau_ratio": curve[-1]["plateau_ratio"],
+           "took_off": took_off(recipe, curve[-1]["plateau_ratio"]), "params": model["params"],
+           "from_demo": str(demo)}
+    if best is not None:
+        rec["probe"] = {"best_layer": best["layer"], "valid_acc": best["valid_acc"], "test_acc": best["test_acc"],
+                        "test_ci": best.get("test_ci"),
+                        "test_acc_by_layer": {str(r["layer"]): r["test_acc"] for r in layers}}
+    return rec
 
 
 def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, steps: int | None,
@@ -187,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-probe", action="store_true", help="skip the phone probes")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out-name", default="takeoff")
+    p.add_argument("--demo", default=None, help="a finished `aviary demo --seeds N` directory whose "
+                   "Mockingjay / AALBERT runs stand for those recipes at its precision")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -204,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     for recipe in args.recipes:
         for precision in precisions:
             for seed in args.seeds:
-                rec = run_one(recipe, seed, precision, corpus, work, args.steps, not args.no_probe)
+                rec = (from_demo(Path(args.demo), recipe, seed, precision) if args.demo else None) or \
+                    run_one(recipe, seed, precision, corpus, work, args.steps, not args.no_probe)
                 runs.append(rec)
                 pr = rec.get("probe", {})
                 log.info("%s seed %d %s: final valid %.4f, plateau ratio %.3f (%s), best layer %s %.1f %%",

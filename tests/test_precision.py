@@ -145,12 +145,16 @@ def test_extract_and_probe_record_resolved_precision(cpu, sine_corpus, tmp_path)
     assert idx["precision"] == cpu and idx["precision_requested"] == "auto"
     out = tmp_path / "probes"
     assert main(["probe", "--upstream", "random:mockingjay-tiny", "--data", str(sine_corpus), "--task", "speaker",
-                 "--cache", str(cache), "--out", str(out), "--max-epochs", "1"]) == 0
+                 "--head", "linear,mlp1", "--cache", str(cache), "--out", str(out), "--steps", "5"]) == 0
     from aviary.evaluate.results import load_records
 
-    (rec,) = load_records(out)
-    assert rec["precision"] == cpu and rec["precision_requested"] == "auto" and rec["extract_precision"] == cpu
-    assert "precision" not in rec["key"]
+    recs = {r["head"]: r for r in load_records(out)}
+    # The AdamW-trained head runs in the resolved precision; the solved linear probe is fp32
+    # whatever was asked (L-BFGS on standardised features, scored as solved).
+    assert recs["mlp1"]["precision"] == cpu and recs["linear"]["precision"] == "fp32"
+    for rec in recs.values():
+        assert rec["precision_requested"] == "auto" and rec["extract_precision"] == cpu
+        assert "precision" not in rec["key"]
 
 
 def test_extract_precision_explicit_and_legacy_alias(cpu, sine_corpus, tmp_path, caplog):
@@ -212,7 +216,7 @@ def test_demo_uses_one_precision_for_every_stage(cpu, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(sweep, "run_sweep", lambda up, data, **kw: calls.append(kw))
     monkeypatch.setattr(aviary, "load", lambda path: object())
-    monkeypatch.setattr(demo, "_random_upstream", lambda c: object())
+    monkeypatch.setattr(demo, "_random_upstream", lambda c, seed=None: object())
     demo.run_probes(cfg, tmp_path, tmp_path / "runs", tmp_path / "probes")
     assert calls and all(kw["overrides"]["precision"] == "auto" and kw["extract"]["precision"] == "auto"
                          for kw in calls)
@@ -231,7 +235,7 @@ def test_finetune_probe_records_resolved_precision(cpu, sine_corpus, tmp_path):
     from aviary.evaluate.sweep import run_sweep
 
     (rec,) = run_sweep("random:mockingjay-tiny", sine_corpus, tmp_path / "ft", tasks=["speaker"], layers="last",
-                       finetune=True, overrides={"max_epochs": 1, "batch_seconds": 4.0}, progress=False)
+                       finetune=True, overrides={"steps": 5, "batch_seconds": 4.0}, progress=False)
     assert rec["mode"] == "finetune" and rec["precision"] == cpu and rec["extract_precision"] is None
 
 

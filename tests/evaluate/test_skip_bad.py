@@ -32,8 +32,8 @@ def test_extract_and_probe_skip_bad(corpus, tmp_path, caplog, capsys):
     assert u.id not in {i for s in idx["shards"] for i in s["ids"]}
     out = tmp_path / "p"
     assert main(["probe", "--upstream", "logmel", "--data", str(d), "--task", "speaker", "--out", str(out),
-                 "--max-epochs", "1"]) == 2
+                 "--steps", "5"]) == 2
     assert main(["probe", "--upstream", "logmel", "--data", str(d), "--task", "speaker", "--out", str(out),
-                 "--max-epochs", "1", "--skip-bad"]) == 0
+                 "--steps", "5", "--skip-bad"]) == 0
     (rec,) = load_records(out)
     assert rec["skipped_files"] == {"train": 1, "valid": 0, "test": 0}

@@ -50,13 +50,13 @@ def test_check_data_reports_overlaps_as_errors(kw_corpus, tmp_path, capsys, kind
 def test_probe_and_extract_refuse_overlapping_splits(kw_corpus, tmp_path, caplog):
     d, u = _leaky(kw_corpus, tmp_path, "speaker")
     rc = main(["probe", "--upstream", "logmel", "--data", str(d), "--task", "keyword", "--out",
-               str(tmp_path / "p"), "--max-epochs", "1"])
+               str(tmp_path / "p"), "--steps", "5"])
     assert rc == 2 and "speaker(s) in both train-spk and test-spk" in caplog.text
     assert not (tmp_path / "p" / "results.jsonl").exists()
     caplog.clear()
     d, u = _leaky(kw_corpus, tmp_path, "id")
     rc = main(["probe", "--upstream", "logmel", "--data", str(d), "--task", "speaker", "--out",
-               str(tmp_path / "p2"), "--max-epochs", "1"])
+               str(tmp_path / "p2"), "--steps", "5"])
     assert rc == 2 and "utterance id(s) in both train and test" in caplog.text
     caplog.clear()
     rc = main(["extract", "--checkpoint", "logmel", "--data", str(d), "--out", str(tmp_path / "c")])
