@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= demo_out
 
-.PHONY: venv demo demo-quick test test-slow test-s3prl s3prl-venv bench clean
+.PHONY: venv demo demo-quick test test-slow test-s3prl s3prl-venv bench bench-takeoff clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,10 @@ test-s3prl: s3prl-venv
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# Every CPU recipe x 3 seeds x (fp32, and bf16 where native): hours on 2 cores (BENCHMARKS.md).
+bench-takeoff: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_takeoff --threads 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ import torch
 
 from aviary.evaluate.upstreams import UpstreamInfo, describe_upstream
 from aviary.precision import autocast_context, resolve_precision
-from aviary.train.checkpoint import fsync_dir
+from aviary.train.checkpoint import file_sha256, fsync_dir
 from aviary.models.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -153,14 +152,6 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_problem(sdir: Path, layers: Sequence[int], ids: Sequence[str] | None = None) -> str | None:
     """Why a finished shard directory cannot be used (``None``: it verifies).
 
@@ -180,7 +171,7 @@ def shard_problem(sdir: Path, layers: Sequence[int], ids: Sequence[str] | None =
         f = sdir / f"layer-{k:02d}.npy"
         if not f.is_file():
             return f"{f}: missing"
-        if sums.get(f.name) != _file_sha256(f):
+        if sums.get(f.name) != file_sha256(f):
             return f"{f}: checksum mismatch (truncated or corrupted)"
     return None
 
@@ -390,7 +381,7 @@ def _write_shard_files(out: Path, tmp: Path, si: int, ids: list[str], lengths: l
             np.save(f, arr)
             f.flush()
             os.fsync(f.fileno())
-        sums[path.name] = _file_sha256(path)  # of the bytes on disk, as read back
+        sums[path.name] = file_sha256(path)  # of the bytes on disk, as read back
     meta = {"ids": ids, "lengths": lengths, "offsets": offsets, "frames": int(sum(lengths)), "sha256": sums}
     with open(tmp / "shard.json", "w") as f:
         json.dump(meta, f)
@@ -494,7 +485,7 @@ class FeatureCache:
         """Check a layer file against its stored checksum, once, before its first use."""
         sums = self._sums[si]
         f = self.path / _shard_name(si) / f"layer-{layer:02d}.npy"
-        if sums is not None and sums.get(f.name) != _file_sha256(f):
+        if sums is not None and sums.get(f.name) != file_sha256(f):
             raise CacheError(f"{f}: checksum mismatch, the cache is corrupted; run `aviary extract` again "
                              "with the same arguments (it re-creates shards that fail their check)")
         self._verified.add((si, layer))

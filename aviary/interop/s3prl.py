@@ -50,7 +50,6 @@ exactly.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import pickle
@@ -63,6 +62,7 @@ from aviary.config import ConfigError
 from aviary.features import FrontEndConfig
 from aviary.models.encoder import EncoderConfig
 from aviary.objectives.masking import MaskingConfig
+from aviary.train.checkpoint import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -351,14 +351,6 @@ def state_dict_from_s3prl(transformer: Mapping[str, Any], spec_head: Mapping[str
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_s3prl_checkpoint(path: str | os.PathLike):
     """Read an s3prl upstream checkpoint into an aviary config and state dict.
 
@@ -400,7 +392,7 @@ def read_s3prl_checkpoint(path: str | os.PathLike):
     if datarc.get("sets"):
         data = f"{data or ''} {list(datarc['sets'])}".strip()
     info = {"step": int(step) if isinstance(step, (int, float)) else None, "data": data,
-            "source": {"toolkit": "s3prl", "path": str(path.resolve()), "sha256": _file_sha256(path)}}
+            "source": {"toolkit": "s3prl", "path": str(path.resolve()), "sha256": file_sha256(path)}}
     return cfg, tensors, info
 
 

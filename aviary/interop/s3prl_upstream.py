@@ -19,7 +19,6 @@ downsample rate, T within s3prl's tolerance of ``round(samples / rate)``).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -33,6 +32,8 @@ from typing import Any
 
 import torch
 
+from aviary.train.checkpoint import file_sha256
+
 log = logging.getLogger(__name__)
 
 ENTRY = "aviary_local"
@@ -45,14 +46,6 @@ TOLERABLE_SEQLEN_DIFF = 5
 
 class S3prlUpstreamError(ValueError):
     """An aviary model or folder that cannot become an s3prl upstream package."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_exported_hubconf(pkg_dir: str | os.PathLike) -> ModuleType:
@@ -151,7 +144,7 @@ def export_s3prl_upstream(run: str | os.PathLike, out_dir: str | os.PathLike) ->
     model_cfg = meta.get("model", {})
     manifest = {
         "entry": ENTRY, "weights": "model.safetensors", "source": str(wpath.resolve()),
-        "sha256": _sha256(wpath), "family": model_cfg.get("family"), "step": meta.get("step"),
+        "sha256": file_sha256(wpath), "family": model_cfg.get("family"), "step": meta.get("step"),
         "frame_shift": up.frame_shift, "downsample_rate": rate,
         "tokens_per_step": int(getattr(up, "tokens_per_step", 1)),
         "hidden_size": up.hidden_size * int(getattr(up, "tokens_per_step", 1)),

@@ -51,6 +51,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupted, or cannot be written."""
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name)."""
     h = hashlib.sha256()
