@@ -91,3 +91,22 @@ def test_seed_runs_names_and_learning_curve_checkpoints():
     assert learned({"loss": 0.56, "l1_utt_mean": 0.79}, 0.85) == (True, 0.56 / 0.79)
     assert learned({"loss": 0.75, "l1_utt_mean": 0.79}, 0.85)[0] is False
     assert learned({"loss": 0.75}, 0.85) == (None, None)
+
+
+def test_learning_curve_reads_checkpoint_and_final_records_apart():
+    from aviary.analysis.demo import curve_from_records
+
+    def rec(up, layer, valid, test, frac):
+        return {"upstream": up, "task": "phone", "head": "linear", "layer": layer, "mode": "frozen",
+                "label_fraction": frac, "valid_acc": valid, "test_acc": test}
+
+    # Checkpoints are probed at fraction 1 of the curve corpus, the final models at 0.3: the
+    # final point must still be found (a mixed "largest fraction" filter dropped it).
+    recs = [rec("mockingjay@150", 0, 0.50, 0.49, 1.0), rec("mockingjay@150", 1, 0.52, 0.51, 1.0),
+            rec("mockingjay", 0, 0.50, 0.50, 0.3), rec("mockingjay", 1, 0.57, 0.56, 0.3),
+            rec("aalbert@150", 0, 0.53, 0.53, 1.0), rec("aalbert", 2, 0.55, 0.54, 0.3),
+            rec("random-init", 0, 0.53, 0.52, 0.3), rec("logmel", 0, 0.48, 0.47, 0.3)]
+    c = curve_from_records(recs, [150, 600], ("logmel",))
+    assert c["steps"] == [150, 600]
+    assert c["models"] == {"mockingjay": [0.51, 0.56], "aalbert": [0.53, 0.54]}
+    assert c["random_init"] == 0.52 and c["baseline"] == ("logmel", 0.47)

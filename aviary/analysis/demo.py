@@ -374,7 +374,6 @@ def learning_curve(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path,
         "random_init": accuracy or None, "baseline": (name, accuracy) or None}``.
     """
     import aviary
-    from aviary.analysis.report import best_layer
     from aviary.evaluate.results import load_records
     from aviary.evaluate.sweep import run_sweep
     from aviary.train.checkpoint import checkpoint_dir
@@ -397,16 +396,27 @@ def learning_curve(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path,
             run_sweep(aviary.load(str(path)), sub, out=probes, tasks=["phone"], heads=["linear"],
                       layers="all", label_fractions=[1.0], overrides=overrides,
                       extract=extract, name=curve_name(name, step))
-    recs = load_records(probes)
+    return curve_from_records(load_records(probes), steps + [cfg.steps], cfg.baselines, cfg.random_init)
+
+
+def curve_from_records(recs: list[dict[str, Any]], steps: list[int], baselines: tuple[str, ...] = (),
+                       random_init: bool = True) -> dict[str, Any]:
+    """The learning curve (see :func:`learning_curve`) from probe records: ``NAME@STEP`` for the
+    checkpoints, ``NAME`` for the last step, ``random-init`` and the baselines as levels."""
+    from aviary.analysis.report import best_layer
+
+    # The checkpoints' probes ran at fraction 1 of their own corpus, the final models' at the
+    # study's fraction: kept apart, or best_layer's "largest label fraction" would drop one side.
+    curve_recs = [r for r in recs if "@" in r["upstream"]]
+    final_recs = [r for r in recs if "@" not in r["upstream"]]
 
     def acc(up: str) -> float | None:
-        b = best_layer(recs, up, "phone", "linear")
+        b = best_layer(curve_recs if "@" in up else final_recs, up, "phone", "linear")
         return None if b is None else b["test_acc"]
 
-    all_steps = steps + [cfg.steps]
-    curve = {name: [acc(curve_name(name, st)) for st in steps] + [acc(name)] for name in (MOCKINGJAY, AALBERT)}
-    base = [(b, acc(b)) for b in cfg.baselines if acc(b) is not None]
-    return {"steps": all_steps, "models": curve, "random_init": acc(RANDOM_INIT) if cfg.random_init else None,
+    curve = {name: [acc(curve_name(name, st)) for st in steps[:-1]] + [acc(name)] for name in (MOCKINGJAY, AALBERT)}
+    base = [(b, acc(b)) for b in baselines if acc(b) is not None]
+    return {"steps": list(steps), "models": curve, "random_init": acc(RANDOM_INIT) if random_init else None,
             "baseline": max(base, key=lambda x: x[1]) if base else None}
 
 
