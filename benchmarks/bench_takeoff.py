@@ -102,7 +102,7 @@ def best_layer_probe(run_dir: Path, corpus: Path, out: Path, precision: str) -> 
     recs = [r for r in load_records(out) if r.get("upstream") == run_dir.name and isinstance(r.get("layer"), int)]
     best = max(recs, key=lambda r: (r["valid_acc"], -r["layer"]))
     return {"best_layer": best["layer"], "valid_acc": best["valid_acc"], "test_acc": best["test_acc"],
-            "test_acc_by_layer": {str(r["layer"]): r["test_acc"] for r in sorted(recs, key=lambda r: r["layer"])}}
+            "test_ci": best.get("test_ci"), "test_acc_by_layer": {str(r["layer"]): r["test_acc"] for r in sorted(recs, key=lambda r: r["layer"])}}
 
 
 def from_demo(demo: Path, recipe: str, seed: int, precision: str) -> dict[str, Any] | None:
@@ -129,7 +129,7 @@ def from_demo(demo: Path, recipe: str, seed: int, precision: str) -> dict[str, A
              if '"split": "valid"' in line]
     curve = [{"step": r["step"], "loss": r["loss"], "plateau_ratio": plateau_ratio(recipe, r),
               "l1_utt_mean": r.get("l1_utt_mean")} for r in valid]
-    recs = load_records(demo / "probes")
+    recs = [r for r in load_records(demo / "probes") if "@" not in r["upstream"]]  # not the learning curve's
     best = best_layer(recs, names[seed], "phone", "linear")
     layers = sorted((r for r in recs if r["upstream"] == names[seed] and r["task"] == "phone"
                      and r["head"] == "linear" and isinstance(r["layer"], int)), key=lambda r: r["layer"])
