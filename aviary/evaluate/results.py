@@ -230,37 +230,37 @@ def _align(rows: list[list[str]], left: int) -> list[str]:
 
 def write_csv(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write the records' main columns to ``path`` (weights as a space-separated list)."""
+    rows = []
+    for r in sort_records(recs):
+        row = []
+        ci = test_interval(r)
+        for c in CSV_COLUMNS:
+            v = r.get(c)
+            if c == "weights" and v is not None:
+                v = " ".join(f"{x:.4f}" for x in v)
+            elif c in ("test_ci_low", "test_ci_high"):
+                v = None if ci is None else ci[0 if c == "test_ci_low" else 1]
+            row.append("" if v is None else v)
+        rows.append(row)
+    return _write_csv(path, CSV_COLUMNS, rows)
+
+
+def _write_csv(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """Write a CSV file through a temporary file and a rename (never half a table)."""
     path = Path(path)
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
-        for r in sort_records(recs):
-            row = []
-            ci = test_interval(r)
-            for c in CSV_COLUMNS:
-                v = r.get(c)
-                if c == "weights" and v is not None:
-                    v = " ".join(f"{x:.4f}" for x in v)
-                elif c in ("test_ci_low", "test_ci_high"):
-                    v = None if ci is None else ci[0 if c == "test_ci_low" else 1]
-                row.append("" if v is None else v)
-            w.writerow(row)
+        w.writerow(header)
+        w.writerows(rows)
     os.replace(tmp, path)
     return path
 
 
 def write_mean_csv(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write :func:`aggregate` (mean and spread over seeds) to ``path``."""
-    path = Path(path)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(MEAN_CSV_COLUMNS)
-        for a in aggregate(recs):
-            w.writerow(["" if a.get(c) is None else a[c] for c in MEAN_CSV_COLUMNS])
-    os.replace(tmp, path)
-    return path
+    return _write_csv(path, MEAN_CSV_COLUMNS,
+                      [["" if a.get(c) is None else a[c] for c in MEAN_CSV_COLUMNS] for a in aggregate(recs)])
 
 
 def _fmt_params(n: int) -> str:
