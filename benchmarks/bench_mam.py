@@ -128,6 +128,75 @@ def bench_extract(preset: str, bf16: bool, batch: int, seconds: float, reps: int
     return res
 
 
+def _variant(preset: str, variant: str, batch: int, seconds: float, bf16: bool):
+    """A model, optimizer and step function for one variant of :func:`bench_speedup`."""
+    from aviary.models import layers
+    from aviary.train.compile import compile_model
+
+    torch.manual_seed(0)
+    model = MAMPretrainModel(get_preset(preset)).train()
+    before = variant == "before"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not before)
+    if variant.endswith("+compile"):
+        compile_model(model)
+    n = int(16000 * seconds)
+    gen = torch.Generator().manual_seed(1)
+    data = {"wavs": torch.randn(batch, n, generator=gen) * 0.1, "wav_lengths": torch.full((batch,), n)}
+
+    def step() -> float:
+        layers.BF16_FAST_PATHS = not before
+        with _autocast(bf16):
+            out = model(data)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        layers.BF16_FAST_PATHS = True
+        return float(out.loss.detach())
+
+    return model, step, batch * model.upstream.frontend.num_frames(n)
+
+
+def bench_speedup(preset: str, bf16: bool, batch: int = 4, seconds: float = 4.0, steps: int = 3,
+                  rounds: int = 3, variants: tuple[str, ...] = ("before", "after", "after+compile")) -> dict:
+    """Pretraining steps of the code as it was before issue 17 and as it is now, alternately.
+
+    ``before``: SDPA's flash attention for bf16 training, ``nn.Dropout``'s Bernoulli masks,
+    the for-loop AdamW (the code of commit cc7f6e3); ``after``: the bf16 fast paths of
+    ``aviary.models.layers`` and fused AdamW; ``after+compile``: the same plus ``--compile``.
+    Each variant has its own model (same initial weights) and runs ``steps`` steps per round,
+    the variants taking turns for ``rounds`` rounds, so slow spells of a shared CPU hit all
+    of them; best-of-rounds wall and CPU seconds per step are reported.
+    """
+    built = {v: _variant(preset, v, batch, seconds, bf16) for v in variants}
+    warm = {}
+    for v, (_, step, _) in built.items():
+        t = time.perf_counter()
+        step()
+        step()  # the second call recompiles once for the optimizer-updated weights' guards
+        warm[v] = time.perf_counter() - t
+    wall = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v, (_, step, _) in built.items():
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                step()
+            wall[v].append((time.perf_counter() - t) / steps)
+            cpu[v].append((time.process_time() - c) / steps)
+    frames = next(iter(built.values()))[2]
+    res = {"preset": preset, "dtype": "bf16" if bf16 else "fp32", "batch": batch, "seconds_per_utt": seconds,
+           "frames_per_step": frames, "rounds": rounds, "steps_per_round": steps, "warmup_s": warm,
+           "step_s": wall, "step_cpu_s": cpu,
+           "frames_per_s": {v: frames / min(wall[v]) for v in variants},
+           "frames_per_cpu_s": {v: frames / min(cpu[v]) for v in variants}}
+    base = res["frames_per_s"]["before"]
+    res["speedup_vs_before"] = {v: res["frames_per_s"][v] / base for v in variants}
+    res["speedup_vs_before_cpu_s"] = {v: res["frames_per_cpu_s"][v] / res["frames_per_cpu_s"]["before"]
+                                      for v in variants}
+    log.info("%s", json.dumps(res))
+    return res
+
+
 def long_file_rss(preset: str, minutes: float, threads: int) -> dict:
     """Extract one ``minutes``-long recording in a fresh process; report time and peak RSS."""
     code = (

@@ -51,6 +51,14 @@ def add_precision_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="deprecated: --autocast none = --precision fp32, bf16 = --precision bf16")
 
 
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    """``--compile``: torch.compile the model's transformer blocks (aviary/train/compile.py)."""
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile (inductor) the transformer blocks; slow first steps, eager fallback with "
+                        "a warning if compilation fails; checkpoints are the same (see BENCHMARKS.md for when "
+                        "it pays)")
+
+
 def precision_arg(args: argparse.Namespace) -> str:
     """The precision asked for by ``--precision`` / ``--autocast`` (default ``auto``)."""
     from aviary.precision import from_legacy_autocast
@@ -73,6 +81,7 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored precision")
     p.add_argument("--split", help="only this split (train, valid, test, train-spk, ...); default: all utterances")
     add_precision_args(p, "forward-pass")
+    add_compile_arg(p)
     p.add_argument("--batch-seconds", type=float, default=80.0, help="padded audio seconds per forward pass")
     p.add_argument("--shard-seconds", type=float, default=600.0, help="audio seconds per shard (unit of resumption)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of random:PRESET")
@@ -100,7 +109,7 @@ def _extract_run(args: argparse.Namespace) -> int:
     stats = run_extract(args.checkpoint, args.data, args.out, layers=args.layers, dtype=args.dtype,
                         split=args.split, device=args.device, random_seed=args.seed, name=args.name,
                         precision=precision_arg(args), batch_seconds=args.batch_seconds,
-                        shard_seconds=args.shard_seconds, skip_bad=args.skip_bad)
+                        shard_seconds=args.shard_seconds, skip_bad=args.skip_bad, compile=args.compile)
     print(f"{stats.path}: {stats.utterances} utterances in {stats.shards_total} shards "
           f"({stats.shards_written} written now, {stats.audio_seconds:.0f} s of audio in {stats.seconds:.1f} s, "
           f"{stats.x_real_time:.0f}x real time, {stats.precision})"
@@ -120,6 +129,7 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                    help="fraction(s) of the training labels, e.g. 0.01,0.1,1.0")
     p.add_argument("--seed", type=_ints, default=[0], help="probe seed(s)")
     p.add_argument("--finetune", action="store_true", help="train the upstream with the head (its own --upstream-lr)")
+    add_compile_arg(p)
     p.add_argument("--cache", metavar="CACHE", help="existing feature cache from `aviary extract` (frozen mode)")
     p.add_argument("--out", required=True, metavar="DIR", help="results directory (results.jsonl, feature cache)")
     p.add_argument("--hidden", type=int, default=None, help="hidden width of mlp heads (default 256; s3prl 768)")
@@ -174,7 +184,7 @@ def _probe_run(args: argparse.Namespace) -> int:
     recs = run_sweep(args.upstream, args.data, args.out, tasks=args.task, heads=args.head, layers=args.layers,
                      label_fractions=args.label_fraction, seeds=args.seed, finetune=args.finetune, cache=args.cache,
                      name=args.name, overrides=overrides, extract={"precision": precision}, device=args.device,
-                     random_seed=args.random_seed, skip_bad=args.skip_bad)
+                     random_seed=args.random_seed, skip_bad=args.skip_bad, compile=args.compile)
     if recs:
         print(format_table(recs))
     else:

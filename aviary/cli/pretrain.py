@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from aviary.cli import register
+from aviary.cli.evaluate import add_compile_arg
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="sets train.precision (default auto: bf16 on CUDA or a CPU with AMX / AVX512-BF16, "
                         "else fp32 on a CPU, fp16 with loss scaling on an older GPU)")
+    add_compile_arg(p)
     p.add_argument("--config", metavar="YAML",
                    help="recipe file with 'preset', 'model' and 'train' keys (see configs/)")
     p.add_argument("--resume", action="store_true",
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = resolve_configs(args.model, args.config, overrides, args.steps, base=base)
     if data is None:
         raise ConfigError("no training data: pass --data CORPUS (a corpus directory or manifest)")
-    result = pretrain(model_cfg, train_cfg, data, args.out, resume=args.resume)
+    result = pretrain(model_cfg, train_cfg, data, args.out, resume=args.resume, compile=args.compile)
     summary = {"run_dir": str(result.run_dir), "step": result.step,
                "interrupted": result.interrupted, "train_loss": result.train_loss,
                "valid_loss": result.valid_loss, "nonfinite_steps": result.nonfinite_steps}

@@ -26,6 +26,7 @@ from aviary.evaluate.results import append_record, done_keys
 from aviary.evaluate.tasks import get_task, load_splits
 from aviary.evaluate.upstreams import FEATURE_BASELINES, RANDOM_PREFIX, describe_upstream, resolve_upstream
 from aviary.models.upstream import Upstream
+from aviary.train.compile import compile_model
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
               seeds: Sequence[int] = (0,), finetune: bool = False, cache: str | os.PathLike | None = None,
               name: str | None = None, overrides: dict[str, Any] | None = None,
               extract: dict[str, Any] | None = None, device: str = "cpu", progress: bool = True,
-              random_seed: int = 0, skip_bad: bool = False) -> list[dict[str, Any]]:
+              random_seed: int = 0, skip_bad: bool = False, compile: bool = False) -> list[dict[str, Any]]:
     """Run every combination of task x label fraction x head x layer x seed; append records.
 
     Args:
@@ -113,6 +114,7 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
         if name is None:
             raise ValueError("run_sweep: pass name=... with an Upstream object")
     if up_obj is not None:
+        compile_model(up_obj, compile)  # --compile: fine-tuning copies (deepcopy) stay compiled
         frame_tasks = [t for t in tasks if get_task(t).level == "frame"]
         if frame_tasks and getattr(up_obj, "utterance_level_only", False):
             # e.g. SSAST patch models: a token covers 16 frames x 16 mel bins, not a time step.
@@ -213,7 +215,8 @@ def _drop_unusable(splits: dict[str, dict[str, list[Any]]], data: Any
 
 def run_extract(checkpoint: str, data: str | os.PathLike, out: str | os.PathLike, *, layers: str = "all",
                 dtype: str = "float16", split: str | None = None, device: str = "cpu",
-                random_seed: int = 0, name: str | None = None, skip_bad: bool = False, **kwargs: Any):
+                random_seed: int = 0, name: str | None = None, skip_bad: bool = False, compile: bool = False,
+                **kwargs: Any):
     """``aviary extract``: resolve the upstream, load the corpus (or one split), fill the cache.
 
     Returns:
@@ -223,6 +226,7 @@ def run_extract(checkpoint: str, data: str | os.PathLike, out: str | os.PathLike
     from aviary.data.manifest import check_disjoint_splits
 
     up, resolved = resolve_upstream(checkpoint, device=device, seed=random_seed)
+    compile_model(up, compile)
     name = name or (display_name(checkpoint) if resolved == checkpoint else resolved)
     utts = load_manifest(data, split=split)
     if not utts:

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from aviary.config import Config, ConfigError
 from aviary.precision import autocast_dtype, resolve_precision
+from aviary.train.compile import compile_model
 from aviary.train import checkpoint as ckpt
 from aviary.train.config import TrainConfig
 from aviary.train.data import (Collate, ItemDataset, MicroBatchStream, StreamPosition, TrainData,
@@ -388,8 +389,8 @@ def _save(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer
 
 def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike | None,
              run_dir: str | os.PathLike, resume: bool = False,
-             train_data: TrainData | None = None, valid_data: TrainData | None = None
-             ) -> PretrainResult:
+             train_data: TrainData | None = None, valid_data: TrainData | None = None,
+             compile: bool = False) -> PretrainResult:
     """Pretrain a model; checkpoints, metrics and the final weights go to ``run_dir``.
 
     Args:
@@ -401,6 +402,8 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
         resume: continue from the newest good checkpoint of ``run_dir`` (a run without one
             starts from scratch).
         train_data, valid_data: ready-made :class:`TrainData` instead of ``data``.
+        compile: ``torch.compile`` the model's transformer blocks in place
+            (:mod:`aviary.train.compile`; checkpoints are the same as without).
 
     Returns:
         A :class:`PretrainResult`.
@@ -445,8 +448,9 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
         torch.manual_seed(cfg.seed)
         model = family.build_pretrain(model_cfg).to(device)
         model.train()
+        # fused: one kernel over all parameters (CPU: 6.7 vs 22.9 ms per step for mockingjay-cpu).
         opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type in ("cpu", "cuda"))
         scaler = torch.amp.GradScaler(device.type) if use_scaler else None
         start = StreamPosition()
         counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0, "skipped_items": 0,
@@ -484,6 +488,7 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
                 ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, m_tensors, config=m_config)
             return PretrainResult(run_dir, step, nonfinite_steps=counters["nonfinite_steps"], model=model)
 
+        compile_model(model, compile)
         if info.enabled:
             ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
             model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
