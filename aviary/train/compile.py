@@ -56,6 +56,21 @@ def compiler_problem() -> str | None:
     return "no C++ compiler found (inductor needs g++ or clang++ on PATH, or $CXX)"
 
 
+def _describe(e: BaseException) -> str:
+    """``Type: first line`` of an exception, and of its root cause (dynamo wraps the backend's)."""
+    def one(x: BaseException) -> str:
+        text = str(x).strip()
+        return f"{type(x).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+    root = e
+    for _ in range(8):
+        inner = getattr(root, "inner_exception", None) or root.__cause__ or root.__context__
+        if inner is None or inner is root:
+            break
+        root = inner
+    return one(e) if root is e else f"{one(e)} <- {one(root)}"
+
+
 _COMPILED_CLASSES: dict[tuple[Any, ...], type] = {}
 
 
@@ -79,8 +94,7 @@ def _compiled_class(cls: type, backend: Any, dynamic: bool | None, mode: str | N
             try:
                 return compiled(self, *args, **kwargs)
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
-                text = str(e).strip()
-                failed.append(f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}")
+                failed.append(_describe(e))
                 log.warning("--compile: compiling %s.forward failed (%s); running it eagerly from now on",
                             cls.__name__, failed[0])
         self.__class__ = cls
