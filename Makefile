@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= demo_out
 
-.PHONY: venv demo demo-quick test test-slow test-s3prl s3prl-venv bench bench-takeoff clean
+.PHONY: venv demo demo-quick test test-slow test-s3prl s3prl-venv bench bench-s3prl bench-takeoff clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ test-s3prl: s3prl-venv
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# aviary vs s3prl 0.4.18's own Mockingjay pretraining step and upstream forward, alternately in
+# separate processes, one thread each (benchmarks/bench_vs_s3prl.py; tens of minutes on 2 cores).
+bench-s3prl: s3prl-venv
+	OMP_NUM_THREADS=1 AVIARY_S3PRL_VENV=$(S3PRL_VENV) $(BIN)/python -m benchmarks.bench_vs_s3prl --threads 1
 
 # Every CPU recipe x 3 seeds x (fp32, and bf16 where native): hours on 2 cores (BENCHMARKS.md).
 bench-takeoff: $(STAMP)
