@@ -7,7 +7,10 @@ Measures, in one process (so ratios are comparable even on a shared CPU):
   bf16 autocast: frames/s, seconds of audio per second, and model FLOP utilisation
   (analytic model FLOP/s divided by the bf16 matmul peak measured here);
 * extraction (no grad, eval, all hidden states) in x real time;
-* peak RSS of extracting one long recording, in a fresh subprocess.
+* peak RSS of extracting one long recording, in a fresh subprocess;
+* the demo presets' pretraining step before and after issue 17's changes (bf16 fast paths,
+  fused AdamW, ``--compile``), alternately in this process (:func:`bench_speedup`;
+  ``--speedup-only`` runs just that and writes ``bench_mam_speedup.json``).
 
 Run: ``.venv/bin/python -m benchmarks.bench_mam`` (about two minutes); writes
 ``benchmarks/results/bench_mam.json``.
@@ -230,12 +233,30 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads (0 = torch's default); on a CPU shared with other jobs 1 thread "
                         "wastes far less CPU time in OpenMP spin-waits")
     p.add_argument("--long-minutes", type=float, default=10.0)
+    p.add_argument("--speedup", nargs="*", default=["aalbert-cpu", "mockingjay-cpu"],
+                   help="demo presets whose pretraining step is timed before / after issue 17's changes, "
+                        "alternately in this process (4 x 4 s batches, fp32 and bf16 where native)")
+    p.add_argument("--speedup-variants", nargs="+", default=["before", "after", "after+compile"])
+    p.add_argument("--speedup-only", action="store_true", help="run only the --speedup comparison")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.speedup_only:
+        from benchmarks.common import write_result
+        from aviary.precision import cpu_supports_bf16
+
+        peaks = {"fp32_before": matmul_peak(torch.float32), "bf16_before": matmul_peak(torch.bfloat16)}
+        speedup = [bench_speedup(name, bf16, variants=tuple(args.speedup_variants)) for name in args.speedup
+                   for bf16 in ((False, True) if cpu_supports_bf16() else (False,))]
+        peaks.update(fp32_after=matmul_peak(torch.float32), bf16_after=matmul_peak(torch.bfloat16))
+        path = write_result("bench_mam_speedup", {
+            "speedup": speedup, "matmul_peak_gflop_s": peaks, "threads": torch.get_num_threads(),
+            "load_average": open("/proc/loadavg").read().split()[:3], "wall_s": time.time() - t0}, args.out)
+        log.info("wrote %s", path)
+        return 0
     peaks = {"fp32_before": matmul_peak(torch.float32), "bf16_before": matmul_peak(torch.bfloat16)}
     log.info("matmul peak: %s", peaks)
     peak = peaks["bf16_before"]
@@ -243,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name in args.presets for bf16 in (False, True)]
     pretrain += [bench_pretrain(name, True, args.batch, args.seconds, args.steps, peak) for name in args.extra_bf16]
     extract = [bench_extract(name, bf16, 4, 10.0, 1) for name in args.presets[:1] for bf16 in (False, True)]
+    speedup = [bench_speedup(name, bf16, variants=tuple(args.speedup_variants)) for name in args.speedup
+               for bf16 in (False, True)]
     peaks.update(fp32_after=matmul_peak(torch.float32), bf16_after=matmul_peak(torch.bfloat16))
     log.info("matmul peak: %s", peaks)
     long = long_file_rss(args.presets[0], args.long_minutes, torch.get_num_threads())
@@ -251,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         load = None
     results = {"matmul_peak_gflop_s": peaks, "pretrain": pretrain, "extract": extract, "long_file": long,
+               "speedup": speedup,
                "load_average": load, "threads": torch.get_num_threads(), "wall_s": time.time() - t0,
                "peak_rss_mb_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "note": ("mfu_vs_bf16_peak = analytic model FLOP/s / best bf16 matmul wall GFLOP/s measured at the "

@@ -167,7 +167,14 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (BF16_FAST_PATHS and self.training and self.p > 0 and x.dtype == torch.bfloat16
                 and x.device.type == "cpu"):
-            return fast_dropout(x, self.p)
+            # fast_dropout's keep-mask, applied as two multiplications (x * keep exactly, then
+            # the fp32 scale), which backpropagate cheaper than its torch.where (2.0 vs 2.6 ms
+            # forward + backward at (4, 134, 256)).
+            n = x.numel()
+            bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+            n_drop = round(self.p * 65536)
+            keep = bits.view(torch.int16)[:n].view(x.shape) >= (n_drop - 32768)
+            return x.mul(keep) * (65536.0 / (65536 - n_drop))
         return super().forward(x)
 
 
