@@ -442,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(load %s)", r + 1, label, res["step_s"], res["frames_per_s"], res["gflop_s"],
                          100 * res["fraction_of_peak"], dtype, " ".join(res["load_average"]))
                 runs.setdefault(label, []).append(res)
+            # Rounds so far, in case a long run is stopped (the final file replaces it).
+            write_result("vs_s3prl_partial" + ("_quick" if args.quick else ""),
+                         {"rounds_done": r + 1, "runs": runs}, args.out)
     summary = {label: _summary(rs) for label, rs in runs.items()}
     ratios = {}
 
