@@ -202,22 +202,15 @@ def extract_attentions(upstream: torch.nn.Module, wavs: torch.Tensor, wav_length
     """Every layer's attention probabilities from an upstream that can return them.
 
     Args:
-        upstream: an :class:`~aviary.models.upstream.Upstream` whose ``extract`` accepts
-            ``need_weights=True`` (the MAM family: Mockingjay, AALBERT, TERA).
+        upstream: an :class:`~aviary.models.upstream.Upstream` that implements
+            ``attentions`` (the MAM family: Mockingjay, AALBERT, TERA).
         wavs: (B, N) waveforms.
         wav_lengths: (B,) valid samples.
 
     Returns:
         (L attention tensors (B, h, T, T), (B,) valid encoder frames).
     """
-    out = upstream.extract(wavs, wav_lengths, need_weights=True)
-    if isinstance(out, tuple) and len(out) == 3:
-        _hidden, lengths, attentions = out
-    elif hasattr(out, "attentions"):
-        attentions, lengths = out.attentions, out.lengths
-    else:
-        raise TypeError(f"{type(upstream).__name__}.extract(..., need_weights=True) returned {type(out).__name__}; "
-                        "expected (hidden_states, lengths, attentions)")
+    attentions, lengths = upstream.attentions(wavs, wav_lengths)
     if not attentions:
         raise ValueError(f"{type(upstream).__name__} returned no attention maps")
     return list(attentions), lengths

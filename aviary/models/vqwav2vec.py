@@ -32,9 +32,7 @@ from einops import rearrange
 from aviary.config import Config, check, check_choice, check_range
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
-from aviary.objectives.base import ObjectiveOutput
-from aviary.objectives.contrastive import future_prediction_loss, sample_negatives
-from aviary.objectives.quantize import codebook_metrics, diversity_loss, gumbel_temperature, kmeans_loss
+from aviary.objectives.contrastive import FuturePrediction
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ class VqWav2VecConfig(Config):
         num_negatives: negatives per target frame, drawn from the same utterance (10).
         prior_logit_bias: start the prediction logits at the log prior odds ``log(1 / N)``
             (a learnable scalar added to every logit) and the predictor ``h_k`` at zero. Not in
-            the paper; see :class:`VqWav2VecPretraining`. Off: logits ``z^T h_k(c)`` exactly as
+            the paper; see :class:`~aviary.objectives.contrastive.FuturePrediction`. Off: logits ``z^T h_k(c)`` exactly as
             in Eq. 1, with a default-initialised predictor.
     """
 
@@ -581,7 +579,7 @@ class KMeansQuantizer(nn.Module):
     The encoder output is first projected per group (1x1 grouped conv + GroupNorm, as in
     fairseq) to ``z``; each group takes the nearest of V codewords by Euclidean distance.
     Straight-through: the forward value is the codeword ``e``, the gradient goes to ``z``
-    unchanged (``z + sg(e - z)``); the codebook learns from :func:`kmeans_loss`.
+    unchanged (``z + sg(e - z)``); the codebook learns from :func:`~aviary.objectives.quantize.kmeans_loss`.
 
     ``input_norm``: as for :class:`GumbelQuantizer`, each encoder channel is first normalised
     over the utterance's valid frames. The projection's GroupNorm (G groups) keeps each
@@ -756,7 +754,7 @@ class VqWav2VecUpstream(Upstream):
 
     def extract(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None,
                 max_layer: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        wavs, wav_lengths = self.as_batch(wavs, wav_lengths)
         z, lens, valid = self.encode(wavs, wav_lengths)
         states = [z]
         if max_layer is None or max_layer >= 1:
@@ -776,91 +774,18 @@ class VqWav2VecUpstream(Upstream):
         Returns:
             (codes (B, T, G) long, frames (B,)). Codes on padding frames are unspecified.
         """
-        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        wavs, wav_lengths = self.as_batch(wavs, wav_lengths)
         z, lens, valid = self.encode(wavs, wav_lengths)
         return self.quantizer.codes(z, valid), lens
 
 
-class VqWav2VecPretraining(nn.Module):
-    """Upstream + step-specific future predictors + losses (the ``build_pretrain`` model).
-
-    ``prior_logit_bias`` (issue 7): with N negatives per positive, the binary cross-entropy
-    of a predictor that cannot yet tell them apart is lowest at ``sigmoid(logit) = 1 / (N+1)``,
-    logit ``log(1 / N)`` (loss 3.35 for N = 10). A default-initialised predictor starts with
-    logits far from there (loss ~19), and while it moves them, the gradient on the targets
-    ``z`` has a large component shared by all frames (about ``(N - 1) / 2`` negatives' worth
-    pushing every ``z`` along ``-h``). Through the straight-through estimator that shared
-    push makes every frame pick the same codeword: positives then equal negatives and
-    the loss is stuck at the 3.35 floor (a 300-step run: perplexity 286 -> 1.3). Starting the
-    logits at the prior odds (a learnable scalar bias, the usual initialisation of a rare-class
-    logit) with ``h_k = 0`` makes the first gradient on the predictor
-    ``-(N / (N+1)) (z_pos - mean z_neg) c^T``, with no shared part, and on the targets zero.
-    """
-
-    def __init__(self, cfg: VqWav2VecConfig):
-        super().__init__()
-        self.config = cfg
-        self.upstream = VqWav2VecUpstream(cfg)
-        # K affine maps h_k, one Linear producing all of them (fairseq: ConvTranspose2d (1, K)).
-        self.predictor = nn.Linear(cfg.channels, cfg.channels * cfg.prediction_steps)
-        self.logit_bias: nn.Parameter | None = None
-        if cfg.prior_logit_bias:
-            nn.init.zeros_(self.predictor.weight)
-            nn.init.zeros_(self.predictor.bias)
-            self.logit_bias = nn.Parameter(torch.tensor(math.log(1.0 / cfg.num_negatives)))
-        self.set_progress(0, 1)
-
-    def set_progress(self, step: int, total_steps: int) -> None:
-        """Anneal the Gumbel temperature (a pure function of step / total_steps)."""
-        cfg = self.config
-        self.temperature = gumbel_temperature(step / max(total_steps, 1), cfg.temp_start, cfg.temp_end,
-                                              cfg.temp_anneal_fraction)
-        if isinstance(self.upstream.quantizer, GumbelQuantizer):
-            self.upstream.quantizer.temperature = self.temperature
-
-    def forward(self, batch: dict) -> ObjectiveOutput:
-        """batch: ``wavs`` (B, N), ``wav_lengths`` (B,); optional ``negatives`` (B, T, N) indices."""
-        cfg = self.config
-        up = self.upstream
-        z, lens, valid = up.encode(batch["wavs"], batch["wav_lengths"])  # (B, T, C)
-        qo = up.quantizer(z, valid)
-        c = up.aggregator(qo.quantized.transpose(1, 2), valid)[-1].transpose(1, 2)  # (B, T, C)
-        b, t, ch = c.shape
-        preds = self.predictor(c).view(b, t, cfg.prediction_steps, ch)  # (B, T, K, C)
-        negs = batch.get("negatives")
-        if negs is None:
-            if t < 2:
-                raise ValueError(f"vq-wav2vec needs utterances of >= 2 frames ({cfg.receptive_field + cfg.stride} "
-                                 f"samples); the longest in this batch has {t} (wav lengths "
-                                 f"{batch['wav_lengths'].tolist()}); raise train.min_seconds")
-            # Rows under 2 frames have no positive (t + k >= length), so their negatives are
-            # never used; clamping only keeps the sampler's precondition.
-            negs = sample_negatives(lens.clamp(min=2), t, cfg.num_negatives)
-        bias = self.logit_bias if self.logit_bias is not None else 0.0
-        pred_loss, metrics = future_prediction_loss(preds, qo.quantized, lens, negs, cfg.prediction_offset,
-                                                    logit_bias=bias)
-        loss = pred_loss
-        metrics = {"prediction_loss": pred_loss.detach(), **metrics,
-                   **codebook_metrics(qo.indices, valid, cfg.num_vars)}
-        if qo.z is not None:
-            km = kmeans_loss(qo.z, qo.codewords, valid, cfg.kmeans_gamma)
-            loss = loss + cfg.kmeans_weight * km
-            metrics["kmeans_loss"] = km.detach()
-        if qo.restarted is not None:
-            metrics["restarted_codes"] = qo.restarted.float()
-        if qo.logits is not None:
-            metrics["temperature"] = torch.tensor(self.temperature)
-            if cfg.diversity_weight > 0:
-                div = diversity_loss(qo.logits, valid)
-                loss = loss + cfg.diversity_weight * div
-                metrics["diversity_loss"] = div.detach()
-        return ObjectiveOutput(loss=loss, metrics=metrics,
-                               extras={"indices": qo.indices.detach(), "lengths": lens})
+def build_objective(cfg: VqWav2VecConfig, upstream: VqWav2VecUpstream) -> FuturePrediction:
+    """Future prediction against sampled negatives, plus the quantiser's losses."""
+    return FuturePrediction(cfg)
 
 
-register_family(Family(name="vq-wav2vec", config_cls=VqWav2VecConfig,
-                       build_pretrain=VqWav2VecPretraining, build_upstream=VqWav2VecUpstream,
-                       batch_kind="audio"))
+register_family(Family(name="vq-wav2vec", config_cls=VqWav2VecConfig, build_upstream=VqWav2VecUpstream,
+                       build_objective=build_objective, batch_kind="audio"))
 
 
 @register_preset("vq-wav2vec-gumbel", "vq-wav2vec, Gumbel-softmax quantiser, paper size (G=2, V=320)")
