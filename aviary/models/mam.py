@@ -30,6 +30,7 @@ from aviary.models.encoder import EncoderConfig, TransformerEncoder
 from aviary.models.heads import SpecHead
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
+from aviary.objectives.base import Objective, ObjectiveConfig
 from aviary.objectives.masking import MaskingConfig
 from aviary.objectives.reconstruction import MaskedReconstruction
 
@@ -60,6 +61,10 @@ class MAMConfig(Config):
         masking: span length C, proportion, 80/10/10, TERA alterations.
         chunk_seconds: extraction processes long recordings in windows of this many seconds
             (each window encoded independently, as training crops are), bounding memory.
+        objective: ``None`` (the masked reconstruction of the papers, set by ``target``,
+            ``masking`` and ``head_init``) or another objective's config, e.g. a masked
+            prediction objective on the same encoder (:class:`~aviary.objectives.base.ObjectiveConfig`,
+            found by its ``name``); ``variant`` then names that objective.
     """
 
     family: str = "mam"
@@ -76,11 +81,24 @@ class MAMConfig(Config):
     # predictions constant over time, the same loss with and without the input), and the
     # model never leaves that state in a short run.
     head_init: str = "normal"
+    objective: ObjectiveConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        # Without another objective the dict is what it was before the field existed, so the
+        # config stored in a run directory (and compared on resume) does not change.
+        d = super().to_dict()
+        if d["objective"] is None:
+            del d["objective"]
+        return d
 
     def validate(self) -> None:
         check(self.family == "mam", "family", self.family, "'mam'")
-        check(self.variant in ("mockingjay", "aalbert", "tera"), "variant", self.variant,
-              "one of ['mockingjay', 'aalbert', 'tera']")
+        if self.objective is None:
+            check(self.variant in ("mockingjay", "aalbert", "tera"), "variant", self.variant,
+                  "one of ['mockingjay', 'aalbert', 'tera']")
+        else:
+            check(self.variant == self.objective.name, "variant", self.variant,
+                  f"the objective's name {self.objective.name!r}")
         check(self.target.delta_order == 0, "target.delta_order", self.target.delta_order,
               "0 (the model reconstructs static spectra)")
         # Prediction frame t must be target frame t: same clock on both sides.
@@ -180,8 +198,11 @@ class MAMUpstream(Upstream):
         return [o.reshape(B, n * C, self.hidden_size)[:, :T] for o in out]
 
 
-def build_objective(cfg: MAMConfig, upstream: MAMUpstream) -> MaskedReconstruction:
-    """The masked-reconstruction objective of ``cfg``: SpecHead + masked L1 on its target."""
+def build_objective(cfg: MAMConfig, upstream: MAMUpstream) -> Objective:
+    """The objective of ``cfg``: its ``objective`` config's, or masked reconstruction
+    (SpecHead + masked L1 on the target spectrogram)."""
+    if cfg.objective is not None:
+        return cfg.objective.build(upstream)
     head = SpecHead(cfg.encoder.hidden_size, cfg.target.dim, cfg.encoder.downsample, cfg.encoder.ln_eps,
                     cfg.encoder.init_std, zero_out=cfg.head_init == "zero")
     # When the target is the static part of the input (same settings, no delta), it is a

@@ -16,15 +16,24 @@ RNG, which the training loop seeds and checkpoints; that is what makes resume bi
 
 :class:`PretrainModel` is the only pretraining model: ``PretrainModel(upstream, objective)``.
 A model family says which objective it trains with (``Family.build_objective`` in
-:mod:`aviary.models.registry`); see DEVELOPING.md, "Adding an objective".
+:mod:`aviary.models.registry`). A family config may also leave the choice to its presets
+with a field typed :class:`ObjectiveConfig` (the masked acoustic models' ``objective``):
+each objective module defines an ``ObjectiveConfig`` subclass with a unique ``name``, which
+registers itself and is found by that name when a checkpoint's config is read (every module
+of this package is imported on demand), so a new objective is one new file here plus its
+presets. See DEVELOPING.md, "Adding an objective".
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn as nn
+
+from aviary.config import Config, ConfigError, check
 
 
 @dataclass
@@ -40,6 +49,64 @@ class ObjectiveOutput:
     loss: torch.Tensor
     metrics: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(Config):
+    """Base of the configs of objectives that presets choose by name.
+
+    Subclasses set a default for ``name`` (unique; it is the key in a checkpoint's config) and
+    implement :meth:`build`. ``from_dict`` on this base dispatches on ``name``.
+
+    Attributes:
+        name: the objective's registered name, e.g. ``"bestrq"``.
+    """
+
+    name: str = ""
+    registry: ClassVar[dict[str, type["ObjectiveConfig"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{cls.__name__} must set a default for `name` (its registered name)")
+        if name in ObjectiveConfig.registry and ObjectiveConfig.registry[name].__qualname__ != cls.__qualname__:
+            raise TypeError(f"objective name {name!r} is taken by {ObjectiveConfig.registry[name].__name__}")
+        ObjectiveConfig.registry[name] = cls
+
+    def __post_init__(self) -> None:
+        check(type(self) is not ObjectiveConfig, "name", self.name,
+              f"a registered objective: {sorted(ObjectiveConfig.registry)}")
+        default = type(self).__dict__.get("name")
+        check(self.name == default, "name", self.name, f"{default!r} for {type(self).__name__}")
+        super().__post_init__()  # coercion, then the subclass's validate()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], _prefix: str = "") -> "ObjectiveConfig":
+        if cls is not ObjectiveConfig:
+            return super().from_dict(data, _prefix)
+        if not isinstance(data, Mapping) or "name" not in data:
+            raise ConfigError(f"config key '{_prefix}name' missing: an objective config names its objective "
+                              f"(known: {sorted(ObjectiveConfig.registry)})")
+        name = data["name"]
+        if name not in ObjectiveConfig.registry:
+            _import_objectives()
+        if name not in ObjectiveConfig.registry:
+            raise ConfigError(f"config key '{_prefix}name' = {name!r}: unknown objective; known: "
+                              f"{sorted(ObjectiveConfig.registry)}")
+        return ObjectiveConfig.registry[name].from_dict(data, _prefix)
+
+    def build(self, upstream: nn.Module) -> "Objective":
+        """The objective for ``upstream`` (heads sized from its ``hidden_size``, its front-end)."""
+        raise NotImplementedError
+
+
+def _import_objectives() -> None:
+    """Import every module of this package, so each ObjectiveConfig subclass registers."""
+    import aviary.objectives as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
 
 class Objective(nn.Module):
