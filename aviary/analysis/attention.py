@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from aviary.lengths import valid_mask
+
 log = logging.getLogger(__name__)
 
 _LOG2 = math.log(2.0)
@@ -157,7 +159,7 @@ class LayerJSDAccumulator:
             raise ValueError(f"lengths must be ({B},), got {tuple(lengths.shape)}")
         if int(lengths.max()) > T or int(lengths.min()) < 1:
             raise ValueError(f"lengths {lengths.tolist()} must lie in [1, T={T}]")
-        valid = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+        valid = valid_mask(lengths, T)  # (B, T)
         key_keep = valid[:, None, None, :].double()  # (B, 1, 1, T)
         query_w = valid[:, None, :].double()  # (B, 1, T): weight of each query position
         L = len(attentions)

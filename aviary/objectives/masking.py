@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from aviary.config import Config, check, check_range
-from aviary.lengths import valid_mask
+from aviary.lengths import padding_mask, valid_mask
 
 
 @dataclass(frozen=True)
@@ -126,9 +126,8 @@ def span_mask(lengths: torch.Tensor, T: int, proportion: float, span: int,
     n_spans = torch.minimum(n_spans, n_starts)
     # Distinct starts without a loop: give every allowed start a random key and keep the
     # n_spans[b] smallest keys of row b (a random subset of size n_spans[b]).
-    pos = torch.arange(T, device=device)[None, :]  # (1, T)
     keys = _rand((B, T), generator, device)
-    keys = keys.masked_fill(pos >= n_starts[:, None], 2.0)  # forbidden starts sort last
+    keys = keys.masked_fill(padding_mask(n_starts, T), 2.0)  # forbidden starts sort last
     rank = keys.argsort(dim=1).argsort(dim=1)  # (B, T) rank of each key within its row
     starts = rank < n_spans[:, None]  # (B, T) bool
     # Frame t is covered iff some start lies in (t - C, t]: a sliding-window count via cumsum.
