@@ -313,14 +313,10 @@ def _cpu_budget(share_layers: bool, tera: bool = False) -> MAMConfig:
     #   one are masked too and the valid L1 stayed flat for 400 steps; with C = 1 it fell
     #   from 0.79 to 0.69 in 300 steps.
     # - head_init="zero": see MAMConfig.
-    # - the recipe's peak lr is 5e-4 (DemoConfig.lr), not 1e-3: with this post-LN stack at 1e-3
-    #   the attention / FFN outputs grew from norm ~5 to 30-60 within 100 steps while the
-    #   residual they are added to is LayerNorm'd to norm 16, so each layer's output became
-    #   LN(sublayer output) alone; one FFN's output went constant over time (frame spread
-    #   0.002), its layer mapped every frame to one vector, the gradient below it vanished
-    #   (input projection 0.12 -> 1e-5) and the run sat at the utterance mean for good. Which
-    #   layer won that race depended on the seed and on rounding (issue 14: one seed in three,
-    #   fp32 or bf16). At 5e-4 the sublayer norms stay 3-5 and both failing seeds took off.
+    # - the recipe's peak lr is 5e-4 (DemoConfig.lr), not 1e-3: at 1e-3 this post-LN stack's
+    #   sublayer outputs outgrew the LayerNorm'd residual and, for some seeds, a layer went
+    #   constant over time and the run sat at the utterance mean for good (DEVELOPING.md,
+    #   "Leaving the plateau").
     # tera=True: TERA's input (mel, no deltas) and alterations (a frequency band of up to 20 %
     # of the bins zeroed over all frames; Gaussian noise on 15 % of the utterances) on top of
     # the same time masking.
