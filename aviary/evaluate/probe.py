@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import Config, ConfigError, check, check_choice, check_range
-from aviary.evaluate.cache import FeatureCache, batches_by_duration, load_waveforms
+from aviary.data.sampler import padded_batches
+from aviary.evaluate.cache import FeatureCache, load_waveforms
 from aviary.evaluate.featurizers import WeightedSum, build_featurizer, layer_index, parse_layer_spec
 from aviary.evaluate.heads import DEFAULT_HIDDEN, HEADS, build_head
 from aviary.evaluate.metrics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, bootstrap_interval, group_counts
@@ -815,7 +816,7 @@ def train_finetune(cfg: ProbeConfig, upstream: nn.Module, splits: dict[str, Sequ
         per_utt_c = np.zeros(len(utts))
         per_utt_t = np.zeros(len(utts))
         with torch.no_grad():
-            for b in batches_by_duration(order, durs[split], cfg.batch_seconds):
+            for b in padded_batches(order, durs[split], cfg.batch_seconds):
                 bu = [utts[i] for i in b]
                 logits, lengths = _finetune_logits(up, model, bu, stacked, spec.level, device, precision)
                 y = _finetune_targets(bu, spec.level, lengths.cpu(), logits.shape[1] if spec.level == "frame" else 0,
@@ -834,7 +835,7 @@ def train_finetune(cfg: ProbeConfig, upstream: nn.Module, splits: dict[str, Sequ
 
     train = splits["train"]
     order = sorted(range(len(train)), key=lambda i: durs["train"][i])
-    batches = batches_by_duration(order, durs["train"], cfg.batch_seconds)
+    batches = padded_batches(order, durs["train"], cfg.batch_seconds)
 
     def make(lr: float) -> _Candidate:
         up = copy.deepcopy(upstream)

@@ -38,10 +38,8 @@ SEED_PARTS = [[0], [0, 0], [1, 2], [7, 0x7A11D, 3, 4], [2**63 + 5, -1], [1234567
 
 
 def _outputs() -> dict:
-    from aviary.data.sampler import DurationBatchSampler
+    from aviary.data.sampler import DurationBatchSampler, mix_seed, padded_batches
     from aviary.data.tokens import token_batches
-    from aviary.evaluate.cache import batches_by_duration
-    from aviary.evaluate.tokenize import _batches_by_duration
     from aviary.train.data import duration_batches
 
     out: dict = {"sampler": [], "train": [], "tokens": [], "cache": [], "tokenize": [], "mix_seed": []}
@@ -53,13 +51,13 @@ def _outputs() -> dict:
             out["sampler"].append(s.global_batches())
         out["train"].append(duration_batches(d, limit, seed, epoch=1))
         order = sorted(range(n), key=lambda i: (d[i], i))
-        out["cache"].append(batches_by_duration(order, d, limit))
-        out["cache"].append(batches_by_duration(list(range(n))[::-1], d, limit))
-        out["tokenize"].append(_batches_by_duration(d, limit))
+        # The feature cache and the probes batch positions in their given order, the
+        # tokenizer sorts by duration (stable) first.
+        out["cache"].append(padded_batches(order, d, limit))
+        out["cache"].append(padded_batches(list(range(n))[::-1], d, limit))
+        out["tokenize"].append(padded_batches(sorted(range(n), key=lambda i: d[i]), d, limit))
         lens = _lengths(max(n, 8), seed)[:n]
         out["tokens"].append(token_batches(lens, max_tokens=120, seed=seed, epoch=3))
-    from aviary.train.data import mix_seed
-
     out["mix_seed"] = [str(mix_seed(*p)) for p in SEED_PARTS]
     return out
 
@@ -74,8 +72,11 @@ def test_every_batcher_gives_the_batches_it_gave_before():
 
 def test_token_seeds_are_the_seed_mixer_seeds():
     # data/tokens.py had its own copy (one 64-bit word instead of the first of two: the same word).
+    from aviary.train.data import mix_seed as train_mix_seed
+
     expected = json.loads(EXPECTED.read_text())
     assert expected["token_mix"] == expected["mix_seed"]
+    assert [str(train_mix_seed(*p)) for p in SEED_PARTS] == expected["mix_seed"]
 
 
 def test_one_padded_batcher_bounds_the_padded_size():
@@ -83,7 +84,8 @@ def test_one_padded_batcher_bounds_the_padded_size():
 
     sizes = [1.0, 2.0, 2.0, 3.0, 9.0, 0.5]
     batches = padded_batches([5, 0, 1, 2, 3, 4], sizes, 6.0)
-    assert batches == [[5, 0, 1, 2], [3], [4]]
+    # 3 x 2.0 = 6 fits, a fourth would make 8; 2 x 3.0 = 6; 9.0 alone (larger than the bound).
+    assert batches == [[5, 0, 1], [2, 3], [4]]
     for b in batches:
         assert len(b) == 1 or len(b) * max(sizes[i] for i in b) <= 6.0
     assert padded_batches([], sizes, 6.0) == []
