@@ -92,6 +92,19 @@ def test_every_kind_gives_what_the_old_front_end_gave():
             torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-5, msg=key)
 
 
+def test_one_class_per_kind_found_in_one_place():
+    import typing
+
+    from aviary.features.frontend import FRONTEND_KINDS, FrontEnd
+
+    kinds = typing.get_args(typing.get_type_hints(FrontEndConfig)["kind"])
+    assert sorted(FRONTEND_KINDS) == sorted(kinds)
+    for kind, cls in FRONTEND_KINDS.items():
+        fe = build_frontend(FrontEndConfig(kind=kind))
+        assert type(fe) is cls and isinstance(fe, FrontEnd)
+    assert len(set(FRONTEND_KINDS.values())) == len(FRONTEND_KINDS)
+
+
 def test_unknown_kind_is_refused_by_the_config():
     from aviary.config import ConfigError
 
