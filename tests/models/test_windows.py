@@ -82,3 +82,27 @@ def test_windowed_extraction_is_unchanged():
             assert torch.equal(got[k], ref), k
         else:
             torch.testing.assert_close(got[k], ref, rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_windows_round_trip_and_lengths():
+    from aviary.models.windows import from_windows, to_windows
+
+    x = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(2, 7, 3)
+    w, wl = to_windows(x, torch.tensor([7, 2]), 3)
+    assert w.shape == (6, 3, 3) and wl.tolist() == [3, 3, 1, 2, 0, 0]
+    assert torch.equal(w[2, 1:], torch.zeros(2, 3))  # past T: pad_value
+    assert torch.equal(from_windows(w, 2, 7), x)
+    ids, il = to_windows(torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([5]), 2, pad_value=-1)
+    assert ids.tolist() == [[5, 6], [7, 8], [9, -1]] and il.tolist() == [2, 2, 1]
+
+
+def test_a_padded_row_is_cut_as_it_is_alone():
+    from aviary.models.windows import to_windows
+
+    row = torch.randn(1, 5, 4)
+    padded = torch.cat([row, torch.randn(1, 4, 4)], dim=1)  # the same row with 4 padding steps
+    alone, la = to_windows(row, torch.tensor([5]), 3)
+    batch, lb = to_windows(torch.cat([padded, torch.randn(1, 9, 4)]), torch.tensor([5, 9]), 3)
+    # The row's windows hold the same valid steps (its third window lies in the padding).
+    assert lb[:3].tolist() == [3, 2, 0] and la.tolist() == [3, 2]
+    assert torch.equal(batch[0], alone[0]) and torch.equal(batch[1, :2], alone[1, :2])
