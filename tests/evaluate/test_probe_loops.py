@@ -9,9 +9,7 @@ the records are compared exactly; elsewhere floats to 1e-6.
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from aviary.evaluate.tasks import load_splits
 from aviary.evaluate.upstreams import describe_upstream
 
 from evaluate_fakes import OracleUpstream
+from expectations import close, machine
 
 EXPECTED = Path(__file__).resolve().parents[1] / "data_files" / "probe-records.expected.json"
 
@@ -45,9 +44,6 @@ CASES = {
 }
 
 
-def _machine() -> str:
-    return f"torch {torch.__version__} on {platform.machine()} {platform.processor()}".strip()
-
 
 def _record(name, corpus, cache):
     task, cfg = CASES[name]
@@ -62,22 +58,13 @@ def _record(name, corpus, cache):
     return json.loads(json.dumps({k: v for k, v in rec.items() if k not in ("train_seconds", "cache")}))
 
 
-def _close(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    return a == b
-
 
 @pytest.fixture(scope="module")
 def records(corpus, oracle_cache):
     cache = open_cache(oracle_cache)
     got = {name: _record(name, corpus, cache) for name in CASES}
     if os.environ.get("AVIARY_WRITE_EXPECTED") == "1":
-        EXPECTED.write_text(json.dumps({"machine": _machine(), "records": got}, indent=1, sort_keys=True) + "\n")
+        EXPECTED.write_text(json.dumps({"machine": machine(), "records": got}, indent=1, sort_keys=True) + "\n")
     return got
 
 
@@ -85,7 +72,7 @@ def records(corpus, oracle_cache):
 def test_probe_record_is_unchanged(records, name):
     expected = json.loads(EXPECTED.read_text())
     ref, got = expected["records"][name], records[name]
-    if expected["machine"] == _machine():
+    if expected["machine"] == machine():
         assert got == ref
     else:
-        assert _close(got, ref)
+        assert close(got, ref)

@@ -2,7 +2,7 @@
 
 The expectation ``tests/data_files/frontend-kinds.expected.safetensors`` holds the fixed input
 (int16 waveforms and their lengths) and every case's output, written by the single-class
-front-end (commit cc7f6e3) with ``python tests/features/test_frontend_kinds.py``. Never
+front-end (commit cc7f6e3) with ``PYTHONPATH=.:tests python tests/features/test_frontend_kinds.py``. Never
 regenerate it to make this test pass: it is the old implementation's answer.
 
 On the machine and torch version that wrote it the comparison is exact; elsewhere (another
@@ -10,7 +10,6 @@ CPU's FFT / matmul kernels) it allows float32 rounding.
 """
 from __future__ import annotations
 
-import platform
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from aviary.features import FrontEndConfig, build_frontend, compute_global_stats
+from expectations import machine
 
 EXPECTED = Path(__file__).resolve().parents[1] / "data_files" / "frontend-kinds.expected.safetensors"
 
@@ -67,9 +67,6 @@ def _outputs(wavs: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tenso
     return out
 
 
-def _machine() -> str:
-    return f"torch {torch.__version__} on {platform.machine()} {platform.processor()}".strip()
-
 
 def _load():
     from safetensors import safe_open
@@ -84,7 +81,7 @@ def test_every_kind_gives_what_the_old_front_end_gave():
     lengths = expected.pop("input/lengths")
     got = _outputs(wavs, lengths)
     assert sorted(got) == sorted(expected)
-    exact = meta.get("machine") == _machine()
+    exact = meta.get("machine") == machine()
     for key, ref in expected.items():
         if exact or not ref.is_floating_point():
             assert torch.equal(got[key], ref), key
@@ -119,5 +116,5 @@ if __name__ == "__main__":  # write the expectation (only with the implementatio
     tensors = {"input/wav_int16": wav16, "input/lengths": lens,
                **_outputs(wav16.float() / 32768.0, lens)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(EXPECTED),
-              metadata={"machine": _machine()})
+              metadata={"machine": machine()})
     print(f"wrote {EXPECTED} ({len(tensors)} tensors)", file=sys.stderr)

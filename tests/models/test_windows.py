@@ -9,19 +9,16 @@ this test pass. Exact on the machine and torch version that wrote it, else to 1e
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 import pytest
 import torch
 
 from aviary.models.registry import get_preset
+from expectations import machine
 
 EXPECTED = Path(__file__).resolve().parents[1] / "data_files" / "windowed-extraction.expected.safetensors"
 
-
-def _machine() -> str:
-    return f"torch {torch.__version__} on {platform.machine()} {platform.processor()}".strip()
 
 
 def _wavs(lengths):
@@ -73,12 +70,12 @@ def test_windowed_extraction_is_unchanged():
     if os.environ.get("AVIARY_WRITE_EXPECTED") == "1":
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in got.items()}, str(EXPECTED), metadata={"machine": _machine()})
+        save_file({k: v.contiguous() for k, v in got.items()}, str(EXPECTED), metadata={"machine": machine()})
     with safe_open(str(EXPECTED), framework="pt") as f:
         expected, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     assert sorted(got) == sorted(expected)
     for k, ref in expected.items():
-        if meta.get("machine") == _machine() or not ref.is_floating_point():
+        if meta.get("machine") == machine() or not ref.is_floating_point():
             assert torch.equal(got[k], ref), k
         else:
             torch.testing.assert_close(got[k], ref, rtol=1e-5, atol=1e-5, msg=k)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import platform
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ import tiny
 from aviary.train import checkpoint as ckpt
 from aviary.train.config import TrainConfig
 from aviary.train.loop import pretrain
+from expectations import close, machine
 
 EXPECTED = Path(__file__).resolve().parents[1] / "data_files" / "loop-runs.expected.json"
 
@@ -50,9 +49,6 @@ def _cases():
     }
 
 
-def _machine() -> str:
-    return f"torch {torch.__version__} on {platform.machine()} {platform.processor()}".strip()
-
 
 def _checksum(tensors) -> str:
     h = hashlib.sha256()
@@ -77,22 +73,13 @@ def _outcome(name, tmp_path):
             "nonfinite_steps": res.nonfinite_steps, "history": len(res.history)}
 
 
-def _close(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    return a == b
-
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop-steps")
     got = {name: json.loads(json.dumps(_outcome(name, tmp))) for name in _cases()}
     if os.environ.get("AVIARY_WRITE_EXPECTED") == "1":
-        EXPECTED.write_text(json.dumps({"machine": _machine(), "runs": got}, indent=1, sort_keys=True) + "\n")
+        EXPECTED.write_text(json.dumps({"machine": machine(), "runs": got}, indent=1, sort_keys=True) + "\n")
     return got
 
 
@@ -100,9 +87,9 @@ def outcomes(tmp_path_factory):
 def test_run_is_unchanged(outcomes, name):
     expected = json.loads(EXPECTED.read_text())
     ref, got = expected["runs"][name], outcomes[name]
-    if expected["machine"] == _machine():
+    if expected["machine"] == machine():
         assert got == ref
     else:
         for k in ("weights", "bundle"):
             ref.pop(k), got.pop(k)
-        assert _close(got, ref)
+        assert close(got, ref, 1e-5)
