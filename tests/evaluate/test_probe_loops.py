@@ -2,7 +2,8 @@
 step, one scoring pass) and give the records they gave with two loops of their own.
 
 ``tests/data_files/probe-records.expected.json`` was written by the two separate loops
-(commit cc7f6e3) with ``AVIARY_WRITE_EXPECTED=1 pytest tests/evaluate/test_probe_loops.py``.
+(main at commit 8cdbb11: with the grid extension and the whitened solver) with
+``AVIARY_WRITE_EXPECTED=1 pytest tests/evaluate/test_probe_loops.py``.
 Never regenerate it to make this test pass. On the machine and torch version that wrote it
 the records are compared exactly; elsewhere floats to 1e-6.
 """
