@@ -3,7 +3,7 @@ the four batchers and two mixers gave before they were merged.
 
 ``tests/data_files/padded-batches.expected.json`` was written by the four separate batchers
 (duration sampler, token batches, feature-cache batches, tokenizer batches) and the two
-``mix_seed`` copies (commit cc7f6e3) with ``python tests/data/test_padded_batches.py``.
+``mix_seed`` copies (commit cc7f6e3) with ``PYTHONPATH=. python tests/data/test_sampler.py``.
 Never regenerate it to make this test pass.
 """
 from __future__ import annotations
