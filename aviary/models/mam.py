@@ -17,7 +17,6 @@ returns later.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +29,7 @@ from aviary.models.encoder import EncoderConfig, TransformerEncoder
 from aviary.models.heads import SpecHead
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
+from aviary.models.windows import from_windows, to_windows
 from aviary.objectives.base import Objective, ObjectiveConfig
 from aviary.objectives.masking import MaskingConfig
 from aviary.objectives.reconstruction import MaskedReconstruction
@@ -179,12 +179,9 @@ class MAMUpstream(Upstream):
                          max_layer: int | None, max_frames_per_pass: int = 16384) -> list[torch.Tensor]:
         """Encode windows of ``chunk_frames`` independently; windows sit at fixed positions
         (multiples of ``chunk_frames``), so a padded row gives the same result as alone."""
-        B, T, DR = stacked.shape
+        B, T, _ = stacked.shape
         C = self.chunk_frames
-        n = math.ceil(T / C)
-        x = torch.nn.functional.pad(stacked, (0, 0, 0, n * C - T)).reshape(B * n, C, DR)  # (B*n, C, DR)
-        starts = torch.arange(n, device=stacked.device) * C  # (n,)
-        clen = (lengths[:, None] - starts[None, :]).clamp(0, C).reshape(B * n)  # (B*n,)
+        x, clen = to_windows(stacked, lengths, C)  # (B*n, C, D*R), (B*n,)
         rows = clen.nonzero().squeeze(1)  # windows holding at least one valid frame
         out: list[torch.Tensor] = []
         step = max(1, max_frames_per_pass // C)
@@ -192,10 +189,10 @@ class MAMUpstream(Upstream):
             r = rows[i:i + step]
             hs, _ = self.encoder.encode(x[r], clen[r], max_layer)
             if not out:  # same dtype as the unchunked path gives (bf16 under autocast)
-                out = [h.new_zeros(B * n, C, self.hidden_size) for h in hs]
+                out = [h.new_zeros(x.shape[0], C, self.hidden_size) for h in hs]
             for k, h in enumerate(hs):
                 out[k][r] = h
-        return [o.reshape(B, n * C, self.hidden_size)[:, :T] for o in out]
+        return [from_windows(o, B, T) for o in out]
 
 
 def build_objective(cfg: MAMConfig, upstream: MAMUpstream) -> Objective:

@@ -22,7 +22,6 @@ consecutive windows of ``max_positions`` tokens at extraction; pretraining crops
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from aviary.models.heads import MaskedLMHead
 from aviary.models.layers import TransformerStack, init_bert_weights
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
+from aviary.models.windows import from_windows, to_windows
 from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecUpstream
 from aviary.objectives.mlm import MaskedLM
 
@@ -191,12 +191,9 @@ class TokenBertUpstream(Upstream):
             states, _ = self.forward_tokens(ids, lens, max_layer)
             return states, lens
         # Longer than the learned positions: consecutive windows of p tokens, run as one batch.
-        n = math.ceil(t / p)
-        ids = F.pad(ids, (0, n * p - t), value=PAD_ID).view(b * n, p)
-        starts = torch.arange(n, device=ids.device) * p
-        win_lens = (lens[:, None] - starts[None, :]).clamp(0, p).reshape(b * n)
-        states, _ = self.forward_tokens(ids, win_lens, max_layer)
-        return [s.reshape(b, n * p, -1)[:, :t] for s in states], lens
+        windows, win_lens = to_windows(ids, lens, p, pad_value=PAD_ID)  # (b*n, p), (b*n,)
+        states, _ = self.forward_tokens(windows, win_lens, max_layer)
+        return [from_windows(s, b, t) for s in states], lens
 
     def extract_tokenizer_features(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None,
                                    max_layer: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
