@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from aviary.data.sampler import mix_seed, padded_batches
+
 log = logging.getLogger(__name__)
 
 SPECIALS = ("<pad>", "<unk>", "<mask>")
@@ -246,7 +248,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.seqs[i]
-        toks = random_crop(s.tokens, self.max_length, _mix(self.seed, self.epoch, i))
+        toks = random_crop(s.tokens, self.max_length, mix_seed(self.seed, self.epoch, i))
         return {"id": s.id, "speaker": s.speaker, "tokens": torch.from_numpy(np.ascontiguousarray(toks))}
 
 
@@ -256,32 +258,16 @@ def make_token_dataset(tokens_dir: str | os.PathLike, split: str | None = "train
     return TokenDataset(read_token_split(tokens_dir, split), max_length, seed)
 
 
-def _mix(*parts: int) -> int:
-    ss = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
 def token_batches(lengths: Sequence[int], max_tokens: int, seed: int, epoch: int) -> list[list[int]]:
     """Length-sorted batches whose padded size ``B * max(T)`` stays within ``max_tokens``.
 
     Sorting by length (random tie-break) keeps padding small; the batch order is shuffled.
     A pure function of ``(lengths, max_tokens, seed, epoch)``.
     """
-    rng = np.random.default_rng(_mix(seed, epoch))
+    rng = np.random.default_rng(mix_seed(seed, epoch))
     lens = np.asarray(lengths, dtype=np.int64)
     order = np.lexsort((rng.random(len(lens)), lens))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    cur_max = 0
-    for i in order.tolist():
-        new_max = max(cur_max, int(lens[i]))
-        if cur and new_max * (len(cur) + 1) > max_tokens:
-            batches.append(cur)
-            cur, new_max = [], int(lens[i])
-        cur.append(i)
-        cur_max = new_max
-    if cur:
-        batches.append(cur)
+    batches = padded_batches(order.tolist(), lens.tolist(), max_tokens)
     perm = rng.permutation(len(batches))
     return [batches[k] for k in perm]
 

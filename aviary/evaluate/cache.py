@@ -46,6 +46,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from aviary.data.sampler import padded_batches
 from aviary.evaluate.upstreams import UpstreamInfo, describe_upstream
 from aviary.precision import autocast_context, resolve_precision
 from aviary.train.checkpoint import file_sha256, fsync_dir
@@ -124,28 +125,6 @@ def plan_shards(ids: Sequence[str], durations: Sequence[float], shard_seconds: f
     if cur:
         shards.append(cur)
     return shards
-
-
-def batches_by_duration(positions: Sequence[int], durations: Sequence[float],
-                        batch_seconds: float) -> list[list[int]]:
-    """Consecutive batches whose padded size (longest x count) stays under ``batch_seconds``.
-
-    ``positions`` are expected sorted by duration so padding is small. A single utterance
-    longer than ``batch_seconds`` forms a batch of its own.
-    """
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    longest = 0.0
-    for i in positions:
-        d = durations[i]
-        if cur and max(longest, d) * (len(cur) + 1) > batch_seconds:
-            batches.append(cur)
-            cur, longest = [], 0.0
-        cur.append(i)
-        longest = max(longest, d)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 def _shard_name(i: int) -> str:
@@ -318,7 +297,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         pos = shards[si]
         feats: dict[int, list[np.ndarray]] = {k: [] for k in layer_list}
         lengths_out: list[int] = []
-        for batch in batches_by_duration(pos, durations, batch_seconds):
+        for batch in padded_batches(pos, durations, batch_seconds):
             wavs, wav_lengths = load_waveforms([utterances[i] for i in batch], _sample_rate(upstream), normalize_db)
             with torch.no_grad(), autocast_context(resolved, device):
                 states, lengths = upstream.extract(wavs.to(device), wav_lengths.to(device), max_layer=max_layer)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from aviary.data.sampler import padded_batches
 from aviary.data.tokens import (FORMAT, FORMAT_VERSION, META_FILE, NUM_SPECIAL, RAW_DIR, SPECIALS, UNK_ID,
                                 VOCAB_FILE, TokenCorpusError, Vocabulary, _write_text_atomic, pair_string,
                                 read_jsonl, write_jsonl)
@@ -54,21 +55,6 @@ def _weights_fingerprint(path: str | os.PathLike) -> str:
     return meta.get("aviary.sha256") or f"size:{os.path.getsize(path)}"
 
 
-def _batches_by_duration(durations: Sequence[float], max_seconds: float) -> list[list[int]]:
-    """Indices sorted by duration, grouped so that ``len(batch) * longest <= max_seconds``."""
-    order = sorted(range(len(durations)), key=lambda i: durations[i])
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and durations[i] * (len(cur) + 1) > max_seconds:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
-
-
 @torch.no_grad()
 def tokenize_utterances(upstream: Any, utts: Sequence[Any], batch_seconds: float = 60.0,
                         device: str | torch.device = "cpu") -> tuple[list[dict[str, Any]], dict[str, str], float]:
@@ -88,7 +74,10 @@ def tokenize_utterances(upstream: Any, utts: Sequence[Any], batch_seconds: float
     rows: list[dict[str, Any] | None] = [None] * len(utts)
     skipped: dict[str, str] = {}
     seconds = 0.0
-    for batch in _batches_by_duration([u.duration for u in utts], batch_seconds):
+    durations = [u.duration for u in utts]
+    # Sorted by duration, so that len(batch) * longest <= batch_seconds wastes little padding.
+    order = sorted(range(len(utts)), key=lambda i: durations[i])
+    for batch in padded_batches(order, durations, batch_seconds):
         wavs, keep = [], []
         for i in batch:
             try:

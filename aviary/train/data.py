@@ -24,14 +24,9 @@ import numpy as np
 import torch
 
 from aviary.config import ConfigError
+from aviary.data.sampler import mix_seed  # noqa: F401  (the loop's seeds; re-exported)
 
 log = logging.getLogger(__name__)
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (order matters), e.g. ``mix_seed(seed, g)``."""
-    ss = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
-    return int(ss.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 class TrainData:
