@@ -137,7 +137,7 @@ def _variant(preset: str, variant: str, batch: int, seconds: float, bf16: bool):
     from aviary.train.compile import compile_model
 
     torch.manual_seed(0)
-    model = MAMPretrainModel(get_preset(preset)).train()
+    model = build_pretrain(get_preset(preset)).train()
     before = variant == "before"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not before)
     if variant.endswith("+compile"):

@@ -13,7 +13,7 @@ turns for ``--rounds`` rounds (so a slow spell of a shared CPU hits both):
     (what its Mockingjay runner config uses). Its features come from aviary's front-end,
     which computes what s3prl's ``OnlinePreprocessor`` does (``aviary/interop/s3prl.py``):
     s3prl's preprocessor needs torchaudio's transforms, whose wheels do not load here;
-  - aviary: ``MAMPretrainModel`` (waveform in: front-end, masking, encoder, head, loss) with
+  - aviary: the ``mam`` family's pretraining model (waveform in: front-end, masking, encoder, head, loss) with
     fused AdamW as ``aviary pretrain`` uses it, in fp32 and, where the CPU has native bf16,
     under bf16 autocast (s3prl has no CPU autocast).
 
@@ -113,11 +113,11 @@ def worker_aviary_train(job: dict) -> dict:
 
     import torch
 
-    from aviary.models.mam import MAMPretrainModel
+    from aviary.models.registry import build_pretrain
 
     cfg = _model_config(job)
     torch.manual_seed(0)
-    model = MAMPretrainModel(cfg).train()
+    model = build_pretrain(cfg).train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=True)
     wavs = _wavs(job["batch"], job["samples"])
@@ -349,10 +349,10 @@ def _prepare(work: Path, cfg) -> tuple[Path, Path, int]:
 
     from aviary.interop.s3prl import export_s3prl_checkpoint
     from aviary.models.bundle import save_bundle
-    from aviary.models.mam import MAMPretrainModel
+    from aviary.models.registry import build_pretrain
 
     torch.manual_seed(0)
-    model = MAMPretrainModel(cfg)
+    model = build_pretrain(cfg)
     bundle = work / "run" / "model.safetensors"
     save_bundle(bundle, model.state_dict(), cfg, step=0)
     ckpt = export_s3prl_checkpoint(bundle.parent, work / "mockingjay-base.ckpt")
