@@ -139,7 +139,8 @@ def _variant(preset: str, variant: str, batch: int, seconds: float, bf16: bool):
     torch.manual_seed(0)
     model = build_pretrain(get_preset(preset)).train()
     before = variant == "before"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not before)
+    # As `aviary pretrain` does: fused AdamW under autocast only (fp32 keeps the for-loop one).
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=bf16 and not before)
     if variant.endswith("+compile"):
         compile_model(model)
     n = int(16000 * seconds)
@@ -165,7 +166,7 @@ def bench_speedup(preset: str, bf16: bool, batch: int = 4, seconds: float = 4.0,
 
     ``before``: SDPA's flash attention for bf16 training, ``nn.Dropout``'s Bernoulli masks,
     the for-loop AdamW (the code of commit cc7f6e3); ``after``: the bf16 fast paths of
-    ``aviary.models.layers`` and fused AdamW; ``after+compile``: the same plus ``--compile``.
+    ``aviary.models.layers`` and, in bf16, fused AdamW; ``after+compile``: the same plus ``--compile``.
     Each variant has its own model (same initial weights) and runs ``steps`` steps per round,
     the variants taking turns for ``rounds`` rounds, so slow spells of a shared CPU hit all
     of them; best-of-rounds wall and CPU seconds per step are reported.

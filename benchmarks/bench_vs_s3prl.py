@@ -14,7 +14,7 @@ turns for ``--rounds`` rounds (so a slow spell of a shared CPU hits both):
     which computes what s3prl's ``OnlinePreprocessor`` does (``aviary/interop/s3prl.py``):
     s3prl's preprocessor needs torchaudio's transforms, whose wheels do not load here;
   - aviary: the ``mam`` family's pretraining model (waveform in: front-end, masking, encoder, head, loss) with
-    fused AdamW as ``aviary pretrain`` uses it, in fp32 and, where the CPU has native bf16,
+    AdamW as ``aviary pretrain`` uses it (fused under autocast), in fp32 and, where the CPU has native bf16,
     under bf16 autocast (s3prl has no CPU autocast).
 
   The two models' parameter counts are asserted equal.
@@ -119,7 +119,7 @@ def worker_aviary_train(job: dict) -> dict:
     torch.manual_seed(0)
     model = build_pretrain(cfg).train()
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=job["dtype"] == "bf16")  # as aviary pretrain
     wavs = _wavs(job["batch"], job["samples"])
     data = {"wavs": wavs, "wav_lengths": torch.full((job["batch"],), job["samples"])}
     bf16 = job["dtype"] == "bf16"
