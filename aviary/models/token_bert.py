@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from aviary.config import Config, ConfigError, check, check_choice, check_range
 from aviary.data.tokens import MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID, VOCAB_FILE, Vocabulary, read_meta
