@@ -14,7 +14,7 @@ from aviary.data.tokens import (NUM_SPECIAL, PAD_ID, UNK_ID, TokenTrainData, Voc
 from aviary.evaluate.tokenize import tokenize_corpus
 from aviary.models.token_bert import TokenBertPretraining, TokenBertUpstream, configure_from_tokens, token_bert_cpu
 from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecPretraining
-from aviary.train.checkpoint import save_tensors
+from aviary.storage import save_tensors
 
 
 @pytest.fixture(scope="module")

@@ -472,8 +472,5 @@ def write_report(summary: dict[str, Any], figures: dict[str, str | Path | None],
     if demo.get("config"):
         parts.append("<h2>Settings</h2><pre>" + html.escape(json.dumps(demo["config"], indent=2)) + "</pre>")
     parts.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(parts))
     return path

@@ -24,8 +24,9 @@ from typing import Any, Sequence
 import torch
 
 from aviary.data.tokens import (FORMAT, FORMAT_VERSION, META_FILE, NUM_SPECIAL, RAW_DIR, SPECIALS, UNK_ID,
-                                VOCAB_FILE, TokenCorpusError, Vocabulary, _write_text_atomic, pair_string,
+                                VOCAB_FILE, TokenCorpusError, Vocabulary, pair_string,
                                 read_jsonl, write_jsonl)
+from aviary.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def tokenize_corpus(checkpoint: str | os.PathLike, data: str | os.PathLike, out_
                                    "use a new --out directory")
     else:
         raw.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(src_file, json.dumps(source, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(src_file, json.dumps(source, indent=2, sort_keys=True) + "\n")
 
     t0 = time.perf_counter()
     done_seconds, skipped_shards, skipped_utts = 0.0, 0, {}
@@ -207,5 +208,5 @@ def tokenize_corpus(checkpoint: str | os.PathLike, data: str | os.PathLike, out_
             "skipped": skipped_utts,
             "speed": {"audio_seconds": done_seconds, "wall_seconds": wall,
                       "x_real_time": done_seconds / wall if wall > 0 and done_seconds else None}}
-    _write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta

@@ -23,6 +23,7 @@ import torch
 
 from aviary.models.registry import count_parameters
 from aviary.models.upstream import Upstream
+from aviary.storage import tensors_checksum
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +123,7 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     Two upstreams with the same fingerprint give the same features, so a cache made by one
     is valid for the other; a retrained checkpoint at the same path gets a new fingerprint.
     """
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_checksum(module.state_dict())[:16]
 
 
 @dataclass(frozen=True)

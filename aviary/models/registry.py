@@ -1,11 +1,19 @@
-"""Registry of model families and named presets.
+"""Registry of model families and named presets: the one place every preset is found.
 
 A *family* (``mam``, ``ssast``, ``vq-wav2vec``, ``token-bert``) knows how to turn its
 pretraining config into a pretraining model and into an upstream. A *preset* is a named,
 three-line factory returning a family's pretraining config (a frozen :class:`~aviary.config.Config`
 with a ``family`` field). Tests loop over ``PRESETS`` so every preset is tested.
+
+Discovery: a family module registers its :class:`Family` and presets when it is imported
+(``register_family``, ``@register_preset``). The first lookup imports every module of the
+packages in ``FAMILY_PACKAGES`` (``aviary/models/``), so a new family is one new module there
+and no list elsewhere needs editing.
 """
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -63,12 +71,31 @@ def register_preset(name: str, description: str = "") -> Callable[[Callable[[], 
     return deco
 
 
-def _load_all() -> None:
-    # Importing the model modules registers their families and presets.
-    import importlib
+FAMILY_PACKAGES = ("aviary.models",)
+"""Packages whose modules are imported to find the families and presets (see the module docstring)."""
 
-    for mod in ("aviary.models.presets",):
+_loaded = False
+
+
+def family_modules() -> list[str]:
+    """Names of the modules :func:`_load_all` imports: every public module of ``FAMILY_PACKAGES``."""
+    names = []
+    for pkg_name in FAMILY_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                names.append(f"{pkg_name}.{info.name}")
+    return sorted(names)
+
+
+def _load_all() -> None:
+    # Importing a family module registers its family and presets; done once per process.
+    global _loaded
+    if _loaded:
+        return
+    for mod in family_modules():
         importlib.import_module(mod)
+    _loaded = True
 
 
 def list_presets() -> list[str]:
@@ -109,6 +136,21 @@ def config_from_dict(d: Mapping[str, Any], source: Any = None) -> Config:
     if fam is None:
         raise ConfigError(f"config has no 'family' key (keys: {sorted(d)})")
     return get_family(fam).config_cls.from_dict(d)
+
+
+def build_upstream_from_config(stored: Mapping[str, Any], source: Any = None) -> tuple[Config, nn.Module]:
+    """The config and a freshly built (untrained) upstream for a config stored in a checkpoint.
+
+    Args:
+        stored: the checkpoint's config: ``{"model": <pretraining config>, ...}`` or the
+            pretraining config itself.
+        source: the file it was read from, named by errors.
+
+    Returns:
+        ``(pretraining config, upstream)``; weights are loaded by the caller.
+    """
+    cfg = config_from_dict(stored.get("model", stored), source=source)
+    return cfg, get_family(cfg.family).build_upstream(cfg)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -33,10 +33,11 @@ from aviary.config import Config, ConfigError, check, check_choice, check_range
 from aviary.data.tokens import MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID, VOCAB_FILE, Vocabulary, read_meta
 from aviary.models.layers import TransformerStack, init_bert_weights, lengths_to_padding_mask
 from aviary.models.registry import Family, register_family, register_preset
-from aviary.models.upstream import Upstream
+from aviary.models.upstream import Upstream, upstream_state
 from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecUpstream
 from aviary.objectives.base import ObjectiveOutput
 from aviary.objectives.mlm import corrupt_tokens, masked_lm_loss, span_mask
+from aviary.storage import CheckpointError, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +282,6 @@ def _rows_padded(x: torch.Tensor, mask: torch.Tensor, multiple: int) -> torch.Te
 
 def load_tokenizer_from_corpus(upstream: TokenBertUpstream, tokens_dir: str | Path) -> None:
     """Copy the tokenizer weights and the vocabulary of a token corpus into ``upstream``."""
-    from aviary.train.checkpoint import CheckpointError, load_tensors
-
     tokens_dir = Path(tokens_dir)
     meta = read_meta(tokens_dir)
     vocab = Vocabulary.read(tokens_dir / VOCAB_FILE)
@@ -294,9 +293,7 @@ def load_tokenizer_from_corpus(upstream: TokenBertUpstream, tokens_dir: str | Pa
     tk = upstream.tokenizer.config
     upstream.code_table.copy_(vocab.code_table(tk.num_groups, tk.num_vars))
     tensors, _ = load_tensors(meta["checkpoint"])
-    prefix = "upstream."
-    sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} or tensors
-    missing, _ = upstream.tokenizer.load_state_dict(sub, strict=False)
+    missing, _ = upstream.tokenizer.load_state_dict(upstream_state(tensors), strict=False)
     if missing:
         raise CheckpointError(f"{meta['checkpoint']}: tokenizer weights missing for {missing[:5]}")
     log.info("token-bert: tokenizer from %s, %d tokens", meta["checkpoint"], len(vocab))

@@ -15,10 +15,10 @@ import aviary
 from aviary.cli import main
 from aviary.config import ConfigError
 from aviary.data.manifest import Utterance, write_corpus
-from aviary.models.bundle import save_bundle
+from aviary.hub import save_bundle
 from aviary.models.mam import MAMPretrainModel
 from aviary.models.registry import get_preset
-from aviary.train.checkpoint import save_tensors
+from aviary.storage import save_tensors
 
 
 @pytest.fixture()

@@ -13,10 +13,11 @@ import torch
 
 import aviary
 from aviary.cli import main as cli_main
-from aviary.models.bundle import describe, format_description, match_preset, save_bundle
+from aviary.hub import describe, format_description, match_preset, save_bundle
 from aviary.models.registry import get_preset
 from aviary.models.mam import MAMPretrainModel
-from aviary.train.checkpoint import FORMAT_VERSION, CheckpointError, load_tensors, save_checkpoint
+from aviary.storage import FORMAT_VERSION, CheckpointError, load_tensors
+from aviary.train.checkpoint import save_checkpoint
 
 DATA = Path(__file__).resolve().parent.parent / "data_files"
 BUNDLES = sorted(p for p in DATA.glob("tiny-*-v*.safetensors") if not p.name.endswith(".expected.safetensors"))
@@ -104,7 +105,7 @@ def test_preset_matching_names_differences():
 def test_newer_format_version_is_refused(tmp_path):
     cfg = get_preset("mockingjay-tiny")
     model = MAMPretrainModel(cfg)
-    from aviary.train.checkpoint import save_tensors
+    from aviary.storage import save_tensors
     save_tensors(tmp_path / "future.safetensors", model.state_dict(), config={"model": cfg.to_dict()},
                  metadata={"aviary.format_version": str(FORMAT_VERSION + 1)})
     with pytest.raises(CheckpointError, match="newer aviary"):

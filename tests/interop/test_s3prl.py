@@ -24,7 +24,7 @@ from aviary.interop.s3prl import (S3prlError, config_to_s3prl, export_s3prl_chec
 from aviary.models.encoder import EncoderConfig
 from aviary.models.mam import MAMConfig, MAMPretrainModel
 from aviary.features import FrontEndConfig
-from aviary.train.checkpoint import FORMAT_VERSION, save_tensors
+from aviary.storage import FORMAT_VERSION, save_tensors
 
 H, HEADS, FFN = 32, 4, 64
 
@@ -242,11 +242,11 @@ def test_import_cli_writes_a_loadable_run_dir(tmp_path):
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     # The head came along: the pretraining model in the run dir holds s3prl's SpecHead.
-    from aviary.train.checkpoint import load_tensors
+    from aviary.storage import load_tensors
     t, _ = load_tensors(run / "model.safetensors")
     assert torch.equal(t["head.out.weight"], ck["SpecHead"]["output.weight"])
     assert cli_main(["import", "s3prl", str(path), "--out", str(run)]) == 2  # refuses to overwrite
-    from aviary.models.bundle import describe
+    from aviary.hub import describe
     for src in (run, f"s3prl:{path}", path):
         d = describe(src)
         assert d["step"] == 1234 and d["variant"] == "mockingjay" and d["source"]["toolkit"] == "s3prl"

@@ -237,7 +237,7 @@ def test_with_fbank_stats():
 
 def test_pretrain_checkpoint_round_trip(tmp_path):
     import aviary.models.upstream as upstream_mod
-    from aviary.train.checkpoint import save_tensors
+    from aviary.storage import save_tensors
 
     cfg = tiny_config("frame")
     model = get_family("ssast").build_pretrain(cfg).eval()

@@ -9,7 +9,7 @@ from aviary.config import ConfigError
 from aviary.models.registry import PRESETS, count_parameters, get_family, get_preset, list_presets
 from aviary.models.vqwav2vec import (GumbelQuantizer, KMeansQuantizer, VqWav2VecConfig, VqWav2VecPretraining,
                                      VqWav2VecUpstream, conv_output_lengths)
-from aviary.train.checkpoint import save_tensors
+from aviary.storage import save_tensors
 
 VQ_PRESETS = [n for n in list_presets() if n.startswith("vq-wav2vec")]
 
