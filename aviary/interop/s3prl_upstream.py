@@ -20,7 +20,6 @@ downsample rate, T within s3prl's tolerance of ``round(samples / rate)``).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
