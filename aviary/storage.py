@@ -32,14 +32,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
-
-import torch
-from safetensors import SafetensorError  # type: ignore[attr-defined]
-from safetensors.torch import load as st_load_bytes
-from safetensors.torch import save as st_save_bytes
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from aviary.config import Config
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported inside the functions that handle tensors: the JSON and
+# atomic-write helpers serve `aviary.data` (manifests, `aviary prepare`, `check-data`), which
+# stays free of torch's seconds-long import.
 
 FORMAT_VERSION = 2
 """Bumped whenever the on-disk layout changes; older versions must keep loading.
@@ -75,6 +77,8 @@ def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     The one state-dict hash: checkpoints store it (``aviary.sha256``) and feature caches
     fingerprint an upstream's weights with it.
     """
+    import torch  # deferred: heavy (see the imports above)
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -267,6 +271,8 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
         config: JSON-able mapping stored under ``aviary.config`` in the metadata.
         metadata: extra string metadata.
     """
+    from safetensors.torch import save as st_save_bytes  # deferred: heavy (torch)
+
     # clone() breaks shared storage (tied or ALBERT-shared weights), which safetensors refuses.
     cpu = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     meta = {"aviary.format_version": str(FORMAT_VERSION), "aviary.sha256": tensors_checksum(cpu)}
@@ -308,6 +314,9 @@ def load_tensors(path: str | os.PathLike, verify: bool = True
     Raises:
         CheckpointError: missing, truncated, corrupted (checksum mismatch) or unreadable.
     """
+    from safetensors import SafetensorError  # type: ignore[attr-defined]  # deferred: heavy (torch)
+    from safetensors.torch import load as st_load_bytes
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")

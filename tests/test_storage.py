@@ -163,3 +163,13 @@ def test_file_and_json_checksums(tmp_path):
     p.write_bytes(b"x" * (3 << 20))
     assert storage.file_sha256(p) == hashlib.sha256(b"x" * (3 << 20)).hexdigest()
     assert storage.json_checksum({"b": 1, "a": [2]}) == storage.json_checksum({"a": [2], "b": 1})
+
+
+def test_storage_and_data_import_no_torch():
+    """Manifests, `aviary prepare` and `check-data` write through storage without paying for torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, aviary.storage, aviary.data, aviary.data.check\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -32,9 +32,9 @@ from typing import Any, Sequence
 import numpy as np
 import soundfile as sf
 
-from aviary.audio import MIN_DURATION, AudioError, audio_info
-from aviary.storage import write_text_atomic
+from aviary.audio import MIN_DURATION, AudioError, audio_info, load_audio
 from aviary.data.manifest import ALIGNMENT_TOLERANCE, load_manifest, load_split_files, split_overlaps
+from aviary.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,6 @@ def usable_utterances(utts: Sequence[Any], sample_rate: int = 16000
     Returns:
         (kept utterances, [(id, error message), ...] of the skipped ones).
     """
-    from aviary.audio import load_audio
-
     kept, skipped = [], []
     for u in utts:
         try:

@@ -46,9 +46,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from aviary.audio import AudioError, load_audio
 from aviary.evaluate.upstreams import UpstreamInfo, describe_upstream
-from aviary.precision import autocast_context, resolve_precision
 from aviary.models.upstream import Upstream
+from aviary.precision import autocast_context, resolve_precision
 from aviary.storage import atomic_dir, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -190,10 +191,6 @@ class ExtractStats:
 def load_waveforms(utts: Sequence[Any], sample_rate: int, normalize_db: float | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read utterances' audio as one zero-padded batch ``(B, N)`` with lengths ``(B,)``."""
-    from aviary.audio import load_audio
-
-    from aviary.audio import AudioError
-
     try:
         arrays = [load_audio(u.audio, sample_rate=sample_rate, normalize_db=normalize_db) for u in utts]
     except AudioError as e:

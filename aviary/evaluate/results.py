@@ -29,6 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from aviary.precision import LEGACY_AUTOCAST
 from aviary.storage import append_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,6 @@ def load_records(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _upgrade_record(rec: dict[str, Any]) -> dict[str, Any]:
     """An old record (``autocast`` in config and key) in today's terms."""
-    from aviary.precision import LEGACY_AUTOCAST
-
     config = rec.get("config")
     if not isinstance(config, dict) or "autocast" not in config:
         return rec

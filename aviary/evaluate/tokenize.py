@@ -26,6 +26,10 @@ import torch
 from aviary.data.tokens import (FORMAT, FORMAT_VERSION, META_FILE, NUM_SPECIAL, RAW_DIR, SPECIALS, UNK_ID,
                                 VOCAB_FILE, TokenCorpusError, Vocabulary, pair_string,
                                 read_jsonl, write_jsonl)
+from aviary.audio import AudioError, load_audio
+from aviary.data.manifest import load_manifest
+from aviary.hub import load as load_upstream
+from aviary.models.vqwav2vec import VqWav2VecUpstream
 from aviary.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,6 @@ SPLITS = ("train", "valid", "test")
 def corpus_splits(data: str | os.PathLike) -> list[tuple[str, Any]]:
     """``(split name, utterances)`` of a corpus directory (its train/valid/test manifests) or of
     a single manifest (all of it as ``train``)."""
-    from aviary.data.manifest import load_manifest
-
     p = Path(data)
     root = p if p.is_dir() else (p.parent if p.name == "manifest.jsonl" else None)
     if root is not None:
@@ -83,8 +85,6 @@ def tokenize_utterances(upstream: Any, utts: Sequence[Any], batch_seconds: float
     Returns:
         (rows, skipped: id -> reason for unreadable audio, audio seconds processed).
     """
-    from aviary.audio import AudioError, load_audio
-
     sr = upstream.sample_rate
     rows: list[dict[str, Any] | None] = [None] * len(utts)
     skipped: dict[str, str] = {}
@@ -134,13 +134,10 @@ def tokenize_corpus(checkpoint: str | os.PathLike, data: str | os.PathLike, out_
     Raises:
         TokenCorpusError: ``out_dir`` holds shards made from another checkpoint or corpus.
     """
-    import aviary
-    from aviary.models.vqwav2vec import VqWav2VecUpstream
-
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out_dir)
-    upstream = aviary.load(checkpoint, device=device)
+    upstream = load_upstream(checkpoint, device=device)
     if not isinstance(upstream, VqWav2VecUpstream):
         raise TokenCorpusError(f"{checkpoint}: a {type(upstream).__name__}, not a vq-wav2vec model; "
                                "`aviary tokenize` needs a vq-wav2vec run")
