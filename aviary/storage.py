@@ -230,15 +230,21 @@ def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any], hint: str =
         os.close(fd)
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file, with an error naming the file when it is missing or malformed."""
+def read_json(path: str | os.PathLike, error: type[Exception] = CheckpointError, hint: str = "") -> Any:
+    """Read a JSON file, with an error naming the file when it is missing or malformed.
+
+    Args:
+        path: the file.
+        error: the exception raised (a caller's own, e.g. the feature cache's ``CacheError``).
+        hint: what to do about a malformed file, appended to its message.
+    """
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
+        raise error(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e}){'; ' + hint if hint else ''}") from None
 
 
 # Weights files

@@ -50,7 +50,7 @@ from aviary.audio import AudioError, load_audio
 from aviary.evaluate.upstreams import UpstreamInfo, describe_upstream
 from aviary.models.upstream import Upstream
 from aviary.precision import autocast_context, resolve_precision
-from aviary.storage import atomic_dir, file_sha256, write_json_atomic
+from aviary.storage import atomic_dir, file_sha256, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,7 @@ def parse_layers(spec: str | Sequence[int] | None, num_hidden_states: int) -> li
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CacheError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{path}: not valid JSON ({e}); the cache is corrupted, delete it and extract again") from None
+    return read_json(path, error=CacheError, hint="the cache is corrupted, delete it and extract again")
 
 
 def plan_shards(ids: Sequence[str], durations: Sequence[float], shard_seconds: float) -> list[list[int]]:
