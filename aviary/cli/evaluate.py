@@ -129,7 +129,7 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                         "on a step budget; adam: AdamW for every head")
     p.add_argument("--l2-grid", type=_floats, default=None,
                    help="L2 strengths tried by the linear solver, chosen on valid (default 1e-1,...,1e-6)")
-    p.add_argument("--tol", type=float, default=None, help="solver convergence: max |gradient| (default 1e-3)")
+    p.add_argument("--tol", type=float, default=None, help="solver convergence: max |gradient| (default 1e-4)")
     p.add_argument("--max-iter", type=int, default=None, help="L-BFGS iterations per L2 value (default 100)")
     p.add_argument("--lr", type=_lr, default=None,
                    help="AdamW head learning rate, or 'auto' (default): chosen on valid from --lr-grid")
