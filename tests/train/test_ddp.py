@@ -29,7 +29,8 @@ def _losses(run_dir):
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    # This tree's aviary, not whichever one the venv has installed.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parents[1])])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc_per_node", "2", str(HERE / "ddp_worker.py"), str(tmp_path / "ddp"),
            *[f"{k}={v}" for k, v in ARGS.items()], "grad_accum=1"]
