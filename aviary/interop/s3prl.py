@@ -62,7 +62,8 @@ import torch
 from aviary.config import ConfigError
 from aviary.features import FrontEndConfig
 from aviary.models.encoder import EncoderConfig
-from aviary.models.mam import MAMConfig, MAMPretrainModel, MAMUpstream
+from aviary.models.mam import MAMConfig, MAMUpstream
+from aviary.models.registry import build_pretrain
 from aviary.models.upstream import upstream_state
 from aviary.objectives.masking import MaskingConfig
 from aviary.storage import FORMAT_VERSION, file_sha256, load_config_from_metadata, load_tensors, write_bytes_atomic
@@ -280,7 +281,7 @@ def state_dict_from_s3prl(transformer: Mapping[str, Any], spec_head: Mapping[str
     all layers must hold identical tensors (they become aviary's single shared layer).
 
     Returns:
-        State dict for :class:`~aviary.models.mam.MAMPretrainModel` (``head.*`` only when
+        State dict for the MAM ``PretrainModel`` (``head.*`` only when
         ``spec_head`` is given).
 
     Raises:
@@ -439,7 +440,7 @@ def import_s3prl_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike)
     """
     refuse_existing_model(out_dir)  # before the (slow) reading
     cfg, tensors, info = read_s3prl_checkpoint(path)
-    model = MAMPretrainModel(cfg)
+    model = build_pretrain(cfg)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise S3prlError(f"{path}: mapped weights do not fit the aviary model "

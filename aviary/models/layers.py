@@ -27,21 +27,6 @@ from einops import rearrange
 _ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
 
 
-def lengths_to_padding_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
-    """Key-padding mask from sequence lengths.
-
-    Args:
-        lengths: (B,) number of valid positions per row.
-        T: padded length.
-
-    Returns:
-        (B, T) bool, ``True`` at padding (positions ``t >= lengths[b]``).
-    """
-    if lengths.dim() != 1:
-        raise ValueError(f"lengths must be (B,), got shape {tuple(lengths.shape)}")
-    return torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None]
-
-
 def sinusoidal_positions(T: int, H: int, device: torch.device | str | None = None,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Fixed sinusoidal position encoding (Vaswani et al. 2017, section 3.5).
@@ -370,3 +355,19 @@ class TransformerStack(nn.Module):
             if attentions is not None:
                 attentions.append(probs)
         return hidden_states, attentions
+
+
+class PatchEmbed(nn.Module):
+    """Spectrogram patches -> vectors by one strided convolution (ViT / SSAST).
+
+    (B, T, F) -> Conv2d(1, D, kernel=(patch_freq, patch_time), stride) over the image
+    (F, T) -> (B, Tg, Fg, D).
+    """
+
+    def __init__(self, hidden_size: int, patch: tuple[int, int], stride: tuple[int, int]):
+        super().__init__()
+        self.proj = nn.Conv2d(1, hidden_size, kernel_size=patch, stride=stride)  # (freq, time)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(rearrange(x, "b t f -> b 1 f t"))  # (B, D, Fg, Tg)
+        return rearrange(y, "b d f t -> b t f d")

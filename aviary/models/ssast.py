@@ -15,21 +15,9 @@ Two shapes of patch (REFERENCE.md section 3):
 * **frame** model: 128 x 2 patches (all bins, 2 frames), 512 tokens, one per 20 ms; its
   tokens are frames, so frame-level (phone) probing works.
 
-Token order is **time-major** (``index = t * Fg + f``), unlike the reference code, which
-flattens frequency-major. With time-major order the valid tokens of a clip are a prefix of
-its row, so sequences travel with plain lengths, a padded batch gives the same result as
-each clip alone, and mean pooling over ``lengths`` tokens is correct. The importer
-(:mod:`aviary.interop.ssast`) reorders the released position embeddings accordingly.
-
-Inputs of any length: the time axis is zero-padded (after normalisation, where 0 is the
-corpus mean) to a whole number of strides, and each clip keeps its own count of valid time
-steps. Position embeddings are learned on the pretraining grid (``pos_time`` x
-``pos_freq``); a clip with at most ``pos_time`` time steps uses the first ones (the
-reference cuts the centre of the grid, which would make a clip's embedding depend on the
-padded batch length), a longer clip gets the grid linearly interpolated to its own length
-(the reference's bilinear interpolation, per clip). A frequency grid that differs from
-the pretraining one (a different frequency stride at fine-tuning) is centre-cut or
-interpolated once, as in the reference.
+The encoder (patch embedding, time-major tokens, inputs of any length, position
+embeddings) is :mod:`aviary.models.ssast_encoder`; the pretraining objective is
+:class:`~aviary.objectives.mspm.MSPM`.
 
 Not in SSAST, off in the paper-size presets: ``alibi_slope`` adds an ALiBi-style penalty on
 the time distance between tokens to every layer's attention scores. The CPU presets use it:
@@ -43,90 +31,15 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from einops import rearrange
 
 from aviary.config import Config, check, check_range
 from aviary.features import FrontEndConfig, build_frontend, compute_global_stats
-from aviary.models.layers import TransformerStack, alibi_slopes, lengths_to_padding_mask
 from aviary.models.registry import Family, register_family, register_preset
+from aviary.models.ssast_encoder import SSASTEncoder, SSASTEncoderConfig
 from aviary.models.upstream import Upstream
-from aviary.objectives.base import ObjectiveOutput
 from aviary.objectives.mspm import MSPM, MSPMConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SSASTEncoderConfig(Config):
-    """Size of the SSAST ViT and its patch grid.
-
-    Attributes:
-        hidden_size, num_layers, num_heads, ffn_size: D, L, heads, MLP width (4 D in DeiT).
-        dropout, attn_dropout: 0 in SSAST (timm DeiT defaults).
-        ln_eps: LayerNorm epsilon; 1e-6 as in timm's ViT.
-        n_mels: frequency bins of the input fbank.
-        patch_freq, patch_time: patch size in bins x frames (16 x 16 or 128 x 2).
-        stride_freq, stride_time: patch strides; equal to the patch size in pretraining,
-            smaller (overlapping patches) allowed at fine-tuning.
-        num_prefix_tokens: 0, 1 (cls) or 2 (cls + dist, as in the released models).
-        pos_freq, pos_time: the learned position-embedding grid, i.e. the pretraining grid
-            (8 x 64 for 16 x 16 patches over 128 x 1024; 1 x 512 for the frame model).
-        init_std: std of the truncated-normal initialisation (0.02, as timm).
-        alibi_slope: 0 (SSAST, the default) or the slope of an ALiBi-style distance penalty
-            (Press et al. 2022) on the attention scores between patch tokens:
-            ``-m_h * |t_i - t_j|`` with ``t`` the token's time step (tokens of one column are
-            at distance 0) and ``m_h = alibi_slope * 2^(-8 h / num_heads)`` for head
-            ``h = 0 .. num_heads-1`` (the first head looks at a few steps, the last almost
-            at the whole clip); prefix tokens get no penalty. Not in SSAST: the CPU presets
-            use it because a frame model trained for minutes never finds local attention
-            from its learned position embeddings (see :func:`ssast_frame_cpu`).
-    """
-
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    ffn_size: int = 3072
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    ln_eps: float = 1e-6
-    n_mels: int = 128
-    patch_freq: int = 16
-    patch_time: int = 16
-    stride_freq: int = 16
-    stride_time: int = 16
-    num_prefix_tokens: int = 2
-    pos_freq: int = 8
-    pos_time: int = 64
-    init_std: float = 0.02
-    alibi_slope: float = 0.0
-
-    def validate(self) -> None:
-        for key in ("hidden_size", "num_layers", "num_heads", "ffn_size", "n_mels", "patch_freq",
-                    "patch_time", "stride_freq", "stride_time", "pos_freq", "pos_time"):
-            check_range(key, getattr(self, key), lo=1)
-        check(self.hidden_size % self.num_heads == 0, "hidden_size", self.hidden_size,
-              f"a multiple of num_heads={self.num_heads}")
-        check_range("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        check_range("attn_dropout", self.attn_dropout, 0.0, 1.0, hi_open=True)
-        check_range("ln_eps", self.ln_eps, 0.0, lo_open=True)
-        check_range("patch_freq", self.patch_freq, 1, self.n_mels)
-        check_range("stride_freq", self.stride_freq, 1, self.patch_freq)
-        check_range("stride_time", self.stride_time, 1, self.patch_time)
-        check_range("num_prefix_tokens", self.num_prefix_tokens, 0, 2)
-        check_range("init_std", self.init_std, 0.0, lo_open=True)
-        check_range("alibi_slope", self.alibi_slope, 0.0)
-
-    @property
-    def patch_dim(self) -> int:
-        """Values per patch, K (256 for both 16 x 16 and 128 x 2)."""
-        return self.patch_freq * self.patch_time
-
-    @property
-    def grid_freq(self) -> int:
-        """Patches along frequency, Fg (no padding on this axis, as in the reference)."""
-        return (self.n_mels - self.patch_freq) // self.stride_freq + 1
 
 
 @dataclass(frozen=True)
@@ -154,235 +67,6 @@ class SSASTConfig(Config):
         check(self.frontend.dim == self.encoder.n_mels, "encoder.n_mels", self.encoder.n_mels,
               f"the front-end's feature dimension {self.frontend.dim}")
         check_range("max_frames", self.max_frames, self.encoder.patch_time)
-
-
-@dataclass
-class SSASTEncoderOutput:
-    """What :meth:`SSASTEncoder.forward` returns.
-
-    Attributes:
-        hidden_states: L' + 1 tensors (B, P + N, D): prefix tokens first, then N = Tg * Fg
-            patch tokens in time-major order. The last one is after the final LayerNorm
-            when all L layers ran.
-        lengths: (B,) valid PATCH tokens per clip (prefix tokens not counted).
-        grid: (Tg, Fg), the padded patch grid.
-        attentions: per-layer attention probabilities when asked for, else None.
-    """
-
-    hidden_states: list[torch.Tensor]
-    lengths: torch.Tensor
-    grid: tuple[int, int]
-    attentions: list[torch.Tensor] | None = None
-
-
-class PatchEmbed(nn.Module):
-    """Spectrogram patches -> vectors by one strided convolution.
-
-    (B, T, F) -> Conv2d(1, D, kernel=(patch_freq, patch_time), stride) over the image
-    (F, T) -> (B, Tg, Fg, D).
-    """
-
-    def __init__(self, cfg: SSASTEncoderConfig):
-        super().__init__()
-        self.proj = nn.Conv2d(1, cfg.hidden_size, kernel_size=(cfg.patch_freq, cfg.patch_time),
-                              stride=(cfg.stride_freq, cfg.stride_time))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.proj(rearrange(x, "b t f -> b 1 f t"))  # (B, D, Fg, Tg)
-        return rearrange(y, "b d f t -> b t f d")
-
-
-def _interp_index(src: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Linear-interpolation indices and weights for fractional source positions ``src``."""
-    src = src.clamp(0, size - 1)
-    i0 = src.floor().long()
-    i1 = (i0 + 1).clamp(max=size - 1)
-    return i0, i1, src - i0
-
-
-class SSASTEncoder(nn.Module):
-    """Patch embedding, prefix tokens, position embeddings, mask token and the ViT.
-
-    Args:
-        cfg: the encoder config.
-    """
-
-    def __init__(self, cfg: SSASTEncoderConfig):
-        super().__init__()
-        self.config = cfg
-        self.hidden_size = cfg.hidden_size
-        self.patch_dim = cfg.patch_dim
-        self.num_prefix_tokens = cfg.num_prefix_tokens
-        D = cfg.hidden_size
-        self.patch_embed = PatchEmbed(cfg)
-        # Prefix tokens: cls (and DeiT's distillation token). Not used by the MSPM loss or by
-        # mean pooling, but part of the released models' attention context.
-        self.prefix_tokens = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, D))
-        self.prefix_pos_embed = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, D))
-        self.pos_embed = nn.Parameter(torch.zeros(cfg.pos_time, cfg.pos_freq, D))  # (Pt, Pf, D)
-        self.mask_token = nn.Parameter(torch.zeros(D))
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.layers = TransformerStack(cfg.num_layers, hidden_size=D, num_heads=cfg.num_heads,
-                                       ffn_size=cfg.ffn_size, dropout=cfg.dropout,
-                                       attn_dropout=cfg.attn_dropout, activation="gelu",
-                                       pre_ln=True, ln_eps=cfg.ln_eps)
-        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """timm ViT initialisation: truncated normal (std 0.02) for linear weights and the
-        learned tokens / position embeddings, zero biases, LayerNorm (1, 0)."""
-        std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for p in (self.prefix_tokens, self.prefix_pos_embed, self.pos_embed, self.mask_token):
-            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
-
-    def time_steps(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Valid patch columns for clips of ``lengths`` frames: ceil((len - patch) / stride) + 1.
-
-        A clip shorter than one patch still gets one (zero-padded) column.
-        """
-        c = self.config
-        extra = (lengths - c.patch_time).clamp(min=0)
-        return torch.div(extra + c.stride_time - 1, c.stride_time, rounding_mode="floor") + 1
-
-    def _pad(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero every frame past a clip's length and pad T to a whole number of strides.
-
-        Returns:
-            (feats (B, T', F), valid time steps per clip (B,)).
-        """
-        c = self.config
-        B, T, Fq = feats.shape
-        if Fq != c.n_mels:
-            raise ValueError(f"SSAST encoder expects {c.n_mels} frequency bins, got features of shape "
-                             f"{tuple(feats.shape)}")
-        if lengths.shape != (B,):
-            raise ValueError(f"lengths must be ({B},), got {tuple(lengths.shape)}")
-        if B and int(lengths.min()) < 1:
-            raise ValueError(f"every clip needs at least one frame; lengths = {lengths.tolist()}")
-        feats = feats.masked_fill(lengths_to_padding_mask(lengths, T)[..., None], 0.0)
-        steps = int(self.time_steps(torch.tensor(T)))
-        t_pad = c.patch_time + (steps - 1) * c.stride_time
-        return F.pad(feats, (0, 0, 0, t_pad - T)), self.time_steps(lengths)
-
-    def patchify(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The input patches themselves (MSPM targets), in token order.
-
-        Args:
-            feats: (B, T, F) normalised fbank; lengths: (B,) valid frames.
-
-        Returns:
-            (patches (B, Tg * Fg, K) with K = patch_freq * patch_time flattened
-            frequency-major inside the patch as ``nn.Unfold`` does (the layout of the
-            reference heads' outputs), grid_valid (B, Tg, Fg) bool).
-        """
-        c = self.config
-        x, steps = self._pad(feats, lengths)
-        cols = F.unfold(rearrange(x, "b t f -> b 1 f t"), kernel_size=(c.patch_freq, c.patch_time),
-                        stride=(c.stride_freq, c.stride_time))  # (B, K, Fg * Tg), frequency-major
-        Tg = (x.shape[1] - c.patch_time) // c.stride_time + 1
-        patches = rearrange(cols, "b k (f t) -> b (t f) k", t=Tg)
-        valid = ~lengths_to_padding_mask(steps, Tg)  # (B, Tg)
-        return patches, valid[:, :, None].expand(-1, -1, c.grid_freq)
-
-    def position_embeddings(self, steps: torch.Tensor, Tg: int) -> torch.Tensor:
-        """Position embeddings for a (Tg, Fg) grid, per clip.
-
-        Args:
-            steps: (B,) valid time steps per clip.
-            Tg: padded time steps.
-
-        Returns:
-            (B, Tg, Fg, D). Clips with at most ``pos_time`` steps use the learned rows
-            ``0 .. steps-1`` unchanged; longer clips use the grid linearly interpolated to
-            their length (``F.interpolate(..., align_corners=False)`` semantics).
-        """
-        c = self.config
-        pos = self.pos_embed  # (Pt, Pf, D)
-        Fg = c.grid_freq
-        if Fg < c.pos_freq:  # centre cut, as the reference does when fine-tuning
-            start = c.pos_freq // 2 - Fg // 2
-            pos = pos[:, start:start + Fg]
-        elif Fg > c.pos_freq:
-            pos = rearrange(F.interpolate(rearrange(pos, "t f d -> t d f"), size=Fg, mode="linear",
-                                          align_corners=False), "t d f -> t f d")
-        Pt = c.pos_time
-        if Tg <= Pt:
-            return pos[:Tg].unsqueeze(0).expand(steps.shape[0], -1, -1, -1)
-        t = torch.arange(Tg, device=pos.device, dtype=torch.float32)[None, :]  # (1, Tg)
-        n = steps.to(torch.float32)[:, None]  # (B, 1)
-        # Source coordinate of target step t when stretching Pt rows to n: (t + 0.5) Pt / n - 0.5.
-        src = torch.where(n > Pt, (t + 0.5) * Pt / n - 0.5, t)  # (B, Tg)
-        i0, i1, w = _interp_index(src, Pt)
-        w = w.to(pos.dtype)[..., None, None]
-        return pos[i0] * (1 - w) + pos[i1] * w  # (B, Tg, Fg, D)
-
-    def attention_bias(self, Tg: int, device: torch.device | None = None) -> torch.Tensor | None:
-        """The ALiBi-style time-distance penalty of ``alibi_slope`` (None when it is 0).
-
-        Args:
-            Tg: time steps of the (padded) patch grid; the grid has ``Tg * Fg`` tokens in
-                time-major order after the ``P`` prefix tokens.
-
-        Returns:
-            (heads, P + Tg * Fg, P + Tg * Fg) additive bias: ``-m_h * |t_i - t_j|`` between
-            patch tokens, 0 in every row and column of a prefix token. It depends on token
-            positions only, never on the batch's padding, so a padded clip is biased exactly
-            as the clip alone.
-        """
-        c = self.config
-        if c.alibi_slope == 0:
-            return None
-        slopes = alibi_slopes(c.num_heads, c.alibi_slope).to(device=device, dtype=torch.float32)  # (heads,)
-        t = torch.arange(Tg, device=device).repeat_interleave(c.grid_freq).float()  # (N,) time step per token
-        dist = F.pad((t[:, None] - t[None, :]).abs(), (c.num_prefix_tokens, 0, c.num_prefix_tokens, 0))
-        return -slopes[:, None, None] * dist  # (heads, P + N, P + N)
-
-    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor | None = None,
-                max_layer: int | None = None, need_weights: bool = False) -> SSASTEncoderOutput:
-        """Encode a padded batch of fbank features.
-
-        Args:
-            feats: (B, T, n_mels) normalised fbank.
-            lengths: (B,) valid frames per clip.
-            mask: optional (B, Tg * Fg) bool, True = replace that patch by the mask token
-                (before the position embedding is added, as in the reference).
-            max_layer: stop after this many layers (0 = embedding output only).
-            need_weights: also return attention probabilities.
-
-        Returns:
-            :class:`SSASTEncoderOutput`.
-        """
-        x, steps = self._pad(feats, lengths)
-        tokens = self.patch_embed(x)  # (B, Tg, Fg, D)
-        B, Tg, Fg, D = tokens.shape
-        if mask is not None:
-            if mask.shape != (B, Tg * Fg):
-                raise ValueError(f"mask must be ({B}, {Tg * Fg}) for a {Tg} x {Fg} patch grid, "
-                                 f"got {tuple(mask.shape)}")
-            m = mask.view(B, Tg, Fg, 1)
-            tokens = torch.where(m, self.mask_token.to(tokens.dtype), tokens)
-        tokens = tokens + self.position_embeddings(steps, Tg).to(tokens.dtype)
-        tokens = rearrange(tokens, "b t f d -> b (t f) d")  # time-major
-        P = self.num_prefix_tokens
-        prefix = (self.prefix_tokens + self.prefix_pos_embed).to(tokens.dtype)
-        x = torch.cat([prefix.unsqueeze(0).expand(B, -1, -1), tokens], dim=1)  # (B, P + N, D)
-        x = self.dropout(x)
-        n_valid = steps * Fg  # (B,) valid patch tokens
-        pad = lengths_to_padding_mask(n_valid + P, P + Tg * Fg)  # prefix is never padding
-        bias = self.attention_bias(Tg, x.device)
-        hidden, attn = self.layers(x, key_padding_mask=pad, need_weights=need_weights, max_layer=max_layer,
-                                   attn_bias=None if bias is None else bias.to(x.dtype))
-        if len(hidden) == self.config.num_layers + 1:
-            hidden[-1] = self.norm(hidden[-1])
-        return SSASTEncoderOutput(hidden_states=hidden, lengths=n_valid, grid=(Tg, Fg), attentions=attn)
 
 
 class SSASTUpstream(Upstream):
@@ -418,62 +102,11 @@ class SSASTUpstream(Upstream):
             residual stream after layer k, and ``[L]`` is taken after the final LayerNorm
             (what the SSAST heads and its fine-tuning classifier read).
         """
-        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        wavs, wav_lengths = self.as_batch(wavs, wav_lengths)
         feats, flen = self.frontend(wavs, wav_lengths)
         out = self.encoder(feats, flen, max_layer=max_layer)
         P = self.encoder.num_prefix_tokens
         return [h[:, P:] for h in out.hidden_states], out.lengths
-
-
-def crop_frames(feats: torch.Tensor, lengths: torch.Tensor, max_frames: int, random: bool,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop every clip longer than ``max_frames`` to a window of that many frames.
-
-    Args:
-        feats: (B, T, F); lengths: (B,).
-        max_frames: window length.
-        random: uniformly random window start (training) or the clip's start (evaluation).
-        generator: seeds the window starts.
-
-    Returns:
-        (feats (B, min(T, max_frames), F) with zeroed padding, new lengths (B,)).
-    """
-    B, T, Fq = feats.shape
-    if T <= max_frames:
-        return feats, lengths
-    slack = (lengths - max_frames).clamp(min=0)  # (B,) possible start offsets - 1
-    if random:
-        u = torch.rand(B, generator=generator, device=feats.device)
-        start = (u * (slack + 1)).floor().long().clamp(max=slack)
-    else:
-        start = torch.zeros_like(slack)
-    idx = start[:, None] + torch.arange(max_frames, device=feats.device)[None, :]  # (B, max_frames)
-    out = torch.gather(feats, 1, idx[..., None].expand(-1, -1, Fq))
-    new_len = lengths.clamp(max=max_frames)
-    return out.masked_fill(lengths_to_padding_mask(new_len, max_frames)[..., None], 0.0), new_len
-
-
-class SSASTPretrainModel(nn.Module):
-    """Upstream (front-end + encoder) and the MSPM heads, for ``aviary pretrain``.
-
-    ``forward(batch)`` takes ``{"wavs": (B, N), "wav_lengths": (B,)}`` and optionally
-    ``"patch_mask"`` (B, Tg * Fg) bool to fix the mask (tests, analysis).
-    """
-
-    def __init__(self, cfg: SSASTConfig):
-        super().__init__()
-        self.config = cfg
-        self.upstream = SSASTUpstream(cfg.frontend, cfg.encoder)
-        # The heads keep PyTorch's default Linear initialisation, as in the reference code
-        # (only the ViT gets timm's truncated normal init).
-        self.objective = MSPM(cfg.objective, cfg.encoder.hidden_size, cfg.encoder.patch_dim)
-
-    def forward(self, batch: dict, generator: torch.Generator | None = None) -> ObjectiveOutput:
-        wavs, lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"), check_finite=False)
-        feats, flen = self.upstream.frontend(wavs, lengths)  # (B, T, 128)
-        feats, flen = crop_frames(feats, flen, self.config.max_frames, self.training, generator)
-        return self.objective(self.upstream.encoder, feats, flen, mask=batch.get("patch_mask"),
-                              generator=generator)
 
 
 def with_fbank_stats(cfg: SSASTConfig, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> SSASTConfig:
@@ -491,16 +124,17 @@ def with_fbank_stats(cfg: SSASTConfig, batches: Iterable[tuple[torch.Tensor, tor
     return cfg.replace(frontend=compute_global_stats(cfg.frontend, batches).to_dict())
 
 
-def build_pretrain(cfg: SSASTConfig) -> SSASTPretrainModel:
-    return SSASTPretrainModel(cfg)
+def build_objective(cfg: SSASTConfig, upstream: SSASTUpstream) -> MSPM:
+    """MSPM with its two heads, sized from the encoder; clips cropped to ``max_frames``."""
+    return MSPM(cfg.objective, cfg.encoder.hidden_size, cfg.encoder.patch_dim, cfg.max_frames)
 
 
 def build_upstream(cfg: SSASTConfig) -> SSASTUpstream:
     return SSASTUpstream(cfg.frontend, cfg.encoder)
 
 
-register_family(Family(name="ssast", config_cls=SSASTConfig, build_pretrain=build_pretrain,
-                       build_upstream=build_upstream, batch_kind="audio",
+register_family(Family(name="ssast", config_cls=SSASTConfig, build_upstream=build_upstream,
+                       build_objective=build_objective, batch_kind="audio",
                        fit_corpus_stats=with_fbank_stats))
 
 

@@ -3,7 +3,7 @@ import json
 
 from aviary.cli import main as cli_main
 from aviary.hub import describe, format_description
-from aviary.models.mam import MAMPretrainModel
+from aviary.models.registry import build_pretrain
 from aviary.models.registry import get_preset
 from aviary.storage import FORMAT_VERSION
 from aviary.train.checkpoint import save_checkpoint
@@ -11,7 +11,7 @@ from aviary.train.checkpoint import save_checkpoint
 
 def test_info_describes_a_training_run(tmp_path, capsys):
     cfg = get_preset("aalbert-tiny")
-    model = MAMPretrainModel(cfg)
+    model = build_pretrain(cfg)
     run = tmp_path / "run"
     config = {"model": cfg.to_dict(), "train": {"steps": 400}, "step": 200, "format_version": FORMAT_VERSION}
     save_checkpoint(run, 200, model.state_dict(), config, {}, {"step": 200})
