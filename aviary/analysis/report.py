@@ -19,6 +19,10 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from aviary.analysis.spread import COLLAPSE_THRESHOLD, collapsed_layers
+from aviary.evaluate.results import largest_fraction, test_interval
+from aviary.storage import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 #: Roles of the upstreams in a study, used to phrase the findings.
@@ -31,8 +35,6 @@ ROLE_NOT_LEARNED = "not learned"
 
 def _frozen(recs: Sequence[dict[str, Any]], upstream: str, task: str, head: str) -> list[dict[str, Any]]:
     """Frozen probes of one upstream, task and head, at the task's largest label fraction."""
-    from aviary.evaluate.results import largest_fraction
-
     return [r for r in largest_fraction(recs) if r["upstream"] == upstream and r["task"] == task and r["head"] == head]
 
 
@@ -64,8 +66,6 @@ def key_results(recs: Sequence[dict[str, Any]], roles: dict[str, str] | None = N
         [0, 1] or None) and, for each accuracy ``K``, ``K_ci``: its 95 % test interval
         ``(low, high)`` or None, in first-seen order of the upstreams.
     """
-    from aviary.evaluate.results import test_interval
-
     roles = dict(roles or {})
     order: list[str] = []
     for r in recs:
@@ -290,8 +290,6 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
                        f"and Mockingjay {_pct(m['speaker_linear'])} %"
                        f"{_mark(a, 'speaker_linear', m, 'speaker_linear')}.")
 
-    from aviary.analysis.spread import COLLAPSE_THRESHOLD, collapsed_layers
-
     for name, spread in summary.get("layer_spread", {}).items():
         bad = collapsed_layers(spread)
         if bad and rows.get(name, {}).get("role") == ROLE_PRETRAINED:
@@ -372,8 +370,6 @@ def _key_results_section(summary: dict[str, Any], figures: dict[str, Any]) -> li
     kr = summary.get("key_results", [])
     if not kr:
         return []
-    from aviary.evaluate.results import largest_fraction
-
     fracs = sorted({(r["task"], float(r.get("label_fraction", 1.0)))
                     for r in largest_fraction(summary.get("probes", []))})
     used = ", ".join(f"{t} {100 * f:g} %" for t, f in fracs) or "100 %"
@@ -512,8 +508,5 @@ def write_report(summary: dict[str, Any], figures: dict[str, str | Path | None],
     path = Path(path)
     parts = [piece for section in _SECTIONS for piece in section(summary, figures)]
     parts.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(parts))
     return path

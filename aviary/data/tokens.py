@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from aviary.data.sampler import mix_seed, padded_batches
+from aviary.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Vocabulary:
         return table
 
     def write(self, path: str | os.PathLike) -> None:
-        _write_text_atomic(Path(path), "".join(f"{p} {c}\n" for p, c in zip(self.pairs, self.counts)))
+        write_text_atomic(path, "".join(f"{p} {c}\n" for p, c in zip(self.pairs, self.counts)))
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Vocabulary":
@@ -120,20 +121,9 @@ class Vocabulary:
         return cls(tuple(pairs), tuple(counts))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file + rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
     """Write rows as JSON lines, atomically."""
-    _write_text_atomic(Path(path), "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+    write_text_atomic(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

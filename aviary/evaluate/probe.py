@@ -41,7 +41,7 @@ from aviary.evaluate.cache import FeatureCache, load_waveforms
 from aviary.evaluate.featurizers import WeightedSum, build_featurizer, layer_index, parse_layer_spec
 from aviary.evaluate.heads import DEFAULT_HIDDEN, HEADS, build_head
 from aviary.evaluate.metrics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, bootstrap_interval, group_counts
-from aviary.evaluate.solver import DEFAULT_L2_GRID, solve_linear
+from aviary.evaluate.solver import DEFAULT_L2_GRID, solve_linear, standardize_stats
 from aviary.evaluate.tasks import (IGNORE_INDEX, class_names, get_task, label_fraction_subset,
                                    phone_frame_labels, utterance_label)
 from aviary.lengths import valid_mask
@@ -466,8 +466,6 @@ class _PooledData:
         return np.arange(self.num_examples)
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from aviary.evaluate.solver import standardize_stats
-
         return standardize_stats(self.x)
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:

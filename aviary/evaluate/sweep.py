@@ -29,6 +29,9 @@ from aviary.evaluate.tasks import get_task, load_splits
 from aviary.evaluate.upstreams import FEATURE_BASELINES, RANDOM_PREFIX, describe_upstream, resolve_upstream
 from aviary.models.upstream import Upstream
 from aviary.train.compile import compile_model
+from aviary.data import load_manifest
+from aviary.data.check import usable_utterances
+from aviary.data.manifest import check_disjoint_splits, manifest_path
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +232,6 @@ def _run_probes(plan: SweepPlan, out: Path, todo: list[ProbeConfig], splits: dic
 def _drop_unusable(splits: dict[str, dict[str, list[Any]]], data: Any
                    ) -> tuple[dict[str, dict[str, list[Any]]], dict[str, dict[str, int]]]:
     """``--skip-bad``: each task's splits without the utterances whose audio does not load."""
-    from aviary.data.check import usable_utterances
-
     verdict: dict[str, bool] = {}
     out, counts = {}, {}
     for task, parts in splits.items():
@@ -255,22 +256,15 @@ def run_extract(checkpoint: str, data: str | os.PathLike, out: str | os.PathLike
     Returns:
         :class:`~aviary.evaluate.cache.ExtractStats`.
     """
-    from aviary.data import load_manifest
-    from aviary.data.manifest import check_disjoint_splits
-
     up, resolved = resolve_upstream(checkpoint, device=device, seed=random_seed)
     compile_model(up, compile)
     name = name or (display_name(checkpoint) if resolved == checkpoint else resolved)
     utts = load_manifest(data, split=split)
     if not utts:
-        from aviary.data.manifest import manifest_path
-
         raise ValueError(f"{manifest_path(data, split)}: no utterances to extract (the manifest is empty)")
     check_disjoint_splits(data)  # a cache of overlapping splits would feed inflated probes
     skipped: list[tuple[str, str]] = []
     if skip_bad:
-        from aviary.data.check import usable_utterances
-
         utts, skipped = usable_utterances(utts, int(getattr(up, "sample_rate", 16000)))
         if not utts:
             raise ValueError(f"{data}: every file is unusable ({skipped[0][1]}, ...)")

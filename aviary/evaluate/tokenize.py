@@ -25,8 +25,13 @@ import torch
 
 from aviary.data.sampler import padded_batches
 from aviary.data.tokens import (FORMAT, FORMAT_VERSION, META_FILE, NUM_SPECIAL, RAW_DIR, SPECIALS, UNK_ID,
-                                VOCAB_FILE, TokenCorpusError, Vocabulary, _write_text_atomic, pair_string,
+                                VOCAB_FILE, TokenCorpusError, Vocabulary, pair_string,
                                 read_jsonl, write_jsonl)
+from aviary.audio import AudioError, load_audio
+from aviary.data.manifest import load_manifest
+from aviary.hub import load as load_upstream
+from aviary.models.vqwav2vec import VqWav2VecUpstream
+from aviary.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +41,6 @@ SPLITS = ("train", "valid", "test")
 def corpus_splits(data: str | os.PathLike) -> list[tuple[str, Any]]:
     """``(split name, utterances)`` of a corpus directory (its train/valid/test manifests) or of
     a single manifest (all of it as ``train``)."""
-    from aviary.data.manifest import load_manifest
-
     p = Path(data)
     root = p if p.is_dir() else (p.parent if p.name == "manifest.jsonl" else None)
     if root is not None:
@@ -68,8 +71,6 @@ def tokenize_utterances(upstream: Any, utts: Sequence[Any], batch_seconds: float
     Returns:
         (rows, skipped: id -> reason for unreadable audio, audio seconds processed).
     """
-    from aviary.audio import AudioError, load_audio
-
     sr = upstream.sample_rate
     rows: list[dict[str, Any] | None] = [None] * len(utts)
     skipped: dict[str, str] = {}
@@ -122,13 +123,10 @@ def tokenize_corpus(checkpoint: str | os.PathLike, data: str | os.PathLike, out_
     Raises:
         TokenCorpusError: ``out_dir`` holds shards made from another checkpoint or corpus.
     """
-    import aviary
-    from aviary.models.vqwav2vec import VqWav2VecUpstream
-
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out_dir)
-    upstream = aviary.load(checkpoint, device=device)
+    upstream = load_upstream(checkpoint, device=device)
     if not isinstance(upstream, VqWav2VecUpstream):
         raise TokenCorpusError(f"{checkpoint}: a {type(upstream).__name__}, not a vq-wav2vec model; "
                                "`aviary tokenize` needs a vq-wav2vec run")
@@ -145,7 +143,7 @@ def tokenize_corpus(checkpoint: str | os.PathLike, data: str | os.PathLike, out_
                                    "use a new --out directory")
     else:
         raw.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(src_file, json.dumps(source, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(src_file, json.dumps(source, indent=2, sort_keys=True) + "\n")
 
     t0 = time.perf_counter()
     done_seconds, skipped_shards, skipped_utts = 0.0, 0, {}
@@ -196,5 +194,5 @@ def tokenize_corpus(checkpoint: str | os.PathLike, data: str | os.PathLike, out_
             "skipped": skipped_utts,
             "speed": {"audio_seconds": done_seconds, "wall_seconds": wall,
                       "x_real_time": done_seconds / wall if wall > 0 and done_seconds else None}}
-    _write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta

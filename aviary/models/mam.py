@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from aviary.config import Config, check, check_range
 from aviary.features import FrontEndConfig, build_frontend

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from aviary.config import Config, ConfigError, check, check_choice, check_range
 from aviary.data.tokens import MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID, VOCAB_FILE, Vocabulary, read_meta
@@ -35,10 +34,11 @@ from aviary.lengths import padding_mask
 from aviary.models.heads import MaskedLMHead
 from aviary.models.layers import TransformerStack, init_bert_weights
 from aviary.models.registry import Family, register_family, register_preset
-from aviary.models.upstream import Upstream
+from aviary.models.upstream import Upstream, upstream_state
 from aviary.models.windows import from_windows, to_windows
 from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecUpstream
 from aviary.objectives.mlm import MaskedLM
+from aviary.storage import CheckpointError, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,6 @@ class TokenBertUpstream(Upstream):
 
 def load_tokenizer_from_corpus(upstream: TokenBertUpstream, tokens_dir: str | Path) -> None:
     """Copy the tokenizer weights and the vocabulary of a token corpus into ``upstream``."""
-    from aviary.train.checkpoint import CheckpointError, load_tensors
-
     tokens_dir = Path(tokens_dir)
     meta = read_meta(tokens_dir)
     vocab = Vocabulary.read(tokens_dir / VOCAB_FILE)
@@ -218,9 +216,7 @@ def load_tokenizer_from_corpus(upstream: TokenBertUpstream, tokens_dir: str | Pa
     tk = upstream.tokenizer.config
     upstream.code_table.copy_(vocab.code_table(tk.num_groups, tk.num_vars))
     tensors, _ = load_tensors(meta["checkpoint"])
-    prefix = "upstream."
-    sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} or tensors
-    missing, _ = upstream.tokenizer.load_state_dict(sub, strict=False)
+    missing, _ = upstream.tokenizer.load_state_dict(upstream_state(tensors), strict=False)
     if missing:
         raise CheckpointError(f"{meta['checkpoint']}: tokenizer weights missing for {missing[:5]}")
     log.info("token-bert: tokenizer from %s, %d tokens", meta["checkpoint"], len(vocab))

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 
 from aviary.config import Config, ConfigError
+from aviary.models.registry import get_family
+from aviary import storage
 from aviary.precision import autocast_dtype, resolve_precision
 from aviary.train.compile import compile_model
 from aviary.train import checkpoint as ckpt
@@ -187,7 +189,7 @@ def _trim_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-    ckpt.write_bytes_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode())
+    storage.write_bytes_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
 class MetricsWriter:
@@ -277,11 +279,12 @@ def _bundle_holds(run_dir: Path, tensors: dict[str, torch.Tensor]) -> bool:
     if not path.is_file():
         return False
     try:
+        # safe_open checks the header against the file's size: a truncated bundle is rewritten.
         with safe_open(str(path), framework="pt") as f:
             stored = (f.metadata() or {}).get("aviary.sha256")
     except Exception:  # unreadable or truncated: rewrite it
         return False
-    return stored == ckpt.tensors_checksum({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return stored == storage.tensors_checksum({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -320,7 +323,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
                               f"checkpoint's (keys {diff}; {run_json} is missing); resume with the "
                               "model the run was started with")
     if resume and run_json.is_file():
-        stored = ckpt.read_json(run_json)
+        stored = storage.read_json(run_json)
         if stored.get("data") and data_desc and not _same_data(stored["data"], data_desc):
             raise ConfigError(f"{run_json}: the run was trained on {stored['data']!r}, --resume was given "
                               f"--data {data_desc!r}; resume on the same corpus (or omit --data), or start "
@@ -335,12 +338,12 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
             log.warning("resuming with changed train config keys %s; the result will differ "
                         "from an uninterrupted run", changed)
     if info.is_main:
-        ckpt.write_json_atomic(run_json, {
+        storage.write_json_atomic(run_json, {
             "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": data_desc,
             "world_size": info.world_size, "git_commit": _git_commit(),
             # train.precision is the request (auto ...); this is what this machine runs.
             "precision": precision, "precision_requested": train_cfg.precision,
-            "format_version": ckpt.FORMAT_VERSION,
+            "format_version": storage.FORMAT_VERSION,
         })
 
 
@@ -366,8 +369,7 @@ def _save(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer
         # A checkpoint or bundle of NaN weights would load and give NaN features, silently.
         raise NonFiniteError(f"step {step}: {len(bad)} weight tensors are non-finite (first: {bad[0]}); "
                              "nothing written. Lower train.lr or use fp32.")
-    config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "step": step,
-              "format_version": ckpt.FORMAT_VERSION}
+    config = storage.checkpoint_config(model_cfg, train_cfg, step)
     opt_tensors, opt_json = ckpt.optimizer_to_tensors(opt.state_dict())
     state = {"step": step, "epoch": stream.epoch, "position": stream.position, "g": stream.g,
              "world_size": info.world_size, "optimizer": opt_json, "counters": counters,
@@ -380,7 +382,7 @@ def _save(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer
         log.warning("step %d: %d non-finite steps in a row; checkpoint written, root bundle left as it was",
                     step, counters["nonfinite_in_a_row"])
     else:
-        ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, tensors, config=config)
+        storage.save_tensors(run_dir / ckpt.MODEL_FILE, tensors, config=config)
     log.info("checkpoint %s", d)
 
 
@@ -413,8 +415,6 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
         CheckpointError: a checkpoint could not be written (disk full), or none is usable.
         NonFiniteError: ``max_nonfinite_steps`` non-finite steps in a row.
     """
-    from aviary.models.registry import get_family
-
     cfg = train_cfg
     run_dir = Path(run_dir)
     family = get_family(model_cfg.family)
@@ -488,7 +488,7 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
                 # bundle behind: the bundle must hold the final weights. (An intact bundle is
                 # left alone, so resuming a finished run writes nothing.)
                 log.info("%s: the root bundle is missing or older than the last checkpoint; rewriting it", run_dir)
-                ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, m_tensors, config=m_config)
+                storage.save_tensors(run_dir / ckpt.MODEL_FILE, m_tensors, config=m_config)
             return PretrainResult(run_dir, step, nonfinite_steps=counters["nonfinite_steps"], model=model)
 
         compile_model(model, compile)

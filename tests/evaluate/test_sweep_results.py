@@ -154,7 +154,7 @@ def test_finetune_sweep_starts_each_probe_from_the_same_weights(corpus, tmp_path
 
 def test_sweep_from_a_run_directory(corpus, tmp_path):
     from aviary.models.registry import get_family, get_preset
-    from aviary.train.checkpoint import save_tensors
+    from aviary.storage import save_tensors
 
     cfg = get_preset("mockingjay-tiny")
     torch.manual_seed(0)

@@ -6,11 +6,11 @@ import torch
 
 import aviary
 from aviary.config import ConfigError
+from aviary.models.conv import conv_output_lengths
 from aviary.models.quantizers import GumbelQuantizer, KMeansQuantizer
 from aviary.models.registry import PRESETS, build_pretrain, count_parameters, get_family, get_preset, list_presets
-from aviary.models.conv import conv_output_lengths
 from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecUpstream
-from aviary.train.checkpoint import save_tensors
+from aviary.storage import save_tensors
 
 VQ_PRESETS = [n for n in list_presets() if n.startswith("vq-wav2vec")]
 
