@@ -348,7 +348,7 @@ def _prepare(work: Path, cfg) -> tuple[Path, Path, int]:
     import torch
 
     from aviary.interop.s3prl import export_s3prl_checkpoint
-    from aviary.models.bundle import save_bundle
+    from aviary.hub import save_bundle
     from aviary.models.registry import build_pretrain
 
     torch.manual_seed(0)
