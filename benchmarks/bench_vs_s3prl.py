@@ -466,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                         "fraction_of_peak = analytic model matmul GFLOP/s / the matmul peak of the same "
                         "precision measured in the same process")}
     path = write_result("vs_s3prl" + ("_quick" if args.quick else ""), results, args.out)
+    path.with_name("vs_s3prl_partial" + ("_quick" if args.quick else "") + ".json").unlink(missing_ok=True)
     for k, v in ratios.items():
         log.info("%s: %.2fx (best of rounds), %.2fx (median)", k, v["best"], v["median"])
     log.info("wrote %s", path)
