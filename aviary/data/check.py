@@ -26,7 +26,6 @@ import json
 import logging
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np

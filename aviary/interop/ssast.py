@@ -43,7 +43,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
