@@ -32,7 +32,10 @@ from aviary.objectives.hubert import HubertObjective, HubertObjectiveConfig
 
 
 def _logmel(cmvn: str) -> FrontEndConfig:
-    return FrontEndConfig(kind="logmel", n_mels=80, cmvn=cmvn, normalize_db=-25.0)
+    # "global": identity statistics until the pretraining loop measures the corpus's
+    # (with_input_stats, before step 0), as SSAST's fbank statistics are.
+    stats = dict(cmvn_mean=(0.0,) * 80, cmvn_std=(1.0,) * 80) if cmvn == "global" else {}
+    return FrontEndConfig(kind="logmel", n_mels=80, cmvn=cmvn, normalize_db=-25.0, **stats)
 
 
 def _check_input(cfg: Any) -> None:

@@ -213,14 +213,18 @@ class AudioTrainData(TrainData):
     def epoch_batches(self, epoch: int, seed: int) -> list[list[int]]:
         return duration_batches(self.durations, self.max_batch_seconds, seed, epoch)
 
+    def crop_offset(self, u: Any, seed: int) -> float:
+        """Where the crop of utterance ``u`` starts (seconds; 0 when it is not cropped)."""
+        if u.duration <= self.crop_seconds:
+            return 0.0
+        # Random crop (s3prl crops sequence_length frames at a random start).
+        return float(np.random.default_rng(seed).uniform(0.0, u.duration - self.crop_seconds))
+
     def load_item(self, index: int, seed: int) -> dict[str, Any] | None:
         from aviary.audio import AudioError, load_audio
 
         u = self.utts[index]
-        offset = 0.0
-        if u.duration > self.crop_seconds:
-            # Random crop (s3prl crops sequence_length frames at a random start).
-            offset = float(np.random.default_rng(seed).uniform(0.0, u.duration - self.crop_seconds))
+        offset = self.crop_offset(u, seed)
         try:
             wav = load_audio(u.audio, self.sample_rate, self.normalize_db, offset=offset,
                              duration=self.crop_seconds)
@@ -254,7 +258,7 @@ def build_train_data(batch_kind: str, data_path: str | Path, split: str | None,
     """The :class:`TrainData` of one split of ``data_path`` for a model family.
 
     Args:
-        batch_kind: the family's ``batch_kind`` (``"audio"`` or ``"tokens"``).
+        batch_kind: the family's ``batch_kind`` (``"audio"``, ``"audio-targets"`` or ``"tokens"``).
         data_path: corpus directory or manifest file.
         split: ``"train"``, ``"valid"``, ... or ``None`` for the whole manifest.
         train_cfg: the :class:`~aviary.train.config.TrainConfig`.
@@ -267,8 +271,12 @@ def build_train_data(batch_kind: str, data_path: str | Path, split: str | None,
         # No level normalisation here: the model's front-end owns it (normalize_db).
         return AudioTrainData(utts, train_cfg.max_batch_seconds, train_cfg.crop_seconds,
                               train_cfg.min_seconds)
+    if batch_kind == "audio-targets":  # audio + frame targets (HuBERT-style)
+        from aviary.train.targets import build_target_train_data
+
+        return build_target_train_data(data_path, split, train_cfg, model_cfg)
     if batch_kind == "tokens":
         from aviary.data import tokens
 
         return tokens.TokenTrainData.from_path(data_path, split, train_cfg, model_cfg)
-    raise ConfigError(f"unknown batch_kind {batch_kind!r}: allowed 'audio' or 'tokens'")
+    raise ConfigError(f"unknown batch_kind {batch_kind!r}: allowed 'audio', 'audio-targets' or 'tokens'")
