@@ -12,8 +12,9 @@ from aviary.data.manifest import Utterance, write_manifest
 from aviary.data.tokens import (NUM_SPECIAL, PAD_ID, UNK_ID, TokenTrainData, Vocabulary, collate_tokens,
                                 make_token_dataset, read_meta, token_batches)
 from aviary.evaluate.tokenize import tokenize_corpus
-from aviary.models.token_bert import TokenBertPretraining, TokenBertUpstream, configure_from_tokens, token_bert_cpu
-from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecPretraining
+from aviary.models.registry import build_pretrain
+from aviary.models.token_bert import TokenBertUpstream, configure_from_tokens, token_bert_cpu
+from aviary.models.vqwav2vec import VqWav2VecConfig
 from aviary.train.checkpoint import save_tensors
 
 
@@ -45,7 +46,7 @@ def vq_run(tmp_path_factory):
     torch.manual_seed(0)
     cfg = VqWav2VecConfig(channels=16, gumbel_hidden=24, num_vars=6, aggregator_kernels=(2,), prediction_steps=2,
                           num_negatives=2)
-    m = VqWav2VecPretraining(cfg)
+    m = build_pretrain(cfg)
     save_tensors(run / "model.safetensors", m.state_dict(), config={"model": cfg.to_dict(), "step": 0})
     return run
 
@@ -136,7 +137,7 @@ def test_train_data_configures_token_bert(tokens):
     assert configured == configure_from_tokens(cfg, tokens)
     assert configured.vocab_size == read_meta(tokens)["vocab_size"] and configured.tokenizer.num_vars == 6
     batch = data.collate([data.load_item(i, seed=i) for i in data.epoch_batches(0, 0)[0]])
-    m = TokenBertPretraining(configured)
+    m = build_pretrain(configured)
     out = m(batch)
     assert torch.isfinite(out.loss) and "unigram_accuracy" in out.metrics
 
@@ -144,7 +145,7 @@ def test_train_data_configures_token_bert(tokens):
 def test_token_bert_upstream_from_audio(tmp_path, tokens, corpus):
     cfg = configure_from_tokens(token_bert_cpu().replace(num_layers=2, hidden_size=32, num_heads=2,
                                                          ffn_size=64, max_positions=8), tokens)
-    m = TokenBertPretraining(cfg).eval()
+    m = build_pretrain(cfg).eval()
     save_tensors(tmp_path / "model.safetensors", m.state_dict(), config={"model": cfg.to_dict(), "step": 1})
     # the bundle is self-contained: loading needs neither the token corpus nor the vq-wav2vec run
     up = TokenBertUpstream(cfg.replace(tokens_dir=None))

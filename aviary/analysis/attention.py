@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from aviary.lengths import valid_mask
+
 log = logging.getLogger(__name__)
 
 _LOG2 = math.log(2.0)
@@ -157,7 +159,7 @@ class LayerJSDAccumulator:
             raise ValueError(f"lengths must be ({B},), got {tuple(lengths.shape)}")
         if int(lengths.max()) > T or int(lengths.min()) < 1:
             raise ValueError(f"lengths {lengths.tolist()} must lie in [1, T={T}]")
-        valid = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+        valid = valid_mask(lengths, T)  # (B, T)
         key_keep = valid[:, None, None, :].double()  # (B, 1, 1, T)
         query_w = valid[:, None, :].double()  # (B, 1, T): weight of each query position
         L = len(attentions)
@@ -202,22 +204,15 @@ def extract_attentions(upstream: torch.nn.Module, wavs: torch.Tensor, wav_length
     """Every layer's attention probabilities from an upstream that can return them.
 
     Args:
-        upstream: an :class:`~aviary.models.upstream.Upstream` whose ``extract`` accepts
-            ``need_weights=True`` (the MAM family: Mockingjay, AALBERT, TERA).
+        upstream: an :class:`~aviary.models.upstream.Upstream` that implements
+            ``attentions`` (the MAM family: Mockingjay, AALBERT, TERA).
         wavs: (B, N) waveforms.
         wav_lengths: (B,) valid samples.
 
     Returns:
         (L attention tensors (B, h, T, T), (B,) valid encoder frames).
     """
-    out = upstream.extract(wavs, wav_lengths, need_weights=True)
-    if isinstance(out, tuple) and len(out) == 3:
-        _hidden, lengths, attentions = out
-    elif hasattr(out, "attentions"):
-        attentions, lengths = out.attentions, out.lengths
-    else:
-        raise TypeError(f"{type(upstream).__name__}.extract(..., need_weights=True) returned {type(out).__name__}; "
-                        "expected (hidden_states, lengths, attentions)")
+    attentions, lengths = upstream.attentions(wavs, wav_lengths)
     if not attentions:
         raise ValueError(f"{type(upstream).__name__} returned no attention maps")
     return list(attentions), lengths

@@ -43,6 +43,7 @@ from aviary.evaluate.metrics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, bootstrap_
 from aviary.evaluate.solver import DEFAULT_L2_GRID, solve_linear
 from aviary.evaluate.tasks import (IGNORE_INDEX, class_names, get_task, label_fraction_subset,
                                    phone_frame_labels, utterance_label)
+from aviary.lengths import valid_mask
 from aviary.precision import PRECISIONS, autocast_context, from_legacy_autocast, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -759,7 +760,7 @@ def _finetune_logits(upstream: nn.Module, model: ProbeModel, utts: Sequence[Any]
         if level == "frame":
             return model(x).float(), lengths  # (B, T, C)
         feats = model.featurizer(x)  # (B, T, H)
-        mask = (torch.arange(feats.shape[1], device=device)[None, :] < lengths[:, None]).to(feats.dtype)
+        mask = valid_mask(lengths, feats.shape[1]).to(feats.dtype)
         pooled = (feats * mask[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(feats.dtype)  # (B, H)
         return model.head(pooled).float(), lengths  # (B, C)
 

@@ -50,7 +50,7 @@ class FeatureUpstream(Upstream):
 
     def extract(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None,
                 max_layer: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        wavs, wav_lengths = self.as_batch(wavs, wav_lengths)
         # Always fp32, as inside the pretrained models: under precision=auto (bf16 autocast)
         # the baselines' mel matmul and logs would otherwise lose precision.
         with torch.autocast(device_type=wavs.device.type, enabled=False):

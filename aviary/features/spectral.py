@@ -13,6 +13,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from aviary.lengths import padding_mask  # noqa: F401  (the front-ends use it as spectral.padding_mask)
+
 
 def num_frames(num_samples: torch.Tensor | int, win_length: int, hop_length: int, center: bool,
                n_fft: int | None = None) -> torch.Tensor | int:
@@ -69,11 +71,6 @@ def frame_signal(wavs: torch.Tensor, lengths: torch.Tensor, frame_length: int, h
         out_len = num_frames(lengths, frame_length, hop_length, center=False)
     frames = padded.unfold(-1, frame_length, hop_length)  # (B, T, frame_length)
     return frames, out_len
-
-
-def padding_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, T) bool, True where a frame is padding."""
-    return torch.arange(T, device=lengths.device).unsqueeze(0) >= lengths.unsqueeze(1)
 
 
 @lru_cache(maxsize=32)

@@ -278,7 +278,7 @@ def state_dict_from_s3prl(transformer: Mapping[str, Any], spec_head: Mapping[str
     all layers must hold identical tensors (they become aviary's single shared layer).
 
     Returns:
-        State dict for :class:`~aviary.models.mam.MAMPretrainModel` (``head.*`` only when
+        State dict for the MAM ``PretrainModel`` (``head.*`` only when
         ``spec_head`` is given).
 
     Raises:
@@ -440,14 +440,14 @@ def import_s3prl_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike)
         S3prlError: unreadable / unsupported checkpoint; FileExistsError if ``RUN_DIR`` holds
             a model already.
     """
-    from aviary.models.mam import MAMPretrainModel
+    from aviary.models.registry import build_pretrain
     from aviary.train import checkpoint as ckpt
 
     out_dir = Path(out_dir)
     if (out_dir / ckpt.MODEL_FILE).exists() or ckpt.list_checkpoints(out_dir):
         raise FileExistsError(f"{out_dir} already holds an aviary model; choose another --out")
     cfg, tensors, info = read_s3prl_checkpoint(path)
-    model = MAMPretrainModel(cfg)
+    model = build_pretrain(cfg)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise S3prlError(f"{path}: mapped weights do not fit the aviary model "

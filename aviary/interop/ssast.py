@@ -4,7 +4,7 @@ A released SSAST pretraining checkpoint is a ``torch.save``-d state dict of the
 ``DataParallel``-wrapped ``ASTModel``; its backbone is a timm DeiT ("vit_deit_*_distilled")::
 
 =====================================================  ==============================================
-SSAST key (after dropping ``module.``)                 aviary ``SSASTPretrainModel`` key
+SSAST key (after dropping ``module.``)                 aviary ``PretrainModel`` key
 =====================================================  ==============================================
 ``v.patch_embed.proj.{weight,bias}`` (D, 1, f, t)      ``upstream.encoder.patch_embed.proj.*``
 ``v.cls_token``, ``v.dist_token`` (1, 1, D)            ``upstream.encoder.prefix_tokens`` rows 0, 1
@@ -48,7 +48,9 @@ from typing import Any, Mapping
 import torch
 
 from aviary.features import FrontEndConfig
-from aviary.models.ssast import SSASTConfig, SSASTEncoderConfig, SSASTPretrainModel
+from aviary.models.registry import build_pretrain
+from aviary.models.ssast import SSASTConfig, SSASTEncoderConfig
+from aviary.objectives.base import PretrainModel
 from aviary.objectives.mspm import MSPMConfig
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ def convert_ssast_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.Path
         fbank_mean, fbank_std: corpus statistics of the pretraining data.
 
     Returns:
-        (config, tensors for :class:`~aviary.models.ssast.SSASTPretrainModel`).
+        (config, tensors for :class:`~aviary.objectives.base.PretrainModel`).
 
     Raises:
         SSASTImportError: a key is missing or a shape does not fit, naming both.
@@ -193,7 +195,7 @@ def convert_ssast_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.Path
 
 def load_ssast_checkpoint(path: str | os.PathLike, num_heads: int | None = None,
                           fbank_mean: float = AUDIOSET_MEAN, fbank_std: float = AUDIOSET_STD
-                          ) -> SSASTPretrainModel:
+                          ) -> PretrainModel:
     """Load a released SSAST checkpoint as an aviary pretraining model, in memory.
 
     Args:
@@ -202,7 +204,7 @@ def load_ssast_checkpoint(path: str | os.PathLike, num_heads: int | None = None,
         fbank_mean, fbank_std: fbank statistics of the pretraining data (AudioSet defaults).
 
     Returns:
-        The :class:`~aviary.models.ssast.SSASTPretrainModel` in eval mode; its ``upstream``
+        The :class:`~aviary.objectives.base.PretrainModel` in eval mode; its ``upstream``
         extracts hidden states, and it can be pretrained further.
 
     Raises:
@@ -210,7 +212,7 @@ def load_ssast_checkpoint(path: str | os.PathLike, num_heads: int | None = None,
     """
     path = Path(path)
     cfg, tensors = convert_ssast_state_dict(_read_state_dict(path), path, num_heads, fbank_mean, fbank_std)
-    model = SSASTPretrainModel(cfg)
+    model = build_pretrain(cfg)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise SSASTImportError(f"{path}: mapped weights do not fit the aviary model "

@@ -25,7 +25,8 @@ import torch.nn as nn
 from einops import rearrange
 
 from aviary.config import Config, check, check_choice, check_range
-from aviary.models.layers import TransformerStack, init_bert_weights, lengths_to_padding_mask, sinusoidal_positions
+from aviary.lengths import padding_mask, valid_mask
+from aviary.models.layers import TransformerStack, init_bert_weights, sinusoidal_positions
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def stack_frames(feats: torch.Tensor, lengths: torch.Tensor, R: int, drop_tail: 
         (stacked (B, ceil(T/R), D*R), ceil(lengths / R) or floor(lengths / R)).
     """
     B, T, D = feats.shape
-    valid = ~lengths_to_padding_mask(lengths, T)  # (B, T)
+    valid = valid_mask(lengths, T)  # (B, T)
     feats = feats * valid[..., None].to(feats.dtype)
     if R == 1:
         return feats, lengths
@@ -165,7 +166,7 @@ class TransformerEncoder(nn.Module):
         # Fixed sinusoidal positions (Mockingjay section 2.1): any length works.
         x = x + sinusoidal_positions(x.shape[1], self.hidden_size, x.device, x.dtype)
         x = self.input_dropout(self.input_ln(x))
-        kpm = lengths_to_padding_mask(lengths, x.shape[1])  # (B, T'), True = padding
+        kpm = padding_mask(lengths, x.shape[1])  # (B, T'), True = padding
         return self.layers(x, kpm, need_weights=need_weights, max_layer=max_layer)
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor, max_layer: int | None = None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 
 from aviary.models.layers import init_bert_weights
@@ -44,3 +45,17 @@ class SpecHead(nn.Module):
         y = self.out(self.ln(self.act(self.dense(h))))  # (B, T', R * target_dim)
         # Same (r d) order as the encoder's stacking, so frame t*R + r maps back to itself.
         return rearrange(y, "b t (r d) -> b (t r) d", r=self.downsample)
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's LM head: Linear -> GELU -> LayerNorm -> scores against the (tied) embeddings + bias."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """x (..., H), embedding (V, H) -> logits (..., V)."""
+        return F.linear(self.norm(F.gelu(self.dense(x))), embedding, self.bias)

@@ -10,8 +10,9 @@ and differ only in settings: Audio ALBERT shares one layer's parameters across d
 adds frequency and magnitude alterations. The presets at the bottom of this module give the
 published configurations and CPU-sized variants.
 
-The pretraining model composes parts (front-ends, encoder, masking, head, loss); its
-``upstream`` sub-module (front-end + encoder) is what ``aviary.load`` returns later.
+The pretraining model is the generic ``PretrainModel(MAMUpstream, MaskedReconstruction)``
+(:func:`build_objective`); its ``upstream`` (front-end + encoder) is what ``aviary.load``
+returns later.
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ from aviary.models.encoder import EncoderConfig, TransformerEncoder
 from aviary.models.heads import SpecHead
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
-from aviary.objectives.base import ObjectiveOutput
-from aviary.objectives.masking import MaskingConfig, mam_mask
-from aviary.objectives.reconstruction import masked_l1
+from aviary.objectives.base import Objective, ObjectiveConfig
+from aviary.objectives.masking import MaskingConfig
+from aviary.objectives.reconstruction import MaskedReconstruction
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ class MAMConfig(Config):
         masking: span length C, proportion, 80/10/10, TERA alterations.
         chunk_seconds: extraction processes long recordings in windows of this many seconds
             (each window encoded independently, as training crops are), bounding memory.
+        objective: ``None`` (the masked reconstruction of the papers, set by ``target``,
+            ``masking`` and ``head_init``) or another objective's config, e.g. a masked
+            prediction objective on the same encoder (:class:`~aviary.objectives.base.ObjectiveConfig`,
+            found by its ``name``); ``variant`` then names that objective.
     """
 
     family: str = "mam"
@@ -76,11 +81,24 @@ class MAMConfig(Config):
     # predictions constant over time, the same loss with and without the input), and the
     # model never leaves that state in a short run.
     head_init: str = "normal"
+    objective: ObjectiveConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        # Without another objective the dict is what it was before the field existed, so the
+        # config stored in a run directory (and compared on resume) does not change.
+        d = super().to_dict()
+        if d["objective"] is None:
+            del d["objective"]
+        return d
 
     def validate(self) -> None:
         check(self.family == "mam", "family", self.family, "'mam'")
-        check(self.variant in ("mockingjay", "aalbert", "tera"), "variant", self.variant,
-              "one of ['mockingjay', 'aalbert', 'tera']")
+        if self.objective is None:
+            check(self.variant in ("mockingjay", "aalbert", "tera"), "variant", self.variant,
+                  "one of ['mockingjay', 'aalbert', 'tera']")
+        else:
+            check(self.variant == self.objective.name, "variant", self.variant,
+                  f"the objective's name {self.objective.name!r}")
         check(self.target.delta_order == 0, "target.delta_order", self.target.delta_order,
               "0 (the model reconstructs static spectra)")
         # Prediction frame t must be target frame t: same clock on both sides.
@@ -120,34 +138,42 @@ class MAMUpstream(Upstream):
             return self.frontend(wavs.float(), wav_lengths)
 
     def extract(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None,
-                max_layer: int | None = None, need_weights: bool = False):
+                max_layer: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """All hidden states of a padded batch of waveforms.
 
         Args:
             wavs: (B, N) or (N,) waveforms at ``sample_rate``.
             wav_lengths: (B,) valid samples per row (``None`` = full rows).
             max_layer: stop after this layer (0 = embedding output only).
-            need_weights: also return attention probabilities; the whole sequence is then
-                encoded in one window (meant for short analysis utterances).
 
         Returns:
             ``(hidden_states, lengths)``: ``min(max_layer, L) + 1`` tensors (B, T', H) and
-            (B,) valid encoder frames; with ``need_weights`` a third element, the list of
-            per-layer (B, heads, T', T') probabilities.
+            (B,) valid encoder frames.
         """
-        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        wavs, wav_lengths = self.as_batch(wavs, wav_lengths)
         feats, flen = self.features(wavs, wav_lengths)  # (B, T, D)
         stacked, lengths = self.encoder.stack(feats, flen)  # (B, T', D*R)
-        if need_weights:
-            if stacked.shape[1] > self.chunk_frames:
-                log.warning("need_weights over %d frames (> chunk of %d): attention is T'^2 memory",
-                            stacked.shape[1], self.chunk_frames)
-            hs, att = self.encoder.encode(stacked, lengths, max_layer, need_weights=True)
-            return hs, lengths, att
         if stacked.shape[1] <= self.chunk_frames:
             hs, _ = self.encoder.encode(stacked, lengths, max_layer)
             return hs, lengths
         return self._extract_chunked(stacked, lengths, max_layer), lengths
+
+    def attentions(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every layer's attention probabilities; the whole sequence is encoded in one window
+        (meant for short analysis utterances).
+
+        Returns:
+            (L tensors (B, heads, T', T'), (B,) valid encoder frames).
+        """
+        wavs, wav_lengths = self.as_batch(wavs, wav_lengths)
+        feats, flen = self.features(wavs, wav_lengths)
+        stacked, lengths = self.encoder.stack(feats, flen)
+        if stacked.shape[1] > self.chunk_frames:
+            log.warning("attention maps over %d frames (> chunk of %d): T'^2 memory",
+                        stacked.shape[1], self.chunk_frames)
+        _, att = self.encoder.encode(stacked, lengths, need_weights=True)
+        return att, lengths
 
     def _extract_chunked(self, stacked: torch.Tensor, lengths: torch.Tensor,
                          max_layer: int | None, max_frames_per_pass: int = 16384) -> list[torch.Tensor]:
@@ -172,67 +198,22 @@ class MAMUpstream(Upstream):
         return [o.reshape(B, n * C, self.hidden_size)[:, :T] for o in out]
 
 
-class MAMPretrainModel(nn.Module):
-    """Masked acoustic model for pretraining: upstream + SpecHead + masked L1.
-
-    ``forward(batch)`` takes the audio collate's dict (``wavs`` (B, N), ``wav_lengths`` (B,))
-    and returns an :class:`ObjectiveOutput` with ``loss``, ``metrics`` (``l1``,
-    ``masked_frac``, ``frames``) and, when ``return_extras``, ``pred``/``target``/``mask``.
-    Masks come from the global torch RNG unless ``mask_generator`` is set.
-    """
-
-    def __init__(self, cfg: MAMConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.upstream = MAMUpstream(cfg)
-        R = cfg.encoder.downsample
-        self.head = SpecHead(cfg.encoder.hidden_size, cfg.target.dim, R, cfg.encoder.ln_eps, cfg.encoder.init_std,
-                             zero_out=cfg.head_init == "zero")
-        # When the target is the static part of the input (same settings, no delta), it is a
-        # slice of the input features (static bins come first, CMVN is per dimension), so the
-        # spectrogram is computed once.
-        self.target_is_input_slice = cfg.target == cfg.input.replace(delta_order=0)
-        self.target_frontend = None if self.target_is_input_slice else build_frontend(cfg.target)
-        self.mask_generator: torch.Generator | None = None
-
-    @torch.no_grad()
-    def _features_and_target(self, wavs: torch.Tensor, wav_lengths: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        feats, flen = self.upstream.features(wavs, wav_lengths)  # (B, T, D_in)
-        if self.target_is_input_slice:
-            return feats, flen, feats[..., :self.config.target.dim]
-        with torch.autocast(device_type=wavs.device.type, enabled=False):
-            target, tlen = self.target_frontend(wavs.float(), wav_lengths)  # (B, T, D_t)
-        if not torch.equal(tlen, flen):
-            raise RuntimeError(f"target frames {tlen.tolist()} differ from input frames {flen.tolist()}")
-        return feats, flen, target
-
-    def forward(self, batch: dict[str, Any], return_extras: bool = False) -> ObjectiveOutput:
-        """One masked-reconstruction step on a batch of waveforms (see the class docstring)."""
-        wavs, wav_lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"), check_finite=False)
-        feats, flen, target = self._features_and_target(wavs, wav_lengths)
-        enc = self.upstream.encoder
-        R = enc.downsample
-        stacked, slen = enc.stack(feats, flen)  # (B, T', D*R)
-        # Mask at the encoder frame rate (s3prl process_train_MAM_data does the same).
-        m = mam_mask(stacked, slen, self.config.masking, generator=self.mask_generator, stack=R)
-        hidden_states, _ = enc.encode(m.inputs, slen)
-        pred = self.head(hidden_states[-1])  # (B, T'*R, D_t)
-        T = target.shape[1]
-        pred = pred[:, :T]
-        # A masked encoder frame hides all R frames it stacks; frames past the row's length
-        # (the zero-filled tail of the last group, and padding) are never scored.
-        frame_mask = m.time_mask.repeat_interleave(R, dim=1)[:, :T]  # (B, T)
-        frame_mask = frame_mask & (torch.arange(T, device=flen.device)[None, :] < flen[:, None])
-        out = masked_l1(pred, target, frame_mask, lengths=flen, return_extras=return_extras)
-        out.metrics["frames"] = int(flen.sum())
-        if return_extras:
-            out.extras.update(inputs=m.inputs.detach(), time_mask=m.time_mask, feats=feats)
-        return out
+def build_objective(cfg: MAMConfig, upstream: MAMUpstream) -> Objective:
+    """The objective of ``cfg``: its ``objective`` config's, or masked reconstruction
+    (SpecHead + masked L1 on the target spectrogram)."""
+    if cfg.objective is not None:
+        return cfg.objective.build(upstream)
+    head = SpecHead(cfg.encoder.hidden_size, cfg.target.dim, cfg.encoder.downsample, cfg.encoder.ln_eps,
+                    cfg.encoder.init_std, zero_out=cfg.head_init == "zero")
+    # When the target is the static part of the input (same settings, no delta), it is a
+    # slice of the input features, so the spectrogram is computed once.
+    target_is_input_slice = cfg.target == cfg.input.replace(delta_order=0)
+    return MaskedReconstruction(cfg.masking, head, cfg.target.dim,
+                                None if target_is_input_slice else build_frontend(cfg.target))
 
 
-register_family(Family(name="mam", config_cls=MAMConfig, build_pretrain=MAMPretrainModel,
-                       build_upstream=MAMUpstream, batch_kind="audio"))
+register_family(Family(name="mam", config_cls=MAMConfig, build_upstream=MAMUpstream,
+                       build_objective=build_objective, batch_kind="audio"))
 
 
 # Presets. Mockingjay BASE / LARGE, AALBERT 3L/6L/12L and TERA base follow REFERENCE.md

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from aviary.config import Config, ConfigError
+from aviary.objectives.base import Objective, PretrainModel
 
 
 @dataclass(frozen=True)
@@ -22,22 +23,33 @@ class Family:
     Attributes:
         name: family id stored in checkpoints (``config["family"]``).
         config_cls: the family's pretraining config class (has a ``family`` field).
-        build_pretrain: config -> pretraining model (``forward(batch) -> ObjectiveOutput``,
-            ``.upstream`` attribute or method giving the :class:`~aviary.models.upstream.Upstream`).
         build_upstream: config -> bare upstream (weights loaded afterwards from the pretraining
             model's state dict, whose keys start with ``upstream.``).
+        build_objective: (config, upstream) -> the :class:`~aviary.objectives.base.Objective`
+            the family pretrains with (its heads sized from the upstream); the config may name
+            one of several (e.g. a masked acoustic model's ``objective`` field).
         batch_kind: ``"audio"`` (batches of waveforms) or ``"tokens"`` (token-id sequences).
         fit_corpus_stats: optional ``(config, batches of (wavs, lengths)) -> config`` that
             measures corpus statistics the model normalises with (SSAST's fbank mean / std)
             and returns the config holding them; the loop calls it once before training.
+        build_pretrain_upstream: optional config -> upstream for pretraining, when it differs
+            from the one ``build_upstream`` rebuilds for loading (token-BERT copies its token
+            corpus's tokenizer and vocabulary in); ``None``: ``build_upstream``.
     """
 
     name: str
     config_cls: type
-    build_pretrain: Callable[[Any], nn.Module]
     build_upstream: Callable[[Any], nn.Module]
+    build_objective: Callable[[Any, nn.Module], Objective]
     batch_kind: str = "audio"
     fit_corpus_stats: Callable[[Any, Any], Any] | None = None
+    build_pretrain_upstream: Callable[[Any], nn.Module] | None = None
+
+    def build_pretrain(self, cfg: Any) -> PretrainModel:
+        """The pretraining model of ``cfg``: ``PretrainModel(upstream, objective)``, the same
+        class for every family (``forward(batch, generator=None) -> ObjectiveOutput``)."""
+        upstream = (self.build_pretrain_upstream or self.build_upstream)(cfg)
+        return PretrainModel(upstream, self.build_objective(cfg, upstream), config=cfg)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -89,6 +101,11 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise ConfigError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
     return FAMILIES[name]
+
+
+def build_pretrain(cfg: Config) -> PretrainModel:
+    """The pretraining model of a family config (its upstream composed with its objective)."""
+    return get_family(cfg.family).build_pretrain(cfg)
 
 
 def config_from_dict(d: Mapping[str, Any], source: Any = None) -> Config:

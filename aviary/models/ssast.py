@@ -49,10 +49,10 @@ from einops import rearrange
 
 from aviary.config import Config, check, check_range
 from aviary.features import FrontEndConfig, build_frontend, compute_global_stats
-from aviary.models.layers import TransformerStack, alibi_slopes, lengths_to_padding_mask
+from aviary.lengths import padding_mask
+from aviary.models.layers import TransformerStack, alibi_slopes
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
-from aviary.objectives.base import ObjectiveOutput
 from aviary.objectives.mspm import MSPM, MSPMConfig
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class SSASTEncoder(nn.Module):
             raise ValueError(f"lengths must be ({B},), got {tuple(lengths.shape)}")
         if B and int(lengths.min()) < 1:
             raise ValueError(f"every clip needs at least one frame; lengths = {lengths.tolist()}")
-        feats = feats.masked_fill(lengths_to_padding_mask(lengths, T)[..., None], 0.0)
+        feats = feats.masked_fill(padding_mask(lengths, T)[..., None], 0.0)
         steps = int(self.time_steps(torch.tensor(T)))
         t_pad = c.patch_time + (steps - 1) * c.stride_time
         return F.pad(feats, (0, 0, 0, t_pad - T)), self.time_steps(lengths)
@@ -289,7 +289,7 @@ class SSASTEncoder(nn.Module):
                         stride=(c.stride_freq, c.stride_time))  # (B, K, Fg * Tg), frequency-major
         Tg = (x.shape[1] - c.patch_time) // c.stride_time + 1
         patches = rearrange(cols, "b k (f t) -> b (t f) k", t=Tg)
-        valid = ~lengths_to_padding_mask(steps, Tg)  # (B, Tg)
+        valid = ~padding_mask(steps, Tg)  # (B, Tg)
         return patches, valid[:, :, None].expand(-1, -1, c.grid_freq)
 
     def position_embeddings(self, steps: torch.Tensor, Tg: int) -> torch.Tensor:
@@ -376,7 +376,7 @@ class SSASTEncoder(nn.Module):
         x = torch.cat([prefix.unsqueeze(0).expand(B, -1, -1), tokens], dim=1)  # (B, P + N, D)
         x = self.dropout(x)
         n_valid = steps * Fg  # (B,) valid patch tokens
-        pad = lengths_to_padding_mask(n_valid + P, P + Tg * Fg)  # prefix is never padding
+        pad = padding_mask(n_valid + P, P + Tg * Fg)  # prefix is never padding
         bias = self.attention_bias(Tg, x.device)
         hidden, attn = self.layers(x, key_padding_mask=pad, need_weights=need_weights, max_layer=max_layer,
                                    attn_bias=None if bias is None else bias.to(x.dtype))
@@ -418,62 +418,11 @@ class SSASTUpstream(Upstream):
             residual stream after layer k, and ``[L]`` is taken after the final LayerNorm
             (what the SSAST heads and its fine-tuning classifier read).
         """
-        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        wavs, wav_lengths = self.as_batch(wavs, wav_lengths)
         feats, flen = self.frontend(wavs, wav_lengths)
         out = self.encoder(feats, flen, max_layer=max_layer)
         P = self.encoder.num_prefix_tokens
         return [h[:, P:] for h in out.hidden_states], out.lengths
-
-
-def crop_frames(feats: torch.Tensor, lengths: torch.Tensor, max_frames: int, random: bool,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop every clip longer than ``max_frames`` to a window of that many frames.
-
-    Args:
-        feats: (B, T, F); lengths: (B,).
-        max_frames: window length.
-        random: uniformly random window start (training) or the clip's start (evaluation).
-        generator: seeds the window starts.
-
-    Returns:
-        (feats (B, min(T, max_frames), F) with zeroed padding, new lengths (B,)).
-    """
-    B, T, Fq = feats.shape
-    if T <= max_frames:
-        return feats, lengths
-    slack = (lengths - max_frames).clamp(min=0)  # (B,) possible start offsets - 1
-    if random:
-        u = torch.rand(B, generator=generator, device=feats.device)
-        start = (u * (slack + 1)).floor().long().clamp(max=slack)
-    else:
-        start = torch.zeros_like(slack)
-    idx = start[:, None] + torch.arange(max_frames, device=feats.device)[None, :]  # (B, max_frames)
-    out = torch.gather(feats, 1, idx[..., None].expand(-1, -1, Fq))
-    new_len = lengths.clamp(max=max_frames)
-    return out.masked_fill(lengths_to_padding_mask(new_len, max_frames)[..., None], 0.0), new_len
-
-
-class SSASTPretrainModel(nn.Module):
-    """Upstream (front-end + encoder) and the MSPM heads, for ``aviary pretrain``.
-
-    ``forward(batch)`` takes ``{"wavs": (B, N), "wav_lengths": (B,)}`` and optionally
-    ``"patch_mask"`` (B, Tg * Fg) bool to fix the mask (tests, analysis).
-    """
-
-    def __init__(self, cfg: SSASTConfig):
-        super().__init__()
-        self.config = cfg
-        self.upstream = SSASTUpstream(cfg.frontend, cfg.encoder)
-        # The heads keep PyTorch's default Linear initialisation, as in the reference code
-        # (only the ViT gets timm's truncated normal init).
-        self.objective = MSPM(cfg.objective, cfg.encoder.hidden_size, cfg.encoder.patch_dim)
-
-    def forward(self, batch: dict, generator: torch.Generator | None = None) -> ObjectiveOutput:
-        wavs, lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"), check_finite=False)
-        feats, flen = self.upstream.frontend(wavs, lengths)  # (B, T, 128)
-        feats, flen = crop_frames(feats, flen, self.config.max_frames, self.training, generator)
-        return self.objective(self.upstream.encoder, feats, flen, mask=batch.get("patch_mask"),
-                              generator=generator)
 
 
 def with_fbank_stats(cfg: SSASTConfig, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> SSASTConfig:
@@ -491,16 +440,17 @@ def with_fbank_stats(cfg: SSASTConfig, batches: Iterable[tuple[torch.Tensor, tor
     return cfg.replace(frontend=compute_global_stats(cfg.frontend, batches).to_dict())
 
 
-def build_pretrain(cfg: SSASTConfig) -> SSASTPretrainModel:
-    return SSASTPretrainModel(cfg)
+def build_objective(cfg: SSASTConfig, upstream: SSASTUpstream) -> MSPM:
+    """MSPM with its two heads, sized from the encoder; clips cropped to ``max_frames``."""
+    return MSPM(cfg.objective, cfg.encoder.hidden_size, cfg.encoder.patch_dim, cfg.max_frames)
 
 
 def build_upstream(cfg: SSASTConfig) -> SSASTUpstream:
     return SSASTUpstream(cfg.frontend, cfg.encoder)
 
 
-register_family(Family(name="ssast", config_cls=SSASTConfig, build_pretrain=build_pretrain,
-                       build_upstream=build_upstream, batch_kind="audio",
+register_family(Family(name="ssast", config_cls=SSASTConfig, build_upstream=build_upstream,
+                       build_objective=build_objective, batch_kind="audio",
                        fit_corpus_stats=with_fbank_stats))
 
 

@@ -3,8 +3,9 @@
 Pretraining (``batch_kind="tokens"``): token ids from ``aviary tokenize`` -> token +
 learned position embeddings -> LayerNorm -> dropout -> post-LN transformer
 (:class:`~aviary.models.layers.TransformerStack`) -> masked-LM head (Linear -> GELU ->
-LayerNorm -> output projection tied to the input embeddings, BERT). Span masking and the
-loss live in :mod:`aviary.objectives.mlm`.
+LayerNorm -> output projection tied to the input embeddings, BERT;
+:class:`~aviary.models.heads.MaskedLMHead`). Span masking, corruption and the loss are the
+:class:`~aviary.objectives.mlm.MaskedLM` objective.
 
 As an upstream the model is self-contained: it carries the vq-wav2vec tokenizer (config in
 ``config.tokenizer``, weights under ``upstream.tokenizer.*``) and the vocabulary (the
@@ -31,12 +32,13 @@ import torch.nn.functional as F
 
 from aviary.config import Config, ConfigError, check, check_choice, check_range
 from aviary.data.tokens import MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID, VOCAB_FILE, Vocabulary, read_meta
-from aviary.models.layers import TransformerStack, init_bert_weights, lengths_to_padding_mask
+from aviary.lengths import padding_mask
+from aviary.models.heads import MaskedLMHead
+from aviary.models.layers import TransformerStack, init_bert_weights
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
 from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecUpstream
-from aviary.objectives.base import ObjectiveOutput
-from aviary.objectives.mlm import corrupt_tokens, masked_lm_loss, span_mask
+from aviary.objectives.mlm import MaskedLM
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ class TokenBertUpstream(Upstream):
     def forward_tokens(self, tokens: torch.Tensor, lengths: torch.Tensor, max_layer: int | None = None,
                        need_weights: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Token ids -> (hidden states: L+1 tensors (B, T, H), attentions or None)."""
-        pad = lengths_to_padding_mask(lengths.clamp(min=1), tokens.shape[1])  # (B, T) True = padding
+        pad = padding_mask(lengths.clamp(min=1), tokens.shape[1])  # (B, T) True = padding
         return self.encoder(self.embed(tokens), pad, need_weights=need_weights, max_layer=max_layer)
 
     @torch.no_grad()
@@ -176,12 +178,12 @@ class TokenBertUpstream(Upstream):
         for g in range(codes.shape[-1]):
             flat = flat * v + codes[..., g]
         ids = self.code_table[flat]
-        ids = ids.masked_fill(lengths_to_padding_mask(lens, ids.shape[1]), PAD_ID)
+        ids = ids.masked_fill(padding_mask(lens, ids.shape[1]), PAD_ID)
         return ids, lens
 
     def extract(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None,
                 max_layer: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        wavs, wav_lengths = self.as_batch(wavs, wav_lengths)
         ids, lens = self.tokens_from_audio(wavs, wav_lengths)
         b, t = ids.shape
         p = self.config.max_positions
@@ -202,81 +204,6 @@ class TokenBertUpstream(Upstream):
         if self.tokenizer is None:
             raise ValueError("this token-bert model has no tokenizer")
         return self.tokenizer.extract(wavs, wav_lengths, max_layer)
-
-
-class MaskedLMHead(nn.Module):
-    """BERT's LM head: Linear -> GELU -> LayerNorm -> scores against the (tied) embeddings + bias."""
-
-    def __init__(self, hidden_size: int, vocab_size: int):
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """x (..., H), embedding (V, H) -> logits (..., V)."""
-        return F.linear(self.norm(F.gelu(self.dense(x))), embedding, self.bias)
-
-
-class TokenBertPretraining(nn.Module):
-    """Masked-LM pretraining model: upstream + tied head; ``forward(batch) -> ObjectiveOutput``.
-
-    Batch: ``tokens`` (B, T) long, ``lengths`` (B,); optional ``mask`` (B, T) bool to fix
-    the masked positions (tests, analysis).
-    """
-
-    # Masked rows scored per batch are rounded up to a multiple of this (see _rows_padded).
-    HEAD_ROWS_MULTIPLE = 128
-
-    def __init__(self, cfg: TokenBertConfig):
-        super().__init__()
-        self.config = cfg
-        self.upstream = TokenBertUpstream(cfg)
-        self.head = MaskedLMHead(cfg.hidden_size, cfg.vocab_size)
-        self.head.apply(init_bert_weights)
-        if cfg.tokens_dir is not None:
-            load_tokenizer_from_corpus(self.upstream, cfg.tokens_dir)
-
-    def forward(self, batch: dict) -> ObjectiveOutput:
-        cfg = self.config
-        tokens, lengths = batch["tokens"], batch["lengths"]
-        if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{int(tokens.min())}, "
-                             f"{int(tokens.max())}]")
-        mask = batch.get("mask")
-        if mask is None:
-            mask = span_mask(lengths, tokens.shape[1], cfg.mask_start_prob, cfg.mask_span_length)
-        inputs = corrupt_tokens(tokens, mask, MASK_ID, cfg.vocab_size, NUM_SPECIAL, cfg.mask_replace_probs)
-        states, _ = self.upstream.forward_tokens(inputs, lengths)
-        targets = tokens[mask]  # (N,)
-        logits = self.head(_rows_padded(states[-1], mask, self.HEAD_ROWS_MULTIPLE),
-                           self.upstream.embed_tokens.weight)[: targets.numel()]
-        # Ids are sorted by training count (aviary tokenize): NUM_SPECIAL is the most frequent.
-        # On speech tokens, where context predicts little, copying the 10 % of masked tokens
-        # left in place is most of BERT's accuracy early on: mask_accuracy leaves them out.
-        loss, metrics = masked_lm_loss(logits, targets, None, unigram_id=NUM_SPECIAL,
-                                       hidden=inputs[mask] == MASK_ID)
-        valid = lengths.sum().clamp(min=1)
-        metrics["masked_frac"] = (mask.sum() / valid).detach().float()
-        return ObjectiveOutput(loss=loss, metrics=metrics, extras={"mask": mask})
-
-
-def _rows_padded(x: torch.Tensor, mask: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``x[mask]`` (N, H) followed by copies of its first row up to a multiple of ``multiple`` rows.
-
-    The masked-LM head scores only the masked positions: (N, V) logits instead of (B, T, V).
-    N is random, a new value every batch, and on a CPU under bf16 autocast every new matrix
-    shape makes oneDNN compile and cache new kernels (~1.5 MB and a few ms each, up to its
-    cache's 1,024 entries): a token-BERT run's memory grew 0.9 -> 3.5 GB over 1,500 steps.
-    Rounding N up to a multiple keeps the shapes to a handful; the extra rows are dropped
-    from the logits before the loss.
-    """
-    rows = x[mask]
-    n = rows.shape[0]
-    extra = -n % multiple
-    if extra == 0 or n == 0:
-        return rows
-    return torch.cat([rows, rows[:1].expand(extra, -1)])
 
 
 def load_tokenizer_from_corpus(upstream: TokenBertUpstream, tokens_dir: str | Path) -> None:
@@ -302,8 +229,26 @@ def load_tokenizer_from_corpus(upstream: TokenBertUpstream, tokens_dir: str | Pa
     log.info("token-bert: tokenizer from %s, %d tokens", meta["checkpoint"], len(vocab))
 
 
-register_family(Family(name="token-bert", config_cls=TokenBertConfig, build_pretrain=TokenBertPretraining,
-                       build_upstream=TokenBertUpstream, batch_kind="tokens"))
+def build_pretrain_upstream(cfg: TokenBertConfig) -> TokenBertUpstream:
+    """The upstream to pretrain: with the token corpus's tokenizer and vocabulary copied in."""
+    upstream = TokenBertUpstream(cfg)
+    if cfg.tokens_dir is not None:
+        load_tokenizer_from_corpus(upstream, cfg.tokens_dir)
+    return upstream
+
+
+def build_objective(cfg: TokenBertConfig, upstream: TokenBertUpstream) -> MaskedLM:
+    """Masked LM with BERT's head tied to the upstream's token embeddings."""
+    head = MaskedLMHead(cfg.hidden_size, cfg.vocab_size)
+    head.apply(init_bert_weights)
+    # Ids are sorted by training count (aviary tokenize): NUM_SPECIAL is the most frequent.
+    return MaskedLM(head, cfg.vocab_size, MASK_ID, NUM_SPECIAL, cfg.mask_start_prob, cfg.mask_span_length,
+                    cfg.mask_replace_probs)
+
+
+register_family(Family(name="token-bert", config_cls=TokenBertConfig, build_upstream=TokenBertUpstream,
+                       build_objective=build_objective, batch_kind="tokens",
+                       build_pretrain_upstream=build_pretrain_upstream))
 
 
 @register_preset("token-bert-base", "BERT base on vq-wav2vec tokens: 768/12 layers/12 heads/3072")

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from aviary.lengths import valid_mask
+
 log = logging.getLogger(__name__)
 
 
@@ -48,8 +50,17 @@ class Upstream(nn.Module):
         """
         raise NotImplementedError
 
+    def attentions(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every layer's attention probabilities: (L tensors (B, heads, T, T), (B,) lengths).
+
+        Only upstreams with self-attention over frames implement it (the MAM family).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose attention maps "
+                                  "(the masked acoustic models do: Mockingjay, AALBERT, TERA)")
+
     @staticmethod
-    def _as_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor | None,
+    def as_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor | None,
                   check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise (N,) / (B, N) input and default lengths; checks shapes.
 
@@ -70,7 +81,7 @@ class Upstream(nn.Module):
             raise ValueError(f"wav_lengths max {int(wav_lengths.max())} > padded length {wavs.shape[1]}")
         wavs = wavs.float()
         if check_finite:
-            inside = torch.arange(wavs.shape[1], device=wavs.device)[None] < wav_lengths[:, None]  # (B, N)
+            inside = valid_mask(wav_lengths, wavs.shape[1])  # (B, N)
             bad = (~torch.isfinite(wavs) & inside).sum(1)  # (B,)
             if bool(bad.any()):
                 rows = bad.nonzero().flatten().tolist()

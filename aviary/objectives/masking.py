@@ -1,4 +1,8 @@
-"""Masked acoustic modelling (MAM) input corruption: Mockingjay time masking + TERA extras.
+"""Masks of every objective, as pure, seeded, batched functions; MAM input corruption.
+
+Two span masks: :func:`span_mask` picks an exact number of spans per row (Mockingjay's
+"15 % of the frames"), :func:`bernoulli_span_mask` lets every position start a span with a
+fixed probability (vq-wav2vec's BERT, wav2vec 2.0, BEST-RQ, HuBERT).
 
 Mockingjay (Liu et al. 2020, section 2.2), dynamic masking decided at every step:
 
@@ -44,8 +48,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from aviary.config import Config, check, check_range
+from aviary.lengths import padding_mask, valid_mask
 
 
 @dataclass(frozen=True)
@@ -120,15 +126,52 @@ def span_mask(lengths: torch.Tensor, T: int, proportion: float, span: int,
     n_spans = torch.minimum(n_spans, n_starts)
     # Distinct starts without a loop: give every allowed start a random key and keep the
     # n_spans[b] smallest keys of row b (a random subset of size n_spans[b]).
-    pos = torch.arange(T, device=device)[None, :]  # (1, T)
     keys = _rand((B, T), generator, device)
-    keys = keys.masked_fill(pos >= n_starts[:, None], 2.0)  # forbidden starts sort last
+    keys = keys.masked_fill(padding_mask(n_starts, T), 2.0)  # forbidden starts sort last
     rank = keys.argsort(dim=1).argsort(dim=1)  # (B, T) rank of each key within its row
     starts = rank < n_spans[:, None]  # (B, T) bool
     # Frame t is covered iff some start lies in (t - C, t]: a sliding-window count via cumsum.
     c = starts.long().cumsum(dim=1)  # (B, T)
-    c_shift = torch.nn.functional.pad(c, (span, 0))[:, :T]  # c[t - C], 0 before the start
+    c_shift = F.pad(c, (span, 0))[:, :T]  # c[t - C], 0 before the start
     return (c - c_shift) > 0
+
+
+def bernoulli_span_mask(lengths: torch.Tensor, max_len: int, start_prob: float = 0.05, span_length: int = 10,
+                        generator: torch.Generator | None = None, min_masked: int = 1) -> torch.Tensor:
+    """Overlapping spans from independent starts (vq-wav2vec's BERT, wav2vec 2.0), batched, seeded.
+
+    Each valid position starts a span with probability ``start_prob``; a position is masked
+    when a span started at one of the ``span_length`` positions up to and including it.
+    Spans are clipped at the sequence end and never touch padding. Rows where no span
+    started get ``min_masked`` spans at random starts (a batch row without targets would
+    waste its compute).
+
+    Args:
+        lengths: (B,) valid tokens per row.
+        max_len: T.
+        start_prob: span start probability p.
+        span_length: M.
+        generator: optional seeded generator.
+        min_masked: spans forced into rows that drew none (0 disables).
+
+    Returns:
+        (B, T) bool, True = masked.
+    """
+    b = lengths.shape[0]
+    dev = lengths.device
+    valid = valid_mask(lengths, max_len)  # (B, T)
+    starts = (torch.rand((b, max_len), generator=generator, device=dev) < start_prob) & valid
+    if min_masked > 0:
+        empty = ~starts.any(1) & (lengths > 0)  # (B,)
+        # Random starts for empty rows: argsort of uniform noise over the valid positions.
+        noise = torch.rand((b, max_len), generator=generator, device=dev).masked_fill(~valid, 2.0)
+        ranks = noise.argsort(1).argsort(1)  # rank of each position's noise within its row
+        forced = (ranks < min_masked) & valid & empty.unsqueeze(1)
+        starts = starts | forced
+    # masked[t] = any(starts[t - M + 1 .. t]): a running count of starts over a window of M.
+    c = F.pad(starts.long().cumsum(1), (span_length, 0))  # (B, T + M), c[:, M + t] = #starts <= t
+    window = c[:, span_length:] - c[:, :max_len]
+    return (window > 0) & valid
 
 
 def mam_mask(feats: torch.Tensor, lengths: torch.Tensor, cfg: MaskingConfig,
@@ -156,7 +199,7 @@ def mam_mask(feats: torch.Tensor, lengths: torch.Tensor, cfg: MaskingConfig,
     if lengths.shape != (B,):
         raise ValueError(f"lengths must be ({B},), got shape {tuple(lengths.shape)}")
     device = feats.device
-    valid = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (B, T)
+    valid = valid_mask(lengths, T)  # (B, T)
     if time_mask is None:
         time_mask = span_mask(lengths, T, cfg.mask_proportion, cfg.span, generator)
     else:

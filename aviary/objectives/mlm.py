@@ -6,51 +6,19 @@ p = 0.05, spans are M = 10 tokens long and may overlap, so about ``1 - (1 - p)^M
 the tokens are masked. Masked tokens are then replaced BERT-style: 80 % by ``<mask>``,
 10 % by a random token, 10 % left unchanged. The loss is cross-entropy on masked tokens only.
 
-All randomness comes from an optional ``torch.Generator``; masks can be passed in.
+All randomness comes from an optional ``torch.Generator``; masks can be passed in. The span
+mask is :func:`aviary.objectives.masking.bernoulli_span_mask`.
 """
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-
-def span_mask(lengths: torch.Tensor, max_len: int, start_prob: float = 0.05, span_length: int = 10,
-              generator: torch.Generator | None = None, min_masked: int = 1) -> torch.Tensor:
-    """Overlapping span mask, batched and seeded.
-
-    Each valid position starts a span with probability ``start_prob``; a position is masked
-    when a span started at one of the ``span_length`` positions up to and including it.
-    Spans are clipped at the sequence end and never touch padding. Rows where no span
-    started get ``min_masked`` spans at random starts (a batch row without targets would
-    waste its compute).
-
-    Args:
-        lengths: (B,) valid tokens per row.
-        max_len: T.
-        start_prob: span start probability p.
-        span_length: M.
-        generator: optional seeded generator.
-        min_masked: spans forced into rows that drew none (0 disables).
-
-    Returns:
-        (B, T) bool, True = masked.
-    """
-    b = lengths.shape[0]
-    dev = lengths.device
-    pos = torch.arange(max_len, device=dev).unsqueeze(0)  # (1, T)
-    valid = pos < lengths.unsqueeze(1)  # (B, T)
-    starts = (torch.rand((b, max_len), generator=generator, device=dev) < start_prob) & valid
-    if min_masked > 0:
-        empty = ~starts.any(1) & (lengths > 0)  # (B,)
-        # Random starts for empty rows: argsort of uniform noise over the valid positions.
-        noise = torch.rand((b, max_len), generator=generator, device=dev).masked_fill(~valid, 2.0)
-        ranks = noise.argsort(1).argsort(1)  # rank of each position's noise within its row
-        forced = (ranks < min_masked) & valid & empty.unsqueeze(1)
-        starts = starts | forced
-    # masked[t] = any(starts[t - M + 1 .. t]): a running count of starts over a window of M.
-    c = F.pad(starts.long().cumsum(1), (span_length, 0))  # (B, T + M), c[:, M + t] = #starts <= t
-    window = c[:, span_length:] - c[:, :max_len]
-    return (window > 0) & valid
+from aviary.objectives.base import Objective, ObjectiveOutput
+from aviary.objectives.masking import bernoulli_span_mask
 
 
 def corrupt_tokens(tokens: torch.Tensor, mask: torch.Tensor, mask_id: int, vocab_size: int,
@@ -84,7 +52,7 @@ def corrupt_tokens(tokens: torch.Tensor, mask: torch.Tensor, mask_id: int, vocab
 
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
                    unigram_id: int | None = None, hidden: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   ) -> ObjectiveOutput:
     """Cross-entropy on masked positions only, with accuracy and two context-free baselines.
 
     A model has learned something from context only when it beats the best prediction that
@@ -113,8 +81,9 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
             model gets right by copying.
 
     Returns:
-        (loss, metrics): mean cross-entropy over masked tokens; ``accuracy`` (argmax = target),
-        ``unigram_accuracy``, ``batch_mode_accuracy``, ``num_masked`` (and ``mask_accuracy``).
+        :class:`ObjectiveOutput`: ``loss`` the mean cross-entropy over masked tokens; ``metrics``
+        ``accuracy`` (argmax = target), ``unigram_accuracy``, ``batch_mode_accuracy``,
+        ``num_masked`` (and ``mask_accuracy``).
     """
     if mask is not None:
         if logits.shape[:2] != targets.shape or mask.shape != targets.shape:
@@ -126,7 +95,7 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
         zero = logits.sum() * 0.0
         out = {"accuracy": zero.detach(), "unigram_accuracy": zero.detach(),
                "batch_mode_accuracy": zero.detach(), "num_masked": torch.zeros(())}
-        return zero, out if hidden is None else {**out, "mask_accuracy": zero.detach()}
+        return ObjectiveOutput(zero, out if hidden is None else {**out, "mask_accuracy": zero.detach()})
     loss = F.cross_entropy(logits.float(), targets)
     with torch.no_grad():
         hits = logits.argmax(-1) == targets  # (N,)
@@ -136,4 +105,83 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
                    "batch_mode_accuracy": batch_mode, "num_masked": torch.tensor(float(n))}
         if hidden is not None:
             metrics["mask_accuracy"] = ((hits & hidden).sum() / hidden.sum().clamp(min=1)).float()
-    return loss, metrics
+    return ObjectiveOutput(loss, metrics)
+
+
+class TokenUpstream(Protocol):
+    """What :class:`MaskedLM` needs from an upstream (``aviary.models.token_bert.TokenBertUpstream``)."""
+
+    embed_tokens: nn.Embedding  # (V, H); the LM head's output projection is tied to it
+
+    def forward_tokens(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], Any]: ...
+
+
+class MaskedLM(Objective):
+    """BERT's masked LM on token ids: span mask, 80/10/10 corruption, tied head, masked CE.
+
+    Args:
+        head: (N, H), embedding (V, H) -> logits (N, V) (``aviary.models.heads.MaskedLMHead``).
+        vocab_size: V (ids including the specials).
+        mask_id: id of ``<mask>``.
+        first_regular: the first non-special id; also the corpus's most frequent token (ids
+            are sorted by training count), the unigram baseline.
+        start_prob, span_length: span masking (:func:`bernoulli_span_mask`; 0.05 and 10 in the paper).
+        replace_probs: (mask, random, keep) for masked tokens.
+
+    ``forward`` reads ``tokens`` (B, T) long, ``lengths`` (B,) and optionally ``mask`` (B, T)
+    bool to pin the masked positions.
+    """
+
+    # Checkpoints of token-BERT keep their LM head at ``head.*``.
+    state_prefix = ""
+    # Masked rows scored per batch are rounded up to a multiple of this (see _rows_padded).
+    HEAD_ROWS_MULTIPLE = 128
+
+    def __init__(self, head: nn.Module, vocab_size: int, mask_id: int, first_regular: int,
+                 start_prob: float = 0.05, span_length: int = 10,
+                 replace_probs: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> None:
+        super().__init__()
+        self.head = head
+        self.vocab_size, self.mask_id, self.first_regular = vocab_size, mask_id, first_regular
+        self.start_prob, self.span_length, self.replace_probs = start_prob, span_length, replace_probs
+
+    def forward(self, upstream: TokenUpstream, batch: dict[str, Any],
+                generator: torch.Generator | None = None) -> ObjectiveOutput:
+        tokens, lengths = batch["tokens"], batch["lengths"]
+        if int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, "
+                             f"{int(tokens.max())}]")
+        mask = batch.get("mask")
+        if mask is None:
+            mask = bernoulli_span_mask(lengths, tokens.shape[1], self.start_prob, self.span_length, generator)
+        inputs = corrupt_tokens(tokens, mask, self.mask_id, self.vocab_size, self.first_regular,
+                                self.replace_probs, generator)
+        states, _ = upstream.forward_tokens(inputs, lengths)
+        targets = tokens[mask]  # (N,)
+        logits = self.head(_rows_padded(states[-1], mask, self.HEAD_ROWS_MULTIPLE),
+                           upstream.embed_tokens.weight)[: targets.numel()]
+        # On speech tokens, where context predicts little, copying the 10 % of masked tokens
+        # left in place is most of BERT's accuracy early on: mask_accuracy leaves them out.
+        out = masked_lm_loss(logits, targets, None, unigram_id=self.first_regular,
+                             hidden=inputs[mask] == self.mask_id)
+        out.metrics["masked_frac"] = (mask.sum() / lengths.sum().clamp(min=1)).detach().float()
+        out.extras["mask"] = mask
+        return out
+
+
+def _rows_padded(x: torch.Tensor, mask: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``x[mask]`` (N, H) followed by copies of its first row up to a multiple of ``multiple`` rows.
+
+    The masked-LM head scores only the masked positions: (N, V) logits instead of (B, T, V).
+    N is random, a new value every batch, and on a CPU under bf16 autocast every new matrix
+    shape makes oneDNN compile and cache new kernels (~1.5 MB and a few ms each, up to its
+    cache's 1,024 entries): a token-BERT run's memory grew 0.9 -> 3.5 GB over 1,500 steps.
+    Rounding N up to a multiple keeps the shapes to a handful; the extra rows are dropped
+    from the logits before the loss.
+    """
+    rows = x[mask]
+    n = rows.shape[0]
+    extra = -n % multiple
+    if extra == 0 or n == 0:
+        return rows
+    return torch.cat([rows, rows[:1].expand(extra, -1)])

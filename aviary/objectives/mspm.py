@@ -40,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import Config, check, check_choice, check_range
-from aviary.objectives.base import ObjectiveOutput
+from aviary.lengths import padding_mask, valid_mask
+from aviary.objectives.base import Objective, ObjectiveOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +205,7 @@ def gather_masked(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M = int(counts.max()) if mask.numel() else 0
     # A stable sort of "not masked" puts masked positions first, in their original order.
     index = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :M]
-    valid = torch.arange(M, device=mask.device)[None, :] < counts[:, None]
+    valid = valid_mask(counts, M)
     return index, valid
 
 
@@ -269,19 +270,61 @@ def _head(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_out))
 
 
-class MSPM(nn.Module):
-    """The two SSAST heads and the joint loss; the encoder is passed to :meth:`forward`.
+class PatchUpstream(Protocol):
+    """What :class:`MSPM` needs from an upstream (``aviary.models.ssast.SSASTUpstream``)."""
+
+    frontend: Any  # (wavs, wav_lengths) -> (feats (B, T, F), lengths (B,))
+    encoder: PatchEncoder
+
+    def as_batch(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None,
+                 check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def crop_frames(feats: torch.Tensor, lengths: torch.Tensor, max_frames: int, random: bool,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop every clip longer than ``max_frames`` to a window of that many frames.
+
+    Args:
+        feats: (B, T, F); lengths: (B,).
+        max_frames: window length.
+        random: uniformly random window start (training) or the clip's start (evaluation).
+        generator: seeds the window starts.
+
+    Returns:
+        (feats (B, min(T, max_frames), F) with zeroed padding, new lengths (B,)).
+    """
+    B, T, Fq = feats.shape
+    if T <= max_frames:
+        return feats, lengths
+    slack = (lengths - max_frames).clamp(min=0)  # (B,) possible start offsets - 1
+    if random:
+        u = torch.rand(B, generator=generator, device=feats.device)
+        start = (u * (slack + 1)).floor().long().clamp(max=slack)
+    else:
+        start = torch.zeros_like(slack)
+    idx = start[:, None] + torch.arange(max_frames, device=feats.device)[None, :]  # (B, max_frames)
+    out = torch.gather(feats, 1, idx[..., None].expand(-1, -1, Fq))
+    new_len = lengths.clamp(max=max_frames)
+    return out.masked_fill(padding_mask(new_len, max_frames)[..., None], 0.0), new_len
+
+
+class MSPM(Objective):
+    """The two SSAST heads and the joint loss, on the upstream passed to :meth:`forward`.
 
     Args:
         cfg: masking and loss settings.
         hidden_size: encoder width D.
         patch_dim: values per patch K (256 for 16 x 16 and 128 x 2 patches).
+        max_frames: pretraining clips longer than this are cropped to it (randomly in
+            training, from the start in eval mode).
     """
 
-    def __init__(self, cfg: MSPMConfig, hidden_size: int, patch_dim: int):
+    def __init__(self, cfg: MSPMConfig, hidden_size: int, patch_dim: int, max_frames: int = 1024):
         super().__init__()
         self.config = cfg
+        self.max_frames = max_frames
         h = cfg.head_hidden or hidden_size
+        # Both heads keep PyTorch's default Linear initialisation, as in the reference code.
         self.disc_head = _head(hidden_size, h, patch_dim)  # "cpredlayer" in the reference
         self.gen_head = _head(hidden_size, h, patch_dim)   # "gpredlayer"
 
@@ -293,10 +336,22 @@ class MSPM(nn.Module):
             return cluster_mask(grid_valid, n, cfg.cluster_sizes, generator).flatten(1)
         return random_mask(grid_valid.flatten(1), n, generator)
 
-    def forward(self, encoder: PatchEncoder, feats: torch.Tensor, lengths: torch.Tensor,
-                mask: torch.Tensor | None = None,
+    def forward(self, upstream: PatchUpstream, batch: dict[str, Any],
                 generator: torch.Generator | None = None) -> ObjectiveOutput:
-        """One MSPM step: mask, encode once, score both heads.
+        """Waveforms -> fbank -> crop -> :meth:`loss`.
+
+        ``batch``: ``wavs`` (B, N), ``wav_lengths`` (B,), optionally ``mask`` (B, Tg * Fg)
+        bool over the patch tokens (time-major) to pin the masked patches. The crop and the
+        mask are drawn from ``generator``.
+        """
+        wavs, wav_lengths = upstream.as_batch(batch["wavs"], batch.get("wav_lengths"), check_finite=False)
+        feats, flen = upstream.frontend(wavs, wav_lengths)  # (B, T, F)
+        feats, flen = crop_frames(feats, flen, self.max_frames, self.training, generator)
+        return self.loss(upstream.encoder, feats, flen, mask=batch.get("mask"), generator=generator)
+
+    def loss(self, encoder: PatchEncoder, feats: torch.Tensor, lengths: torch.Tensor,
+             mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> ObjectiveOutput:
+        """One MSPM step on features: mask, encode once, score both heads.
 
         Args:
             encoder: the patch encoder (see :class:`PatchEncoder`).

@@ -7,7 +7,8 @@ import torch
 
 from aviary.analysis.attention import (LayerJSDAccumulator, JSDResult, js_divergence, layer_jsd,
                                        plot_jsd_heatmaps)
-from aviary.models.layers import TransformerStack, lengths_to_padding_mask
+from aviary.lengths import padding_mask
+from aviary.models.layers import TransformerStack
 
 
 def _random_probs(*shape, seed=0):
@@ -81,7 +82,7 @@ def test_padding_queries_are_excluded():
 
 
 def _stack_attentions(stack, x, lengths):
-    kpm = lengths_to_padding_mask(lengths, x.shape[1])
+    kpm = padding_mask(lengths, x.shape[1])
     _, attn = stack(x, kpm, need_weights=True)
     return attn
 
@@ -109,7 +110,7 @@ def test_shared_layer_same_input_gives_zero_divergence():
     stack = TransformerStack(4, share_layers=True, hidden_size=16, num_heads=2, ffn_size=32).eval()
     x = torch.randn(2, 7, 16)
     lengths = torch.tensor([7, 4])
-    kpm = lengths_to_padding_mask(lengths, 7)
+    kpm = padding_mask(lengths, 7)
     with torch.no_grad():
         maps = [stack.layer(i)(x, kpm, need_weights=True)[1] for i in range(4)]
         same = layer_jsd(maps, lengths)

@@ -42,7 +42,7 @@ class OracleUpstream(Upstream):
             self.mix.bias.zero_()
 
     def extract(self, wavs, wav_lengths=None, max_layer=None):
-        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        wavs, wav_lengths = self.as_batch(wavs, wav_lengths)
         B = wavs.shape[0]
         T = wavs.shape[1] // HOP
         frames = wavs[:, : T * HOP].reshape(B, T, HOP)  # (B, T, HOP)

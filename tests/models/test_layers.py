@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from aviary.lengths import padding_mask
 from aviary.models.layers import (FeedForward, MultiHeadSelfAttention, TransformerLayer, TransformerStack,
-                                  alibi_bias, init_bert_weights, lengths_to_padding_mask, sinusoidal_positions)
+                                  alibi_bias, init_bert_weights, sinusoidal_positions)
 from aviary.models.registry import count_parameters
 
 # Two OpenMP threads on a CPU shared with other jobs spin-wait badly (60x slower matmuls
@@ -14,7 +15,7 @@ torch.set_num_threads(1)
 
 
 def test_padding_mask():
-    m = lengths_to_padding_mask(torch.tensor([3, 1, 0]), 4)
+    m = padding_mask(torch.tensor([3, 1, 0]), 4)
     assert m.tolist() == [[False, False, False, True], [False, True, True, True], [True] * 4]
 
 
@@ -31,7 +32,7 @@ def test_sdpa_equals_explicit_softmax_with_padding():
     torch.manual_seed(0)
     attn = MultiHeadSelfAttention(32, 4, attn_dropout=0.1).eval()
     x = torch.randn(3, 10, 32)
-    kpm = lengths_to_padding_mask(torch.tensor([10, 6, 1]), 10)
+    kpm = padding_mask(torch.tensor([10, 6, 1]), 10)
     out_fast, none = attn(x, kpm)
     out_slow, probs = attn(x, kpm, need_weights=True)
     assert none is None and probs.shape == (3, 4, 10, 10)
@@ -58,7 +59,7 @@ def test_alibi_sdpa_equals_explicit_with_padding_and_prefers_neighbours():
     torch.manual_seed(0)
     attn = MultiHeadSelfAttention(32, 4, attn_dropout=0.0).eval()
     x = torch.randn(3, 10, 32)
-    kpm = lengths_to_padding_mask(torch.tensor([10, 6, 1]), 10)
+    kpm = padding_mask(torch.tensor([10, 6, 1]), 10)
     bias = alibi_bias(4, 10)
     out_fast, _ = attn(x, kpm, attn_bias=bias)
     out_slow, probs = attn(x, kpm, need_weights=True, attn_bias=bias)
@@ -81,7 +82,7 @@ def test_padded_batch_equals_one_by_one(pre_ln, bias):
                              position_bias=bias).eval()
     lengths = torch.tensor([9, 4])
     x = torch.randn(2, 9, 16)
-    hs, _ = stack(x, lengths_to_padding_mask(lengths, 9))
+    hs, _ = stack(x, padding_mask(lengths, 9))
     for b, n in enumerate(lengths.tolist()):
         hs1, _ = stack(x[b:b + 1, :n])
         for layer in range(3):
@@ -148,7 +149,7 @@ def test_training_attention_path_matches_eval_without_dropout():
     torch.manual_seed(0)
     attn = MultiHeadSelfAttention(32, 4, attn_dropout=1e-9)
     x = torch.randn(2, 7, 32)
-    kpm = lengths_to_padding_mask(torch.tensor([7, 4]), 7)
+    kpm = padding_mask(torch.tensor([7, 4]), 7)
     train_out, _ = attn.train()(x, kpm)
     eval_out, _ = attn.eval()(x, kpm)
     torch.testing.assert_close(train_out, eval_out, atol=1e-5, rtol=1e-5)

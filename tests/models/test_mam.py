@@ -4,8 +4,8 @@ import torch
 
 import aviary
 from aviary.config import ConfigError
-from aviary.models.mam import MAMConfig, MAMPretrainModel, MAMUpstream
-from aviary.models.registry import count_parameters, get_preset
+from aviary.models.mam import MAMConfig, MAMUpstream
+from aviary.models.registry import build_pretrain, count_parameters, get_preset
 from aviary.train.checkpoint import save_tensors
 
 # Two OpenMP threads on a CPU shared with other jobs spin-wait badly (60x slower matmuls
@@ -24,10 +24,9 @@ def _batch(lengths, seed=0):
 @pytest.mark.parametrize("preset", ["mockingjay-tiny", "aalbert-tiny"])
 def test_loss_only_on_masked_valid_frames(preset):
     torch.manual_seed(0)
-    model = MAMPretrainModel(get_preset(preset)).eval()
+    model = build_pretrain(get_preset(preset)).eval()
     batch = _batch([16000, 9000])
-    model.mask_generator = torch.Generator().manual_seed(1)
-    out = model(batch, return_extras=True)
+    out = model(batch, generator=torch.Generator().manual_seed(1))
     mask, pred, target = out.extras["mask"], out.extras["pred"], out.extras["target"]
     n_frames = model.upstream.frontend.num_frames(batch["wav_lengths"])
     valid = torch.arange(mask.shape[1])[None] < n_frames[:, None]
@@ -40,19 +39,17 @@ def test_loss_only_on_masked_valid_frames(preset):
     tm = out.extras["time_mask"].repeat_interleave(R, 1)[:, :mask.shape[1]] & valid
     assert torch.equal(tm, mask)
     # Seeded masks repeat.
-    model.mask_generator = torch.Generator().manual_seed(1)
-    assert torch.equal(model(batch).loss, out.loss)
+    assert torch.equal(model(batch, generator=torch.Generator().manual_seed(1)).loss, out.loss)
 
 
 def test_masked_inputs_reach_the_encoder_and_training_step_learns():
     torch.manual_seed(0)
-    model = MAMPretrainModel(get_preset("mockingjay-tiny"))
+    model = build_pretrain(get_preset("mockingjay-tiny"))
     batch = _batch([16000, 16000, 12000])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for step in range(25):
-        model.mask_generator = torch.Generator().manual_seed(step % 2)
-        out = model(batch)
+        out = model(batch, generator=torch.Generator().manual_seed(step % 2))
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -62,14 +59,14 @@ def test_masked_inputs_reach_the_encoder_and_training_step_learns():
 
 def test_target_slice_equals_separate_target_frontend():
     cfg = get_preset("mockingjay-tiny")
-    model = MAMPretrainModel(cfg)
-    assert model.target_is_input_slice and model.target_frontend is None
+    model = build_pretrain(cfg)
+    assert model.objective.target_frontend is None  # the target is a slice of the input
     batch = _batch([8000, 5000])
-    _, _, target = model._features_and_target(batch["wavs"], batch["wav_lengths"])
+    _, _, target = model.objective.features_and_target(model.upstream, batch["wavs"], batch["wav_lengths"])
     from aviary.features import build_frontend
     ref, _ = build_frontend(cfg.target)(batch["wavs"], batch["wav_lengths"])
     torch.testing.assert_close(target, ref, atol=1e-4, rtol=1e-4)
-    assert not MAMPretrainModel(get_preset("aalbert-tiny")).target_is_input_slice
+    assert build_pretrain(get_preset("aalbert-tiny")).objective.target_frontend is not None
 
 
 @pytest.mark.parametrize("preset,chunk", [("mockingjay-tiny", 20.0), ("aalbert-tiny", 20.0),
@@ -104,14 +101,16 @@ def test_chunked_extraction_encodes_windows_independently():
     assert MAMUpstream(get_preset("aalbert-tiny")).frame_shift == pytest.approx(0.03)
 
 
-def test_need_weights_returns_attentions():
+def test_attentions_returns_every_layer():
     up = MAMUpstream(get_preset("aalbert-tiny")).eval()
-    hs, n, att = up.extract(_batch([8000])["wavs"], need_weights=True)
+    hs, n = up.extract(_batch([8000])["wavs"])
+    att, n_att = up.attentions(_batch([8000])["wavs"])
+    assert torch.equal(n, n_att)
     assert len(att) == 2 and att[0].shape[-1] == hs[0].shape[1]
 
 
 def test_albert_shares_and_state_dict_has_one_layer():
-    model = MAMPretrainModel(get_preset("aalbert-tiny"))
+    model = build_pretrain(get_preset("aalbert-tiny"))
     keys = [k for k in model.state_dict() if ".layers.layers." in k]
     assert keys and all(".layers.layers.0." in k for k in keys)
     assert all(k.startswith(("upstream.encoder.", "head.")) for k in model.state_dict())
@@ -122,7 +121,7 @@ def test_albert_shares_and_state_dict_has_one_layer():
 
 def test_load_round_trip(tmp_path):
     cfg = get_preset("aalbert-tiny")
-    model = MAMPretrainModel(cfg)
+    model = build_pretrain(cfg)
     save_tensors(tmp_path / "model.safetensors", model.state_dict(), config={"model": cfg.to_dict()})
     up = aviary.load(tmp_path)
     wav = _batch([12000])["wavs"]
@@ -139,7 +138,7 @@ def test_safetensors_whose_header_size_looks_like_pickle_or_zip_loads(tmp_path, 
     from aviary.train.checkpoint import torch_file_kind
 
     cfg = get_preset("aalbert-tiny")
-    model = MAMPretrainModel(cfg)
+    model = build_pretrain(cfg)
     path = tmp_path / "model.safetensors"
     mod = 256 ** len(low_bytes)
     want = int.from_bytes(low_bytes, "little")
@@ -205,13 +204,12 @@ def test_zero_init_head_starts_at_the_target_mean_and_learns():
     the loss is then exactly mean |target| on the masked frames, and one step moves it."""
     cfg = get_preset("aalbert-tiny").replace(head_init="zero")
     torch.manual_seed(0)
-    model = MAMPretrainModel(cfg)
-    model.mask_generator = torch.Generator().manual_seed(1)
-    out = model(_batch([16000, 12000]), return_extras=True)
+    model = build_pretrain(cfg)
+    out = model(_batch([16000, 12000]), generator=torch.Generator().manual_seed(1))
     assert out.extras["pred"].abs().max() == 0
     m = out.extras["mask"]
     torch.testing.assert_close(out.loss, out.extras["target"].abs()[m].mean())
     out.loss.backward()
-    assert model.head.out.weight.grad.abs().sum() > 0  # the output layer gets a gradient at once
+    assert model.objective.head.out.weight.grad.abs().sum() > 0  # the output layer gets a gradient at once
     with pytest.raises(ConfigError, match="head_init"):
         get_preset("aalbert-tiny").replace(head_init="ones")

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from aviary.config import ConfigError
 from aviary.features import FrontEndConfig
 from aviary.models.registry import count_parameters, get_family, get_preset, list_presets
-from aviary.models.ssast import (SSASTConfig, SSASTEncoder, SSASTEncoderConfig, SSASTUpstream, crop_frames,
-                                 ssast_config)
-from aviary.objectives.mspm import MSPMConfig
+from aviary.models.ssast import SSASTConfig, SSASTEncoder, SSASTEncoderConfig, SSASTUpstream, ssast_config
+from aviary.objectives.mspm import MSPMConfig, crop_frames
 
 SSAST_PRESETS = [n for n in list_presets() if n.startswith("ssast-")]
 

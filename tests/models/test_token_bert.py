@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from aviary.config import ConfigError
-from aviary.models.registry import count_parameters, get_family, get_preset, list_presets
+from aviary.models.registry import build_pretrain, count_parameters, get_family, get_preset, list_presets
 from aviary.data.tokens import NUM_SPECIAL
-from aviary.models.token_bert import TokenBertConfig, TokenBertPretraining, TokenBertUpstream
+from aviary.models.token_bert import TokenBertConfig, TokenBertUpstream
 
 TB_PRESETS = [n for n in list_presets() if n.startswith("token-bert")]
 
@@ -16,7 +16,7 @@ def tiny(**kw):
 
 
 def test_head_is_tied_to_embeddings():
-    m = TokenBertPretraining(tiny())
+    m = build_pretrain(tiny())
     names = [n for n, _ in m.named_parameters()]
     assert not any("decoder" in n for n in names)  # no separate output matrix
     batch = {"tokens": torch.randint(3, 20, (2, 30)), "lengths": torch.tensor([30, 30])}
@@ -26,7 +26,7 @@ def test_head_is_tied_to_embeddings():
 
 def test_loss_only_on_masked_and_padding_ignored():
     torch.manual_seed(0)
-    m = TokenBertPretraining(tiny(dropout=0.0, attn_dropout=0.0)).eval()
+    m = build_pretrain(tiny(dropout=0.0, attn_dropout=0.0)).eval()
     tokens = torch.randint(3, 20, (2, 12))
     lengths = torch.tensor([12, 7])
     tokens[1, 7:] = 0
@@ -59,7 +59,7 @@ def test_learns_a_deterministic_sequence():
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest, more only contend
-    m = TokenBertPretraining(tiny(dropout=0.0, attn_dropout=0.0))
+    m = build_pretrain(tiny(dropout=0.0, attn_dropout=0.0))
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     pattern = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 3, 3, 3, 3])
     tokens = pattern.repeat(8, 3)[:, :60]
@@ -74,7 +74,7 @@ def test_learns_a_deterministic_sequence():
 
 
 def test_rejects_bad_ids_and_unset_vocab():
-    m = TokenBertPretraining(tiny())
+    m = build_pretrain(tiny())
     with pytest.raises(ValueError, match="token ids"):
         m({"tokens": torch.tensor([[3, 25]]), "lengths": torch.tensor([2])})
     with pytest.raises(ConfigError, match="vocab_size"):
@@ -125,8 +125,8 @@ def test_position_bias_config():
 
 def test_alibi_reaches_the_attention():
     torch.manual_seed(0)
-    plain = TokenBertPretraining(tiny_alibi()).eval()
-    biased = TokenBertPretraining(tiny_alibi(position_bias="alibi", alibi_first_slope=1.0)).eval()
+    plain = build_pretrain(tiny_alibi()).eval()
+    biased = build_pretrain(tiny_alibi(position_bias="alibi", alibi_first_slope=1.0)).eval()
     # ALiBi adds no parameters: the same weights load into either model
     biased.load_state_dict(plain.state_dict())
     tokens = torch.randint(NUM_SPECIAL, NUM_SPECIAL + 8, (2, 12))
@@ -147,7 +147,7 @@ def test_alibi_reaches_the_attention():
 def test_unigram_baseline_is_the_most_frequent_training_token():
     # Token corpora number their pairs by training count, so the first regular id is the
     # corpus's most frequent token: the context-free guess the accuracy has to beat.
-    m = TokenBertPretraining(tiny()).eval()
+    m = build_pretrain(tiny()).eval()
     tokens = torch.tensor([[NUM_SPECIAL, 5, 5, 5, 6, NUM_SPECIAL + 1]])
     mask = torch.tensor([[True, True, True, True, True, False]])
     out = m({"tokens": tokens, "lengths": torch.tensor([6]), "mask": mask})
@@ -160,11 +160,11 @@ def test_mask_accuracy_scores_only_targets_hidden_behind_mask():
     tokens = torch.randint(NUM_SPECIAL, 20, (4, 30))
     batch = {"tokens": tokens, "lengths": torch.full((4,), 30), "mask": torch.rand(4, 30) < 0.5}
     # Every masked input is <mask>: both accuracies score the same targets.
-    out = TokenBertPretraining(tiny(mask_replace_probs=(1.0, 0.0, 0.0))).eval()(batch)
+    out = build_pretrain(tiny(mask_replace_probs=(1.0, 0.0, 0.0))).eval()(batch)
     assert out.metrics["mask_accuracy"].item() == pytest.approx(out.metrics["accuracy"].item())
     # Every masked input is kept: nothing was hidden, so nothing counts, whatever the guesses.
-    m = TokenBertPretraining(tiny(mask_replace_probs=(0.0, 0.0, 1.0))).eval()
-    m.head.bias.data[tokens[0, 0]] = 1e4  # guess one target everywhere: some hits in `accuracy`
+    m = build_pretrain(tiny(mask_replace_probs=(0.0, 0.0, 1.0))).eval()
+    m.objective.head.bias.data[tokens[0, 0]] = 1e4  # guess one target everywhere: some hits in `accuracy`
     out = m(batch)
     assert out.metrics["accuracy"].item() > 0
     assert out.metrics["mask_accuracy"].item() == 0.0
@@ -173,13 +173,13 @@ def test_mask_accuracy_scores_only_targets_hidden_behind_mask():
 def test_padding_the_scored_rows_changes_nothing():
     # The head scores the masked rows rounded up to a multiple (fixed shapes for oneDNN);
     # loss, metrics and gradients must equal scoring exactly the masked rows.
-    m = TokenBertPretraining(tiny(dropout=0.0, attn_dropout=0.0))
+    m = build_pretrain(tiny(dropout=0.0, attn_dropout=0.0))
     tokens = torch.randint(NUM_SPECIAL, 20, (3, 40))
     batch = {"tokens": tokens, "lengths": torch.tensor([40, 33, 7]), "mask": torch.rand(3, 40) < 0.3}
     batch["mask"][1, 33:] = batch["mask"][2, 7:] = False
     outs, grads = [], []
     for multiple in (1, 128):
-        m.HEAD_ROWS_MULTIPLE = multiple
+        m.objective.HEAD_ROWS_MULTIPLE = multiple
         m.zero_grad()
         torch.manual_seed(0)  # same <mask> / random / keep draws
         out = m(batch)

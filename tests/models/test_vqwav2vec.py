@@ -6,9 +6,9 @@ import torch
 
 import aviary
 from aviary.config import ConfigError
-from aviary.models.registry import PRESETS, count_parameters, get_family, get_preset, list_presets
-from aviary.models.vqwav2vec import (GumbelQuantizer, KMeansQuantizer, VqWav2VecConfig, VqWav2VecPretraining,
-                                     VqWav2VecUpstream, conv_output_lengths)
+from aviary.models.quantizers import GumbelQuantizer, KMeansQuantizer
+from aviary.models.registry import PRESETS, build_pretrain, count_parameters, get_family, get_preset, list_presets
+from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecUpstream, conv_output_lengths
 from aviary.train.checkpoint import save_tensors
 
 VQ_PRESETS = [n for n in list_presets() if n.startswith("vq-wav2vec")]
@@ -120,10 +120,10 @@ def test_kmeans_nearest_is_euclidean_argmin():
 
 def test_kmeans_gradients_reach_encoder_through_straight_through():
     torch.manual_seed(0)
-    m = VqWav2VecPretraining(tiny("kmeans", kmeans_weight=0.0))
+    m = build_pretrain(tiny("kmeans", kmeans_weight=0.0))
     # The predictor starts at zero (prior_logit_bias), which stops every gradient to the
     # targets at step 0; give it the weights it has after some training.
-    torch.nn.init.normal_(m.predictor.weight, std=0.1)
+    torch.nn.init.normal_(m.objective.predictor.weight, std=0.1)
     wavs = torch.randn(2, 4000)
     out = m({"wavs": wavs, "wav_lengths": torch.tensor([4000, 3500])})
     out.loss.backward()
@@ -133,7 +133,7 @@ def test_kmeans_gradients_reach_encoder_through_straight_through():
     cb = m.upstream.quantizer.codebook.grad
     assert cb is None or cb.abs().sum() == 0
     m.zero_grad()
-    m2 = VqWav2VecPretraining(tiny("kmeans"))
+    m2 = build_pretrain(tiny("kmeans"))
     m2({"wavs": wavs, "wav_lengths": torch.tensor([4000, 3500])}).loss.backward()
     assert m2.upstream.quantizer.codebook.grad.abs().sum() > 0
 
@@ -205,145 +205,31 @@ def test_kmeans_restarts_recover_usage_when_the_codebook_sits_at_the_origin():
 
 def test_restart_threshold_config():
     assert get_preset("vq-wav2vec-kmeans-cpu").code_restart_threshold > 0
-    # Gumbel splitting spreads the codes but costs accuracy in a short run (GumbelQuantizer).
+    # Restarts are k-means only (Gumbel splitting cost accuracy and was removed: DEVELOPING.md).
     assert get_preset("vq-wav2vec-gumbel-cpu").code_restart_threshold == 0
     assert get_preset("vq-wav2vec-kmeans").code_restart_threshold == 0  # the paper's models
     assert get_preset("vq-wav2vec-gumbel").code_restart_threshold == 0
     with pytest.raises(ConfigError, match="code_restart_threshold"):
-        tiny("gumbel", code_restart_threshold=1.5)
+        tiny("kmeans", code_restart_threshold=1.5)
+    with pytest.raises(ConfigError, match="code_restart_threshold"):
+        tiny("gumbel", code_restart_threshold=0.1)
+    torch.manual_seed(0)
+    m = build_pretrain(tiny("kmeans", code_restart_threshold=0.5))
+    assert "usage" not in m.state_dict() and "upstream.quantizer.usage" not in m.state_dict()
+    with torch.no_grad():
+        m.upstream.quantizer.usage.zero_()  # every entry dead
+    out = m({"wavs": torch.randn(2, 4000), "wav_lengths": torch.tensor([4000, 3500])})
+    # all restart after this batch, but an entry with > 5/12 of its frames (usage
+    # 0.1 * share >= 0.5 / 12)
+    idx, lens = out.extras["indices"], out.extras["lengths"]
+    idx = idx[torch.arange(idx.shape[1])[None] < lens[:, None]]  # (N, G) valid frames
+    share = torch.stack([torch.bincount(idx[:, g], minlength=12) for g in range(2)]).float() / idx.shape[0]
+    assert out.metrics["restarted_codes"] == int((0.1 * share < 0.5 / 12).sum()) >= 2 * 11
+    out.loss.backward()  # the in-place restart leaves this step's graph intact
+    assert m.upstream.quantizer.codebook.grad is not None
     for quantizer in ("kmeans", "gumbel"):
-        torch.manual_seed(0)
-        m = VqWav2VecPretraining(tiny(quantizer, code_restart_threshold=0.5))
-        assert "usage" not in m.state_dict() and "upstream.quantizer.usage" not in m.state_dict()
-        with torch.no_grad():
-            m.upstream.quantizer.usage.zero_()  # every entry dead
-            if quantizer == "gumbel":
-                # a split needs a source: an entry above the average share
-                m.upstream.quantizer.usage[:, 6:] = 2 / 12
-                m.upstream.quantizer.min_split_frames = 2  # this batch has 23 + 20 frames
-        out = m({"wavs": torch.randn(2, 4000), "wav_lengths": torch.tensor([4000, 3500])})
-        if quantizer == "kmeans":
-            # all restart after this batch, but an entry with > 5/12 of its frames (usage
-            # 0.1 * share >= 0.5 / 12)
-            idx, lens = out.extras["indices"], out.extras["lengths"]
-            idx = idx[torch.arange(idx.shape[1])[None] < lens[:, None]]  # (N, G) valid frames
-            share = torch.stack([torch.bincount(idx[:, g], minlength=12) for g in range(2)]).float() / idx.shape[0]
-            assert out.metrics["restarted_codes"] == int((0.1 * share < 0.5 / 12).sum()) >= 2 * 11
-        else:
-            # one split per source with frames in this batch, at most max_splits per group
-            assert 2 <= out.metrics["restarted_codes"] <= 2 * m.upstream.quantizer.max_splits
-        out.loss.backward()  # the in-place restart leaves this step's graph intact
-        assert m.upstream.quantizer.codebook.grad is not None
-        assert "restarted_codes" not in VqWav2VecPretraining(tiny(quantizer))(
+        assert "restarted_codes" not in build_pretrain(tiny(quantizer))(
             {"wavs": torch.randn(1, 4000), "wav_lengths": torch.tensor([4000])}).metrics
-
-
-def _gumbel_with_one_dead_entry(**kw):
-    """A Gumbel quantiser, a batch, and the entry of group 0 that its running usage calls dead
-    (the least chosen in the batch, usage 0 so far); all other entries alive."""
-    torch.manual_seed(0)
-    q = GumbelQuantizer(16, num_groups=2, num_vars=6, hidden=24, restart_threshold=0.5, **kw)
-    x = torch.randn(3, 40, 16)
-    valid = torch.ones(3, 40, dtype=torch.bool)
-    valid[2, 25:] = False
-    with torch.no_grad():
-        codes = q.eval().codes(x, valid)[valid]  # (N, G)
-    counts = torch.bincount(codes[:, 0], minlength=6)
-    dead = int(counts.argmin())
-    with torch.no_grad():
-        q.usage.fill_(1 / 6)
-        q.usage[0, dead] = 0.0
-    return q, x, valid, dead, counts
-
-
-def test_gumbel_dead_entry_is_split_from_a_frequent_one():
-    """Issue 7: a dead Gumbel entry becomes a copy of a frequent entry u of its group (logit
-    row + perturbation, bias through the centre of u's frames, same codebook vector): at
-    inference it then takes part of u's frames (and, as measured in training, of other
-    cells'), u keeps the rest, and a frame that moves from u to the copy keeps its output."""
-    q, x, valid, dead, counts = _gumbel_with_one_dead_entry()
-    with torch.no_grad():
-        before_codes = q.codes(x, valid)[valid]
-        before_q = q(x, valid).quantized[valid]
-    w, b, cb = (t.detach().clone() for t in (q.proj[-1].weight, q.proj[-1].bias, q.codebook))
-    q(x, valid)
-    assert torch.equal(q.proj[-1].weight, w) and torch.equal(q.codebook, cb)  # eval: no change
-    q.train()
-    out = q(x, valid)
-    assert int(out.restarted) == 1
-    changed = ~(q.proj[-1].weight == w).all(-1)
-    assert changed.nonzero().flatten().tolist() == [dead]  # row of group 0, entry `dead`
-    same = [v for v in range(6) if v != dead and torch.equal(cb[0, v], q.codebook[0, dead])]
-    assert len(same) == 1
-    src = same[0]  # drawn among the entries above the average share, with enough frames
-    assert counts[src] >= q.min_split_frames and counts[src] / counts.sum() > 1 / 6
-    assert not torch.equal(q.proj[-1].weight[dead], w[src])  # a perturbed copy ...
-    assert torch.equal(q.codebook[0, dead], cb[0, src]) and torch.equal(q.codebook[1], cb[1])  # ... same vector
-    assert q.usage[0, dead] == q.usage[0, src] < 1 / 6 + 0.1  # both take half of u's share
-    with torch.no_grad():
-        after_codes = q.eval().codes(x, valid)[valid]
-        after_q = q(x, valid).quantized[valid]
-    was_src = before_codes[:, 0] == src
-    moved = was_src & (after_codes[:, 0] == dead)
-    assert moved.any() and (was_src & (after_codes[:, 0] == src)).any()  # u's frames split
-    assert torch.equal(after_codes[:, 1], before_codes[:, 1])
-    assert torch.allclose(after_q[moved], before_q[moved])
-
-
-def test_gumbel_split_keeps_this_steps_gradients_and_is_off_when_asked():
-    """The split rewrites parameters in place after the batch: the step's gradients must be
-    those of the old values (same as a quantiser without splitting). Threshold 0 and eval
-    mode never split."""
-    q, x, valid, dead, _ = _gumbel_with_one_dead_entry()
-    ref = GumbelQuantizer(16, num_groups=2, num_vars=6, hidden=24)
-    ref.load_state_dict(q.state_dict())
-    outs = []
-    for m in (q.train(), ref.train()):
-        torch.manual_seed(1)  # the same Gumbel noise
-        outs.append(m(x, valid))
-        (outs[-1].quantized ** 2).sum().backward()
-    assert int(outs[0].restarted) == 1 and outs[1].restarted is None
-    assert torch.equal(outs[0].indices, outs[1].indices)
-    for (name, p), p_ref in zip(q.named_parameters(), ref.parameters()):
-        assert torch.allclose(p.grad, p_ref.grad), name
-    with torch.no_grad():
-        ref.usage.zero_()
-    w = ref.proj[-1].weight.detach().clone()
-    ref(x, valid)
-    assert torch.equal(ref.proj[-1].weight, w)
-
-
-def test_gumbel_split_with_shared_codebook_leaves_the_codebook():
-    """A shared codebook vector is also another group's entry: only the logit row is split."""
-    q, x, valid, dead, _ = _gumbel_with_one_dead_entry(shared_codebook=True)
-    cb = q.codebook.detach().clone()
-    w = q.proj[-1].weight.detach().clone()
-    assert int(q.train()(x, valid).restarted) == 1
-    assert torch.equal(q.codebook, cb) and not torch.equal(q.proj[-1].weight[dead], w[dead])
-
-
-def test_gumbel_splits_recover_usage_when_the_input_is_about_one_dimensional():
-    """The collapse the splits address: an argmax of linear logits of a ~1-D input has few
-    winners. Splits start once an unused entry's usage has decayed (~22 batches) and raise
-    the argmax perplexity slowly (2 per group and batch, and a copy can also take frames of
-    neighbouring cells): measured 4.1 -> 7.3 after 100 batches."""
-    from aviary.objectives.quantize import codebook_metrics
-    torch.manual_seed(0)
-    x = torch.randn(8, 100, 1) * torch.randn(1, 1, 16) + 0.1 * torch.randn(8, 100, 16)
-    valid = torch.ones(8, 100, dtype=torch.bool)
-
-    def perplexity(q):
-        with torch.no_grad():
-            return float(codebook_metrics(q.eval().codes(x, valid), valid, 32)["perplexity"])
-
-    plain = GumbelQuantizer(16, num_groups=2, num_vars=32, hidden=24)
-    q = GumbelQuantizer(16, num_groups=2, num_vars=32, hidden=24, restart_threshold=0.1)
-    q.load_state_dict(plain.state_dict())
-    q.train()
-    for _ in range(100):
-        q(x, valid)
-    p0, p1 = perplexity(plain), perplexity(q)
-    assert p0 < 8 and p1 > 1.5 * p0, (p0, p1)
 
 
 _DDP_RESTART_SCRIPT = """
@@ -351,14 +237,13 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from aviary.models.vqwav2vec import GumbelQuantizer, KMeansQuantizer
+from aviary.models.quantizers import KMeansQuantizer
 
 
 def work(rank, out):
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
     torch.manual_seed(0)  # the same initial replicas (as DDP's broadcast of the weights)
-    qs = {"gumbel": GumbelQuantizer(16, 2, 8, 24, restart_threshold=0.5),
-          "kmeans": KMeansQuantizer(16, 2, 8, restart_threshold=0.5)}
+    qs = {"kmeans": KMeansQuantizer(16, 2, 8, restart_threshold=0.5)}
     torch.manual_seed(100 + rank)  # each rank its own frames and its own random numbers
     result = {}
     for name, q in qs.items():
@@ -391,13 +276,13 @@ def test_restarts_keep_distributed_replicas_equal(tmp_path):
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert int(r0["gumbel.restarted"]) >= 1 and int(r0["kmeans.restarted"]) == 6
+    assert int(r0["kmeans.restarted"]) == 6
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
 
 
 def test_set_progress_anneals_temperature():
-    m = VqWav2VecPretraining(tiny())
+    m = build_pretrain(tiny())
     assert m.upstream.quantizer.temperature == pytest.approx(2.0)
     m.set_progress(70, 100)
     assert m.upstream.quantizer.temperature == pytest.approx(0.5)
@@ -407,7 +292,7 @@ def test_set_progress_anneals_temperature():
 
 def test_pretraining_metrics_and_seeded_negatives():
     torch.manual_seed(0)
-    m = VqWav2VecPretraining(tiny())
+    m = build_pretrain(tiny())
     batch = {"wavs": torch.randn(2, 4000), "wav_lengths": torch.tensor([4000, 3000])}
     out = m(batch)
     for k in ("accuracy", "perplexity_g0", "perplexity_g1", "code_usage", "temperature", "prediction_loss"):
@@ -450,7 +335,7 @@ def test_all_four_presets_registered():
 
 def test_aviary_load_roundtrip(tmp_path):
     cfg = tiny("kmeans")
-    m = VqWav2VecPretraining(cfg).eval()
+    m = build_pretrain(cfg).eval()
     save_tensors(tmp_path / "model.safetensors", m.state_dict(), config={"model": cfg.to_dict(), "step": 1})
     up = aviary.load(tmp_path)
     assert isinstance(up, VqWav2VecUpstream) and up.frame_shift == pytest.approx(0.01)
@@ -462,7 +347,7 @@ def test_aviary_load_roundtrip(tmp_path):
 
 def test_too_short_rows_do_not_break_a_batch():
     torch.manual_seed(0)
-    m = VqWav2VecPretraining(tiny())
+    m = build_pretrain(tiny())
     out = m({"wavs": torch.randn(2, 4000), "wav_lengths": torch.tensor([4000, 500])})  # 23 and 1 frames
     assert torch.isfinite(out.loss)
     with pytest.raises(ValueError, match="min_seconds"):
@@ -511,7 +396,7 @@ def test_initial_codes_follow_the_input(name):
     """
     from aviary.objectives.quantize import codebook_metrics
     torch.manual_seed(0)
-    m = VqWav2VecPretraining(get_preset(name))
+    m = build_pretrain(get_preset(name))
     wav = _tones()
     with torch.no_grad():
         codes, lens = m.upstream.eval().tokenize(wav)
@@ -523,7 +408,7 @@ def test_initial_codes_follow_the_input(name):
             z, _, v = m.upstream.encode(wav, torch.tensor([wav.shape[1]]))
             a, b = m.upstream.quantizer(z, v).indices, m.upstream.quantizer(z, v).indices
             assert (a == b).float().mean() > 0.3
-    legacy = VqWav2VecPretraining(get_preset(name).replace(quantizer_input_norm=False)).eval()
+    legacy = build_pretrain(get_preset(name).replace(quantizer_input_norm=False)).eval()
     with torch.no_grad():
         codes, _ = legacy.upstream.tokenize(wav)
     assert codebook_metrics(codes, valid, m.config.num_vars)["perplexity"] < met["perplexity"]
@@ -534,23 +419,23 @@ def test_prediction_starts_at_the_prior_floor_with_no_push_on_targets():
     targets get no gradient at step 0 (the shared push that collapsed the codebook)."""
     torch.manual_seed(0)
     cfg = tiny("gumbel")
-    m = VqWav2VecPretraining(cfg)
+    m = build_pretrain(cfg)
     n = cfg.num_negatives
     wav = _tones(0.5)
     z, lens, valid = m.upstream.encode(wav, torch.tensor([wav.shape[1]]))
     qo = m.upstream.quantizer(z, valid)
     q = qo.quantized.detach().requires_grad_(True)
     c = m.upstream.aggregator(q.transpose(1, 2), valid)[-1].transpose(1, 2)
-    preds = m.predictor(c).view(1, c.shape[1], cfg.prediction_steps, cfg.channels)
+    preds = m.objective.predictor(c).view(1, c.shape[1], cfg.prediction_steps, cfg.channels)
     from aviary.objectives.contrastive import future_prediction_loss, sample_negatives
     negs = sample_negatives(lens, c.shape[1], n, torch.Generator().manual_seed(0))
-    loss, _ = future_prediction_loss(preds, q, lens, negs, logit_bias=m.logit_bias)
+    loss = future_prediction_loss(preds, q, lens, negs, logit_bias=m.objective.logit_bias).loss
     assert loss.item() == pytest.approx(math.log(n + 1) + n * math.log((n + 1) / n), rel=1e-5)
     loss.backward()
     assert q.grad.abs().max() == 0
-    assert m.predictor.weight.grad.abs().sum() > 0  # ... but the predictor learns at once
-    legacy = VqWav2VecPretraining(cfg.replace(prior_logit_bias=False))
-    assert legacy.logit_bias is None and legacy.predictor.weight.abs().sum() > 0
+    assert m.objective.predictor.weight.grad.abs().sum() > 0  # ... but the predictor learns at once
+    legacy = build_pretrain(cfg.replace(prior_logit_bias=False))
+    assert legacy.objective.logit_bias is None and legacy.objective.predictor.weight.abs().sum() > 0
 
 
 def test_checkpoint_configs_without_the_issue7_keys_rebuild_the_old_model():
@@ -558,7 +443,7 @@ def test_checkpoint_configs_without_the_issue7_keys_rebuild_the_old_model():
     d.pop("quantizer_input_norm"), d.pop("prior_logit_bias"), d.pop("code_restart_threshold")
     old = VqWav2VecConfig.from_dict(d)
     assert not old.quantizer_input_norm and not old.prior_logit_bias and old.code_restart_threshold == 0
-    assert VqWav2VecPretraining(old).upstream.quantizer.input_norm is None
+    assert build_pretrain(old).upstream.quantizer.input_norm is None
     assert tiny().quantizer_input_norm and tiny().prior_logit_bias
 
 
@@ -593,7 +478,7 @@ def test_short_training_keeps_codes_and_learns_to_predict(variant):
     cfg = VqWav2VecConfig(quantizer=quantizer, channels=32, gumbel_hidden=64, num_vars=32,
                           aggregator_kernels=(2, 3, 4), prediction_steps=4,
                           code_restart_threshold=0.1 if variant.endswith("-restart") else 0.0)
-    m = VqWav2VecPretraining(cfg)
+    m = build_pretrain(cfg)
     wav = torch.cat([_tones(1.5, seed=s) for s in range(4)])
     lens = torch.full((4,), wav.shape[1])
     opt = torch.optim.Adam(m.parameters(), lr=2e-3)

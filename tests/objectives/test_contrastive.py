@@ -51,7 +51,8 @@ def test_toy_loss_by_hand():
     preds = torch.tensor([[[[1.0]], [[2.0]], [[-1.0]]]])  # (1, 3, 1, 1)
     z = torch.tensor([[[0.5], [-1.0], [2.0]]])  # (1, 3, 1)
     neg = torch.tensor([[[2], [0], [1]]])  # negative of frame 1 is frame 0, of frame 2 is frame 1
-    loss, m = future_prediction_loss(preds, z, torch.tensor([3]), neg, offset=1)
+    res = future_prediction_loss(preds, z, torch.tensor([3]), neg, offset=1)
+    loss, m = res.loss, res.metrics
     # t=0: positive 1*(-1) = -1, negative 1*z_0 = 0.5; t=1: positive 2*2 = 4, negative 2*z_1 = -2
     expect = (_bce_pos(-1.0) + _bce_neg(0.5) + _bce_pos(4.0) + _bce_neg(-2.0)) / 2
     assert loss.item() == pytest.approx(expect, rel=1e-6)
@@ -64,14 +65,15 @@ def test_loss_ignores_padding_and_counts_positives():
     preds = torch.randn(1, 5, 2, 3)
     z = torch.randn(1, 5, 3)
     neg = sample_negatives(torch.tensor([4]), 5, 3, generator=torch.Generator().manual_seed(1))
-    loss, m = future_prediction_loss(preds, z, torch.tensor([4]), neg)
+    res = future_prediction_loss(preds, z, torch.tensor([4]), neg)
+    loss, m = res.loss, res.metrics
     # steps 1 and 2 ahead within 4 frames: 3 + 2 positives
     assert m["num_positives"].item() == 5
     z2 = z.clone()
     z2[0, 4] = 100.0  # padding frame: must not matter
     preds2 = preds.clone()
     preds2[0, 4] = -7.0
-    loss2, _ = future_prediction_loss(preds2, z2, torch.tensor([4]), neg)
+    loss2 = future_prediction_loss(preds2, z2, torch.tensor([4]), neg).loss
     assert loss.item() == pytest.approx(loss2.item())
 
 

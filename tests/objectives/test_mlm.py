@@ -4,14 +4,15 @@ import math
 import pytest
 import torch
 
-from aviary.objectives.mlm import corrupt_tokens, masked_lm_loss, span_mask
+from aviary.objectives.masking import bernoulli_span_mask
+from aviary.objectives.mlm import corrupt_tokens, masked_lm_loss
 
 
 def test_span_mask_never_touches_padding_and_is_seeded():
     lengths = torch.tensor([100, 37, 5, 0])
-    a = span_mask(lengths, 100, 0.05, 10, generator=torch.Generator().manual_seed(0))
-    b = span_mask(lengths, 100, 0.05, 10, generator=torch.Generator().manual_seed(0))
-    c = span_mask(lengths, 100, 0.05, 10, generator=torch.Generator().manual_seed(1))
+    a = bernoulli_span_mask(lengths, 100, 0.05, 10, generator=torch.Generator().manual_seed(0))
+    b = bernoulli_span_mask(lengths, 100, 0.05, 10, generator=torch.Generator().manual_seed(0))
+    c = bernoulli_span_mask(lengths, 100, 0.05, 10, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.equal(a, c)
     pad = torch.arange(100)[None] >= lengths[:, None]
     assert not (a & pad).any()
@@ -21,11 +22,11 @@ def test_span_mask_never_touches_padding_and_is_seeded():
 
 def test_span_mask_spans_and_fraction():
     # Hand-set starts: p=1 at every position means everything valid is masked.
-    full = span_mask(torch.tensor([12]), 12, 1.0, 3)
+    full = bernoulli_span_mask(torch.tensor([12]), 12, 1.0, 3)
     assert full.all()
     # The masked fraction approaches 1 - (1 - p)^M = 0.401 for p = 0.05, M = 10.
     lengths = torch.full((64,), 1000)
-    m = span_mask(lengths, 1000, 0.05, 10, generator=torch.Generator().manual_seed(0))
+    m = bernoulli_span_mask(lengths, 1000, 0.05, 10, generator=torch.Generator().manual_seed(0))
     frac = m.float().mean().item()
     assert frac == pytest.approx(1 - 0.95 ** 10, abs=0.02)
     # masked runs come in lengths >= M (overlapping spans merge), except where cut by the end
@@ -42,7 +43,7 @@ def test_span_mask_spans_and_fraction():
 
 def test_single_start_gives_one_span():
     torch.manual_seed(0)
-    m = span_mask(torch.tensor([30]), 30, 1e-9, 4, min_masked=1)  # no draws: one forced span
+    m = bernoulli_span_mask(torch.tensor([30]), 30, 1e-9, 4, min_masked=1)  # no draws: one forced span
     idx = m[0].nonzero().flatten().tolist()
     assert len(idx) == 4 or idx[-1] == 29
     assert idx == list(range(idx[0], idx[0] + len(idx)))
@@ -68,7 +69,8 @@ def test_masked_lm_loss_only_masked_positions():
     logits[0, 2, 3] = 100.0  # unmasked garbage must not count
     targets = torch.tensor([[1, 2, 2]])  # position 1: flat logits, argmax 0 != 2
     mask = torch.tensor([[True, True, False]])
-    loss, m = masked_lm_loss(logits, targets, mask)
+    res = masked_lm_loss(logits, targets, mask)
+    loss, m = res.loss, res.metrics
     e2 = math.exp(2.0)
     expect = (-math.log(e2 / (e2 + 3)) - math.log(1 / 4)) / 2
     assert loss.item() == pytest.approx(expect, rel=1e-5)
@@ -82,7 +84,7 @@ def test_unigram_baseline():
     targets = torch.tensor([5, 5, 5, 1])
     logits = torch.zeros(4, 8)
     logits[:, 5] = 1.0
-    _, m = masked_lm_loss(logits, targets, None)
+    m = masked_lm_loss(logits, targets, None).metrics
     assert m["unigram_accuracy"].item() == pytest.approx(0.75) and m["accuracy"].item() == pytest.approx(0.75)
 
 
@@ -90,18 +92,18 @@ def test_unigram_baseline_uses_the_corpus_mode_not_the_batch_mode():
     # The batch's most frequent target (5) is not the corpus's (3): a context-free model that
     # learned the corpus counts guesses 3 everywhere; guessing 5 needs to see the batch.
     targets = torch.tensor([5, 5, 5, 3, 7])
-    _, m = masked_lm_loss(torch.zeros(5, 8), targets, None, unigram_id=3)
+    m = masked_lm_loss(torch.zeros(5, 8), targets, None, unigram_id=3).metrics
     assert m["unigram_accuracy"].item() == pytest.approx(0.2)
     assert m["batch_mode_accuracy"].item() == pytest.approx(0.6)
-    _, m = masked_lm_loss(torch.zeros(5, 8), targets, None, unigram_id=4)  # never a target
+    m = masked_lm_loss(torch.zeros(5, 8), targets, None, unigram_id=4).metrics  # never a target
     assert m["unigram_accuracy"].item() == 0.0
 
 
 def test_mask_accuracy_counts_only_hidden_targets():
     targets = torch.tensor([1, 2, 3, 4])
     logits = torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 0]), 8).float()  # right on 0, 1
-    _, m = masked_lm_loss(logits, targets, None, hidden=torch.tensor([False, True, True, True]))
+    m = masked_lm_loss(logits, targets, None, hidden=torch.tensor([False, True, True, True])).metrics
     assert m["accuracy"].item() == pytest.approx(0.5)
     assert m["mask_accuracy"].item() == pytest.approx(1 / 3)
-    _, m = masked_lm_loss(logits, targets, None)
+    m = masked_lm_loss(logits, targets, None).metrics
     assert "mask_accuracy" not in m

@@ -340,7 +340,7 @@ def test_nonfinite_weights_are_never_written(tmp_path):
 
     model = tiny.TinyPretrain(tiny.TinyConfig())
     with torch.no_grad():
-        model.head.weight[0, 0] = float("nan")
+        model.objective.head.weight[0, 0] = float("nan")
     opt = torch.optim.AdamW(model.parameters())
     from aviary.train.data import StreamPosition
     from aviary.train.distributed import DistInfo

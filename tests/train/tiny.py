@@ -3,7 +3,7 @@
 ``tiny-test`` frames the waveform into 160-sample chunks, masks a random subset (drawn from
 the global torch RNG, as real objectives do, so the loop's seeding is exercised), and
 predicts the masked chunks with L1 loss. It follows the family contract of
-``aviary/models/registry.py``: ``forward(batch) -> ObjectiveOutput``, ``.upstream``.
+``aviary/models/registry.py``: an upstream and an objective, composed by ``PretrainModel``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch.nn as nn
 from aviary.config import Config, check_range
 from aviary.models.registry import FAMILIES, PRESETS, Family, register_family, register_preset
 from aviary.models.upstream import Upstream
-from aviary.objectives.base import ObjectiveOutput
+from aviary.lengths import valid_mask
+from aviary.objectives.base import Objective, ObjectiveOutput, PretrainModel
 from aviary.train.data import TrainData
 
 FRAME = 160
@@ -56,39 +57,45 @@ class TinyUpstream(Upstream):
         return [h0, h0 + torch.tanh(self.layer(h0))]
 
     def extract(self, wavs, wav_lengths=None, max_layer=None):
-        wavs, wav_lengths = self._as_batch(wavs, wav_lengths)
+        wavs, wav_lengths = self.as_batch(wavs, wav_lengths)
         x, lengths = self.frames(wavs, wav_lengths)
         hs = self.encode(x)
         return hs[: (max_layer + 1) if max_layer is not None else None], lengths
 
 
-class TinyPretrain(nn.Module):
+class TinyObjective(Objective):
+    state_prefix = ""  # keys "head.*", as the family's checkpoints had before objectives were modules
+
     def __init__(self, cfg: TinyConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.upstream = TinyUpstream(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.hidden, FRAME)
         self.progress: tuple[int, int] | None = None
 
-    def set_progress(self, step: int, total: int) -> None:
+    def set_progress(self, upstream: nn.Module, step: int, total: int) -> None:
         self.progress = (step, total)
 
-    def forward(self, batch: dict[str, Any]) -> ObjectiveOutput:
-        x, lengths = self.upstream.frames(batch["wavs"], batch["wav_lengths"])  # (B, T, 160)
-        valid = torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]  # (B, T)
-        mask = (torch.rand(valid.shape, device=x.device) < self.config.mask_prob) & valid
+    def forward(self, upstream: TinyUpstream, batch: dict[str, Any],
+                generator: torch.Generator | None = None) -> ObjectiveOutput:
+        x, lengths = upstream.frames(batch["wavs"], batch["wav_lengths"])  # (B, T, 160)
+        valid = valid_mask(lengths, x.shape[1])  # (B, T)
+        mask = (torch.rand(valid.shape, generator=generator, device=x.device) < self.config.mask_prob) & valid
         mask[:, 0] |= valid[:, 0]  # at least one scored frame per row
-        h = self.upstream.encode(x * (~mask)[..., None])[-1]
+        h = upstream.encode(x * (~mask)[..., None])[-1]
         pred = self.head(self.drop(h))
         err = (pred.float() - x.float()).abs().mean(-1)  # (B, T)
         loss = (err * mask).sum() / mask.sum()
         return ObjectiveOutput(loss, {"masked_frac": mask.sum() / valid.sum()})
 
 
+def TinyPretrain(cfg: TinyConfig) -> PretrainModel:
+    return FAMILIES["tiny-test"].build_pretrain(cfg)
+
+
 def _register() -> None:
     if "tiny-test" not in FAMILIES:
-        register_family(Family("tiny-test", TinyConfig, TinyPretrain, TinyUpstream, "audio"))
+        register_family(Family("tiny-test", TinyConfig, TinyUpstream, lambda cfg, up: TinyObjective(cfg), "audio"))
     if "tiny-test" not in PRESETS:
         register_preset("tiny-test", "test-only tiny model")(lambda: TinyConfig())
     if "tiny-test-nodrop" not in PRESETS:
