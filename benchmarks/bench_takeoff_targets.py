@@ -74,12 +74,11 @@ def unigram_level(recipe: str, run_dir: Path, corpus: Path, targets: Path | None
     else:
         from aviary.audio import load_audio
         from aviary.data.dataset import collate_audio
-        from aviary.models.masked_prediction import MaskedPredictionModel
-        from aviary.models.registry import config_from_dict
+        from aviary.models.registry import build_pretrain, config_from_dict
         from aviary.train import checkpoint as ckpt
 
         tensors, meta = ckpt.load_tensors(run_dir / "model.safetensors")
-        model = MaskedPredictionModel(config_from_dict(ckpt.load_config_from_metadata(run_dir / "model.safetensors",
+        model = build_pretrain(config_from_dict(ckpt.load_config_from_metadata(run_dir / "model.safetensors",
                                                                                       meta)["model"]))
         model.load_state_dict(tensors)
         K = model.config.objective.codebook_size
@@ -117,7 +116,7 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
     tdir = targets_for(recipe, corpus, work)
     mcfg = get_preset(recipe)
     if tdir is not None:
-        mcfg = mcfg.replace(targets=str(tdir.resolve()))
+        mcfg = mcfg.replace(objective={**mcfg.objective.to_dict(), "targets": str(tdir.resolve())})
     demo = DemoConfig(preset=recipe, seed=seed, precision=precision, **({"steps": steps} if steps else {}))
     tcfg = train_config(demo)
     t0 = time.perf_counter()

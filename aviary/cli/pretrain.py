@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run directory: checkpoints, metrics.jsonl, tb/, model.safetensors")
     p.add_argument("--targets", metavar="DIR",
                    help="frame targets of the corpus (`aviary targets kmeans`), for the hubert-* presets "
-                        "(sets model.targets)")
+                        "(sets model.objective.targets)")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (sets train.steps)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="sets train.precision (default auto: bf16 on CUDA or a CPU with AMX / AVX512-BF16, "
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{run_json}: not found, so the run's corpus is unknown; pass --data CORPUS")
     overrides = list(args.overrides) + ([f"train.precision={args.precision}"] if args.precision else [])
     if args.targets:
-        overrides.append(f"model.targets={Path(args.targets).resolve()}")
+        overrides.append(f"model.objective.targets={Path(args.targets).resolve()}")
     model_cfg, train_cfg = resolve_configs(args.model, args.config, overrides, args.steps, base=base)
     if data is None:
         raise ConfigError("no training data: pass --data CORPUS (a corpus directory or manifest)")

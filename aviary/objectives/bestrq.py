@@ -23,19 +23,52 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary.config import Config, check_range
-from aviary.objectives.base import ObjectiveOutput
-from aviary.objectives.masking import span_mask
+from aviary.config import check_range
+from aviary.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
+from aviary.objectives.masking import bernoulli_span_mask
+
+
+class FrameUpstream(Protocol):
+    """What the masked-prediction objectives use of an upstream (the masked acoustic models'
+    ``MAMUpstream``): its front-end, and its encoder split at the masking point."""
+
+    hidden_size: int
+    frontend: Any  # .dim
+    encoder: Any  # .downsample, .stack(feats, lengths), .encode(stacked, lengths)
+
+    def as_batch(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None,
+                 check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def features(self, wavs: torch.Tensor, wav_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def encoder_input(upstream: FrameUpstream, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's clean input of a batch: stacked front-end frames (B, T', D*R) and (B,) lengths."""
+    wavs, wav_lengths = upstream.as_batch(batch["wavs"], batch.get("wav_lengths"), check_finite=False)
+    feats, flen = upstream.features(wavs, wav_lengths)  # (B, T, D), no grad, fp32
+    return upstream.encoder.stack(feats, flen)  # padding zeroed
+
+
+def draw_mask(batch: dict[str, Any], lengths: torch.Tensor, T: int, start_prob: float, span: int,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """``batch["mask"]`` when given (tests, analysis), else wav2vec 2.0-style spans; never padding."""
+    mask = batch.get("mask")
+    if mask is None:
+        mask = bernoulli_span_mask(lengths, T, start_prob, span, generator)
+    if mask.shape != (lengths.shape[0], T):
+        raise ValueError(f"batch['mask'] must be ({lengths.shape[0]}, {T}) at the encoder rate, "
+                         f"got {tuple(mask.shape)}")
+    return mask.bool() & (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None])
 
 
 @dataclass(frozen=True)
-class BestRQObjectiveConfig(Config):
+class BestRQConfig(ObjectiveConfig):
     """Quantiser, masking and loss settings of BEST-RQ (defaults: the paper's).
 
     Attributes:
@@ -44,19 +77,19 @@ class BestRQObjectiveConfig(Config):
         num_codebooks: independent (projection, codebook) pairs, one softmax each (paper: 1,
             16 in its multi-codebook study).
         quantizer_seed: seeds the projection and codebooks (not the run's seed).
-        mask_proportion, span: ``span_mask`` settings at the encoder frame rate. The paper
+        mask_prob, span: every encoder frame starts a span of ``span`` frames with probability
+            ``mask_prob`` (:func:`~aviary.objectives.masking.bernoulli_span_mask`). The paper
             starts a 400 ms span at each 10 ms frame with probability 0.01; at 40 ms encoder
-            frames that is a 10-frame span with 0.04 starts per frame, i.e.
-            ``mask_proportion = 0.04 * 10 = 0.4`` (spans may overlap, so ~1/3 of the frames
-            end up masked).
+            frames (R = 4) that is 0.04 and 10 frames (~1/3 of the frames masked).
         noise_std: std of the noise replacing masked (normalised) frames (paper: 0.1).
     """
 
+    name: str = "bestrq"
     codebook_size: int = 8192
     codebook_dim: int = 16
     num_codebooks: int = 1
     quantizer_seed: int = 0
-    mask_proportion: float = 0.4
+    mask_prob: float = 0.04
     span: int = 10
     noise_std: float = 0.1
 
@@ -65,9 +98,12 @@ class BestRQObjectiveConfig(Config):
         check_range("codebook_dim", self.codebook_dim, 1)
         check_range("num_codebooks", self.num_codebooks, 1, 64)
         check_range("quantizer_seed", self.quantizer_seed, 0)
-        check_range("mask_proportion", self.mask_proportion, 0.0, 1.0, lo_open=True)
+        check_range("mask_prob", self.mask_prob, 0.0, 1.0, lo_open=True)
         check_range("span", self.span, 1)
         check_range("noise_std", self.noise_std, 0.0)
+
+    def build(self, upstream: FrameUpstream) -> "BestRQ":
+        return BestRQ(self, upstream.frontend.dim * upstream.encoder.downsample, upstream.hidden_size)
 
 
 class RandomProjectionQuantizer(nn.Module):
@@ -75,7 +111,7 @@ class RandomProjectionQuantizer(nn.Module):
 
     Args:
         input_dim: D_in, the stacked input frame's dimension.
-        codebook_size, codebook_dim, num_codebooks, seed: see :class:`BestRQObjectiveConfig`.
+        codebook_size, codebook_dim, num_codebooks, seed: see :class:`BestRQConfig`.
     """
 
     def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int, num_codebooks: int = 1,
@@ -131,12 +167,8 @@ def masked_code_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Te
                                                "masked_frames": int(sel_t.shape[0])})
 
 
-class BestRQObjective(nn.Module):
+class BestRQ(Objective):
     """BEST-RQ as a module: quantiser (frozen), noise masking and a softmax head per codebook.
-
-    ``forward(upstream, batch)`` needs an upstream with ``features(wavs, wav_lengths)`` (the
-    normalised input frames), ``encoder.stack`` and ``encoder.encode`` (the
-    :class:`~aviary.models.encoder.TransformerEncoder` split at the masking point).
 
     Args:
         cfg: objective settings.
@@ -144,7 +176,7 @@ class BestRQObjective(nn.Module):
         hidden_size: the encoder's width H.
     """
 
-    def __init__(self, cfg: BestRQObjectiveConfig, input_dim: int, hidden_size: int) -> None:
+    def __init__(self, cfg: BestRQConfig, input_dim: int, hidden_size: int) -> None:
         super().__init__()
         self.config = cfg
         self.quantizer = RandomProjectionQuantizer(input_dim, cfg.codebook_size, cfg.codebook_dim,
@@ -154,35 +186,26 @@ class BestRQObjective(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, upstream: Any, batch: dict[str, Any], mask: torch.Tensor | None = None,
+    def forward(self, upstream: FrameUpstream, batch: dict[str, Any],
                 generator: torch.Generator | None = None) -> ObjectiveOutput:
         """One BEST-RQ step.
 
         Args:
-            upstream: see the class docstring.
-            batch: ``wavs`` (B, N), ``wav_lengths`` (B,).
-            mask: (B, T') bool frames to mask at the encoder rate (bypasses the draw).
+            upstream: see :class:`FrameUpstream`.
+            batch: ``wavs`` (B, N), ``wav_lengths`` (B,), optionally ``mask`` (B, T') bool at
+                the encoder rate (pins the masked frames).
             generator: seeds the mask and the noise (default: the global RNG).
 
         Returns:
             :class:`ObjectiveOutput` (see :func:`masked_code_loss`); ``extras`` hold
             ``targets``, ``mask`` and ``inputs``.
         """
-        from aviary.models.upstream import Upstream
-
-        wavs, wav_lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"), check_finite=False)
-        feats, flen = upstream.features(wavs, wav_lengths)  # (B, T, D), corpus-normalised
-        enc = upstream.encoder
-        stacked, slen = enc.stack(feats, flen)  # (B, T', D*R), padding zeroed
-        B, T, _ = stacked.shape
+        stacked, slen = encoder_input(upstream, batch)  # (B, T', D*R)
         targets = self.quantizer(stacked)  # (B, T', N): from the clean input only
-        valid = torch.arange(T, device=slen.device)[None, :] < slen[:, None]
-        if mask is None:
-            mask = span_mask(slen, T, self.config.mask_proportion, self.config.span, generator)
-        mask = mask.bool() & valid
+        mask = draw_mask(batch, slen, stacked.shape[1], self.config.mask_prob, self.config.span, generator)
         noise = torch.randn(stacked.shape, generator=generator, device=stacked.device) * self.config.noise_std
         inputs = torch.where(mask[..., None], noise.to(stacked.dtype), stacked)
-        hidden_states, _ = enc.encode(inputs, slen)
+        hidden_states, _ = upstream.encoder.encode(inputs, slen)
         logits = self.head(hidden_states[-1]).unflatten(-1, (self.config.num_codebooks, self.config.codebook_size))
         out = masked_code_loss(logits, targets, mask)
         out.metrics["masked_frac"] = float(mask.sum()) / max(1, int(slen.sum()))

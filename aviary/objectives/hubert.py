@@ -29,16 +29,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary.config import Config, check_range
-from aviary.objectives.base import ObjectiveOutput
-from aviary.objectives.masking import span_mask
+from aviary.config import check_range
+from aviary.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
+from aviary.objectives.bestrq import FrameUpstream, draw_mask, encoder_input
 
 #: Label of frames without a target (CE ignores them).
 IGNORE = -100
 
 
 @dataclass(frozen=True)
-class HubertObjectiveConfig(Config):
+class HubertConfig(ObjectiveConfig):
     """Head, masking and loss settings of HuBERT-style training (defaults: the paper's BASE).
 
     Attributes:
@@ -46,23 +46,34 @@ class HubertObjectiveConfig(Config):
             equal the targets' (checked when training starts).
         proj_dim: width of the projection ``A`` and of the cluster embeddings (paper: 256).
         temperature: tau of the cosine logits (paper: 0.1).
-        mask_proportion, span: ``span_mask`` settings at the encoder frame rate; p = 0.08
-            starts per frame with 10-frame spans is ``mask_proportion = 0.08 * 10 = 0.8``
-            (overlapping spans: ~half of the frames end up masked, as in the paper).
+        mask_prob, span: every encoder frame starts a ``span``-frame span with probability
+            ``mask_prob`` (paper: p = 0.08 and 10 frames at 20 ms; about half of the frames end
+            up masked).
+        targets: the targets directory (``aviary targets kmeans --out DIR``), set by
+            ``aviary pretrain --targets DIR``; the training data then carries them
+            (:mod:`aviary.train.targets`). Empty in presets.
+        targets_sha256: fingerprint of the targets trained on (their ``targets.json``), set
+            when training starts, so a checkpoint names exactly the targets it learnt.
     """
 
+    name: str = "hubert"
     num_clusters: int = 100
     proj_dim: int = 256
     temperature: float = 0.1
-    mask_proportion: float = 0.8
+    mask_prob: float = 0.08
     span: int = 10
+    targets: str = ""
+    targets_sha256: str = ""
 
     def validate(self) -> None:
         check_range("num_clusters", self.num_clusters, 2)
         check_range("proj_dim", self.proj_dim, 1)
         check_range("temperature", self.temperature, 0.0, lo_open=True)
-        check_range("mask_proportion", self.mask_proportion, 0.0, 1.0, lo_open=True)
+        check_range("mask_prob", self.mask_prob, 0.0, 1.0, lo_open=True)
         check_range("span", self.span, 1)
+
+    def build(self, upstream: FrameUpstream) -> "Hubert":
+        return Hubert(self, upstream.frontend.dim * upstream.encoder.downsample, upstream.hidden_size)
 
 
 def cosine_cluster_loss(projected: torch.Tensor, cluster_emb: torch.Tensor, targets: torch.Tensor,
@@ -118,12 +129,11 @@ def align_targets(targets: torch.Tensor, lengths: torch.Tensor, T: int) -> torch
     return out.masked_fill(pad, IGNORE)
 
 
-class HubertObjective(nn.Module):
+class Hubert(Objective):
     """HuBERT-style targets as a module: mask embedding, projection ``A``, cluster embeddings.
 
-    ``forward(upstream, batch)`` needs an upstream with ``features``, ``encoder.stack`` and
-    ``encoder.encode`` (see :class:`~aviary.objectives.bestrq.BestRQObjective`) and a batch
-    with ``targets`` (B, T') at the encoder frame rate.
+    ``forward(upstream, batch)`` needs a batch with ``targets`` (B, T_t) at the encoder frame
+    rate (see :func:`align_targets`).
 
     Args:
         cfg: objective settings.
@@ -131,44 +141,36 @@ class HubertObjective(nn.Module):
         hidden_size: the encoder's width H.
     """
 
-    def __init__(self, cfg: HubertObjectiveConfig, input_dim: int, hidden_size: int) -> None:
+    def __init__(self, cfg: HubertConfig, input_dim: int, hidden_size: int) -> None:
         super().__init__()
         self.config = cfg
         self.mask_embedding = nn.Parameter(torch.empty(input_dim).uniform_())  # wav2vec 2.0 / fairseq init
         self.proj = nn.Linear(hidden_size, cfg.proj_dim)
         self.cluster_emb = nn.Parameter(torch.empty(cfg.num_clusters, cfg.proj_dim).uniform_())
 
-    def forward(self, upstream: Any, batch: dict[str, Any], mask: torch.Tensor | None = None,
+    def forward(self, upstream: FrameUpstream, batch: dict[str, Any],
                 generator: torch.Generator | None = None) -> ObjectiveOutput:
         """One masked-prediction step.
 
         Args:
-            upstream: see the class docstring.
-            batch: ``wavs`` (B, N), ``wav_lengths`` (B,), ``targets`` (B, T_t) long.
-            mask: (B, T') bool frames to mask (bypasses the draw).
+            upstream: see :class:`~aviary.objectives.bestrq.FrameUpstream`.
+            batch: ``wavs`` (B, N), ``wav_lengths`` (B,), ``targets`` (B, T_t) long, optionally
+                ``mask`` (B, T') bool (pins the masked frames).
             generator: seeds the mask draw (default: the global RNG).
 
         Returns:
             :class:`ObjectiveOutput` (see :func:`cosine_cluster_loss`); ``extras`` hold the
             aligned ``targets`` and the ``mask``.
         """
-        from aviary.models.upstream import Upstream
-
         if "targets" not in batch:
             raise ValueError("a HuBERT batch needs 'targets' (frame cluster ids): train with "
                              "`aviary pretrain --targets DIR` (made by `aviary targets kmeans`)")
-        wavs, wav_lengths = Upstream._as_batch(batch["wavs"], batch.get("wav_lengths"), check_finite=False)
-        feats, flen = upstream.features(wavs, wav_lengths)  # (B, T, D)
-        enc = upstream.encoder
-        stacked, slen = enc.stack(feats, flen)  # (B, T', D*R)
-        B, T, _ = stacked.shape
+        stacked, slen = encoder_input(upstream, batch)  # (B, T', D*R)
+        T = stacked.shape[1]
         targets = align_targets(batch["targets"].to(slen.device).long(), slen, T)
-        valid = torch.arange(T, device=slen.device)[None, :] < slen[:, None]
-        if mask is None:
-            mask = span_mask(slen, T, self.config.mask_proportion, self.config.span, generator)
-        mask = mask.bool() & valid
+        mask = draw_mask(batch, slen, T, self.config.mask_prob, self.config.span, generator)
         inputs = torch.where(mask[..., None], self.mask_embedding.to(stacked.dtype), stacked)
-        hidden_states, _ = enc.encode(inputs, slen)
+        hidden_states, _ = upstream.encoder.encode(inputs, slen)
         out = cosine_cluster_loss(self.proj(hidden_states[-1]), self.cluster_emb, targets, mask,
                                   self.config.temperature)
         out.metrics["masked_frac"] = float(mask.sum()) / max(1, int(slen.sum()))

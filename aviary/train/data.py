@@ -258,12 +258,17 @@ def build_train_data(batch_kind: str, data_path: str | Path, split: str | None,
     """The :class:`TrainData` of one split of ``data_path`` for a model family.
 
     Args:
-        batch_kind: the family's ``batch_kind`` (``"audio"``, ``"audio-targets"`` or ``"tokens"``).
+        batch_kind: the family's ``batch_kind`` (``"audio"`` or ``"tokens"``); audio for an
+            objective trained on frame targets (its config has ``targets``: HuBERT) carries them.
         data_path: corpus directory or manifest file.
         split: ``"train"``, ``"valid"``, ... or ``None`` for the whole manifest.
         train_cfg: the :class:`~aviary.train.config.TrainConfig`.
         model_cfg: the model's pretraining config (token families read their vocabulary).
     """
+    if batch_kind == "audio" and hasattr(getattr(model_cfg, "objective", None), "targets"):
+        from aviary.train.targets import build_target_train_data
+
+        return build_target_train_data(data_path, split, train_cfg, model_cfg)
     if batch_kind == "audio":
         from aviary.data.manifest import load_manifest
 
@@ -271,12 +276,8 @@ def build_train_data(batch_kind: str, data_path: str | Path, split: str | None,
         # No level normalisation here: the model's front-end owns it (normalize_db).
         return AudioTrainData(utts, train_cfg.max_batch_seconds, train_cfg.crop_seconds,
                               train_cfg.min_seconds)
-    if batch_kind == "audio-targets":  # audio + frame targets (HuBERT-style)
-        from aviary.train.targets import build_target_train_data
-
-        return build_target_train_data(data_path, split, train_cfg, model_cfg)
     if batch_kind == "tokens":
         from aviary.data import tokens
 
         return tokens.TokenTrainData.from_path(data_path, split, train_cfg, model_cfg)
-    raise ConfigError(f"unknown batch_kind {batch_kind!r}: allowed 'audio', 'audio-targets' or 'tokens'")
+    raise ConfigError(f"unknown batch_kind {batch_kind!r}: allowed 'audio' or 'tokens'")

@@ -429,19 +429,20 @@ class TargetTrainData(AudioTrainData):
             raise ConfigError(f"--targets {self.targets.path} are at {self.targets.frame_shift * 1000:g} ms frames, "
                               f"the model's encoder frames are {shift * 1000:g} ms (R={model_cfg.encoder.downsample}); "
                               "make targets with a matching --downsample")
-        obj = model_cfg.objective.replace(num_clusters=self.targets.clusters)
-        return model_cfg.replace(objective=obj.to_dict(), targets_sha256=self.targets.sha256)
+        obj = model_cfg.objective.replace(num_clusters=self.targets.clusters, targets_sha256=self.targets.sha256)
+        return model_cfg.replace(objective=obj.to_dict())
 
 
 def build_target_train_data(data_path: str | Path, split: str | None, train_cfg: Any, model_cfg: Any
                             ) -> TargetTrainData:
-    """:class:`TargetTrainData` of a split for a config with a ``targets`` directory."""
+    """:class:`TargetTrainData` of a split for a config whose objective has a ``targets`` directory."""
     from aviary.data.manifest import load_manifest
 
-    if not getattr(model_cfg, "targets", ""):
-        raise ConfigError(f"the {model_cfg.family} model trains on frame targets: pass --targets DIR "
+    where = model_cfg.objective.targets
+    if not where:
+        raise ConfigError(f"the {model_cfg.objective.name} objective trains on frame targets: pass --targets DIR "
                           "(made by `aviary targets kmeans --features mfcc --data CORPUS --out DIR`)")
-    targets = FrameTargets(model_cfg.targets)
+    targets = FrameTargets(where)
     utts = load_manifest(data_path, split)
     return TargetTrainData(utts, targets, data_path, max_batch_seconds=train_cfg.max_batch_seconds,
                            crop_seconds=train_cfg.crop_seconds, min_seconds=train_cfg.min_seconds)

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from aviary.models.encoder import EncoderConfig, TransformerEncoder
-from aviary.objectives.bestrq import (BestRQObjective, BestRQObjectiveConfig, RandomProjectionQuantizer,
-                                      masked_code_loss)
+from aviary.objectives.bestrq import BestRQ, BestRQConfig, RandomProjectionQuantizer, masked_code_loss
 
 torch.set_num_threads(1)
 
@@ -70,20 +69,27 @@ class _FeatUpstream(torch.nn.Module):
     """An upstream whose 'front-end' hands back given features (B, T, D): the objective's
     masking and targets can then be tested on exact inputs."""
 
+    hidden_size = 16
+
     def __init__(self, D=4, R=2):
         super().__init__()
         self.encoder = TransformerEncoder(EncoderConfig(hidden_size=16, num_layers=1, num_heads=2, ffn_size=32,
                                                         dropout=0.0, attn_dropout=0.0, downsample=R), D)
+        self.frontend = SimpleNamespace(dim=D)
         self.feats = None
+
+    def as_batch(self, wavs, wav_lengths, check_finite=True):
+        return wavs, wav_lengths
 
     def features(self, wavs, wav_lengths):
         return self.feats, wav_lengths
 
 
 def _objective(D=4, R=2, **kw):
-    cfg = BestRQObjectiveConfig(codebook_size=16, codebook_dim=4, mask_proportion=0.4, span=2, **kw)
+    cfg = BestRQConfig(codebook_size=16, codebook_dim=4, mask_prob=0.2, span=2, **kw)
     torch.manual_seed(0)
-    return BestRQObjective(cfg, D * R, 16), _FeatUpstream(D, R)
+    up = _FeatUpstream(D, R)
+    return cfg.build(up), up
 
 
 def _batch(feats, lengths):
@@ -100,11 +106,11 @@ def test_targets_never_depend_on_masked_inputs():
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[0, 1:3] = True
     mask[1, 3] = True
-    out = obj(up, _batch(feats, lengths), mask=mask, generator=torch.Generator().manual_seed(1))
+    out = obj(up, {**_batch(feats, lengths), "mask": mask}, generator=torch.Generator().manual_seed(1))
     # Targets are the quantiser's codes of the CLEAN stacked input, whatever the mask.
     stacked, _ = up.encoder.stack(feats, lengths)
     assert torch.equal(out.extras["targets"], obj.quantizer(stacked))
-    other = obj(up, _batch(feats, lengths), mask=~mask & (torch.arange(6) < torch.tensor([[6], [5]])),
+    other = obj(up, {**_batch(feats, lengths), "mask": ~mask & (torch.arange(6) < torch.tensor([[6], [5]]))},
                 generator=torch.Generator().manual_seed(2))
     assert torch.equal(other.extras["targets"], out.extras["targets"])
     # Masked frames are N(0, noise_std) noise: the encoder never sees what they held. Changing
@@ -113,7 +119,7 @@ def test_targets_never_depend_on_masked_inputs():
     changed[0, 2:6] += 5.0  # encoder frames 1-2 of row 0
     changed[1, 6:8] -= 3.0  # encoder frame 3 of row 1
     up.feats = changed
-    again = obj(up, _batch(changed, lengths), mask=mask, generator=torch.Generator().manual_seed(1))
+    again = obj(up, {**_batch(changed, lengths), "mask": mask}, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again.extras["inputs"], out.extras["inputs"])
     noise = out.extras["inputs"][mask]
     assert not torch.equal(noise, stacked[mask])

@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from aviary.objectives.hubert import (IGNORE, HubertObjective, HubertObjectiveConfig, align_targets,
-                                      cosine_cluster_loss)
+from aviary.objectives.hubert import IGNORE, HubertConfig, align_targets, cosine_cluster_loss
 from tests.objectives.test_bestrq import _FeatUpstream, _batch
 
 torch.set_num_threads(1)
@@ -50,8 +49,9 @@ def test_align_targets_cuts_pads_and_ignores_padding():
 
 def _objective(K=5, R=2, D=4):
     torch.manual_seed(0)
-    cfg = HubertObjectiveConfig(num_clusters=K, proj_dim=8, mask_proportion=0.4, span=2)
-    return HubertObjective(cfg, D * R, 16), _FeatUpstream(D, R)
+    cfg = HubertConfig(num_clusters=K, proj_dim=8, mask_prob=0.2, span=2)
+    up = _FeatUpstream(D, R)
+    return cfg.build(up), up
 
 
 def test_masked_frames_get_the_mask_embedding_and_only_they_are_scored():
@@ -64,23 +64,23 @@ def test_masked_frames_get_the_mask_embedding_and_only_they_are_scored():
     targets = torch.randint(0, 5, (2, 6))
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[0, 2] = mask[1, 0] = True
-    batch = {**_batch(feats, lengths), "targets": targets}
-    out = obj(up, batch, mask=mask)
+    batch = {**_batch(feats, lengths), "targets": targets, "mask": mask}
+    out = obj(up, batch)
     # Row 1 has ceil(9 / 2) = 5 frames: target 5 is ignored.
     assert out.extras["targets"][1, 5] == IGNORE
     assert out.metrics["masked_frames"] == 2
     # Changing the targets of unmasked frames changes nothing; a masked one does.
     t2 = targets.clone()
     t2[0, 0] = (t2[0, 0] + 1) % 5
-    assert obj(up, {**batch, "targets": t2}, mask=mask).loss.item() == out.loss.item()
+    assert obj(up, {**batch, "targets": t2}).loss.item() == out.loss.item()
     t3 = targets.clone()
     t3[0, 2] = (t3[0, 2] + 1) % 5
-    assert obj(up, {**batch, "targets": t3}, mask=mask).loss.item() != out.loss.item()
+    assert obj(up, {**batch, "targets": t3}).loss.item() != out.loss.item()
     # The masked input frames are the mask embedding: their content cannot reach the encoder.
     changed = feats.clone()
     changed[0, 4:6] += 3.0
     up.feats = changed
-    assert obj(up, {**batch, "targets": targets}, mask=mask).loss.item() == out.loss.item()
+    assert obj(up, {**batch, "targets": targets}).loss.item() == out.loss.item()
     out.loss.backward()
     assert obj.mask_embedding.grad is not None and obj.cluster_emb.grad is not None
 

@@ -40,7 +40,7 @@ def test_kmeans_targets_at_r3_line_up_with_the_encoder_frames(sine_corpus, mfcc_
 
     t = FrameTargets(mfcc_targets)
     assert t.clusters == 8 and t.frame_shift == pytest.approx(0.03)
-    up = aviary.models.registry.get_family("hubert").build_upstream(get_preset("hubert-cpu")).eval()
+    up = aviary.models.registry.get_family("mam").build_upstream(get_preset("hubert-cpu")).eval()
     assert up.frame_shift == pytest.approx(t.frame_shift)
     utts = load_manifest(sine_corpus)
     used = set()
@@ -129,13 +129,13 @@ def test_a_killed_kmeans_run_continues_and_equals_an_uninterrupted_one(sine_corp
 
 
 def test_hubert_pretrains_on_its_targets_and_loads(sine_corpus, mfcc_targets, tmp_path):
-    m, t = resolve_configs("hubert-cpu", overrides=_TRAIN + [f"model.targets={mfcc_targets}"])
+    m, t = resolve_configs("hubert-cpu", overrides=_TRAIN + [f"model.objective.targets={mfcc_targets}"])
     res = pretrain(m, t, sine_corpus, tmp_path / "run")
     assert res.step == 2 and math.isfinite(res.train_loss) and math.isfinite(res.valid_loss)
     up = aviary.load(str(tmp_path / "run"))
     stored = up.checkpoint_meta["model"]
     assert stored["objective"]["num_clusters"] == 8  # from the targets
-    assert stored["targets_sha256"] == ckpt.file_sha256(mfcc_targets / "targets.json")
+    assert stored["objective"]["targets_sha256"] == ckpt.file_sha256(mfcc_targets / "targets.json")
     valid = [r for r in res.history if r.get("split") == "valid"][-1]
     assert {"ce", "acc", "unigram_ce"} <= set(valid)
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_hubert_pretrains_on_its_targets_and_loads(sine_corpus, mfcc_targets, tm
 
 def test_targets_of_another_corpus_or_frame_rate_are_refused(sine_corpus, mfcc_targets, tmp_path):
     other = write_sine_corpus(tmp_path / "other", n=12, seed=5)
-    m, t = resolve_configs("hubert-cpu", overrides=_TRAIN + [f"model.targets={mfcc_targets}"])
+    m, t = resolve_configs("hubert-cpu", overrides=_TRAIN + [f"model.objective.targets={mfcc_targets}"])
     with pytest.raises(ConfigError) as e:
         pretrain(m, t, other, tmp_path / "run")
     assert str(mfcc_targets) in str(e.value) and str(other) in str(e.value) and "do not match" in str(e.value)
@@ -153,7 +153,7 @@ def test_targets_of_another_corpus_or_frame_rate_are_refused(sine_corpus, mfcc_t
     # R = 2 (20 ms) targets for an R = 3 model.
     r2 = tmp_path / "r2"
     make_kmeans_targets(sine_corpus, r2, KMeansTargetsConfig(**{**_KM, "downsample": 2}))
-    m2, t2 = resolve_configs("hubert-cpu", overrides=_TRAIN + [f"model.targets={r2}"])
+    m2, t2 = resolve_configs("hubert-cpu", overrides=_TRAIN + [f"model.objective.targets={r2}"])
     with pytest.raises(ConfigError, match=r"20 ms frames, the model's encoder frames are 30 ms"):
         pretrain(m2, t2, sine_corpus, tmp_path / "run2")
     m3, t3 = resolve_configs("hubert-cpu", overrides=_TRAIN)
@@ -177,7 +177,7 @@ def test_cli_targets_then_pretrain_and_the_mismatch_message(sine_corpus, tmp_pat
 
 def test_layer_targets_from_a_checkpoint(sine_corpus, mfcc_targets, tmp_path):
     # Iteration 1: cluster a layer of the iteration-0 model; same frame rate, so it trains on.
-    m, t = resolve_configs("hubert-cpu", overrides=_TRAIN + [f"model.targets={mfcc_targets}", "steps=1"])
+    m, t = resolve_configs("hubert-cpu", overrides=_TRAIN + [f"model.objective.targets={mfcc_targets}", "steps=1"])
     pretrain(m, t, sine_corpus, tmp_path / "it0")
     it1 = tmp_path / "it1"
     make_kmeans_targets(sine_corpus, it1, KMeansTargetsConfig(**{**_KM, "features": f"{tmp_path / 'it0'}:2",
@@ -199,15 +199,14 @@ def test_bestrq_pretrains_with_corpus_stats_and_its_quantiser_survives_save_load
     assert stored["input"]["cmvn"] == "global" and stored["input"]["cmvn_mean"] != [0.0] * 80  # measured
     # The quantiser is never trained: the stored buffers are bit for bit those of a fresh model
     # of the same quantizer_seed, whatever the run's seed, and load back into a model unchanged.
-    from aviary.models.masked_prediction import MaskedPredictionModel
-    from aviary.models.registry import config_from_dict
+    from aviary.models.registry import build_pretrain, config_from_dict
 
     cfg = config_from_dict(stored)
     torch.manual_seed(999)
-    fresh = MaskedPredictionModel(cfg)
+    fresh = build_pretrain(cfg)
     for k in ("objective.quantizer.projection", "objective.quantizer.codebooks"):
         assert torch.equal(tensors[k], fresh.state_dict()[k]), k
-    other = MaskedPredictionModel(cfg.replace(objective={**cfg.objective.to_dict(), "quantizer_seed": 1}))
+    other = build_pretrain(cfg.replace(objective={**cfg.objective.to_dict(), "quantizer_seed": 1}))
     other.load_state_dict(tensors)
     for k in ("projection", "codebooks"):
         got = getattr(other.objective.quantizer, k)
