@@ -4,7 +4,7 @@ The masked-prediction twin of ``bench_takeoff`` (which covers the reconstruction
 ``bestrq-cpu`` and ``hubert-cpu`` pretrain with exactly the demo's settings
 (``analysis.demo.train_config``: 600 steps, peak lr 5e-4, 16 s batches of 4 s crops) on the
 demo's corpus; ``hubert-cpu`` first gets MFCC k-means targets (K = 100, R = 3) made by
-``aviary.train.targets.make_kmeans_targets``. A model that has not learned predicts how often
+``aviary.train.targets.with_mfcc_targets``. A model that has not learned predicts how often
 each code / cluster occurs: its cross-entropy on the masked frames is the entropy of their
 histogram. The loop logs that per validation batch (``unigram_ce``, biased low: ~200 masked
 frames per batch); :func:`unigram_level` measures it over the whole validation split (the
@@ -35,21 +35,6 @@ log = logging.getLogger("bench_takeoff_targets")
 
 RECIPES = ("bestrq-cpu", "hubert-cpu")
 TAKEOFF = 0.85  # final ce / unigram_ce
-
-
-def targets_for(recipe: str, corpus: Path, work: Path) -> Path | None:
-    """MFCC k-means targets for the HuBERT recipe at its encoder's frame rate (made once)."""
-    if not recipe.startswith("hubert"):
-        return None
-    from aviary.models.registry import get_preset
-    from aviary.train.targets import KMeansTargetsConfig, make_kmeans_targets
-
-    R = get_preset(recipe).encoder.downsample
-    out = work / f"targets-mfcc-k100-r{R}"
-    t0 = time.perf_counter()
-    make_kmeans_targets(corpus, out, KMeansTargetsConfig(features="mfcc", clusters=100, downsample=R))
-    log.info("targets %s ready (%.0f s)", out, time.perf_counter() - t0)
-    return out
 
 
 def unigram_level(recipe: str, run_dir: Path, corpus: Path, targets: Path | None,
@@ -106,6 +91,7 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
     from aviary.analysis.demo import DemoConfig, train_config
     from aviary.models.registry import count_parameters, get_family, get_preset
     from aviary.train.loop import pretrain
+    from aviary.train.targets import with_mfcc_targets
     from benchmarks.bench_takeoff import best_layer_probe
 
     name = f"{recipe}-s{seed}-{precision}"
@@ -113,10 +99,9 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
     done = work / "runs" / f"{name}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    tdir = targets_for(recipe, corpus, work)
-    mcfg = get_preset(recipe)
-    if tdir is not None:
-        mcfg = mcfg.replace(objective={**mcfg.objective.to_dict(), "targets": str(tdir.resolve())})
+    # HuBERT: MFCC k-means targets (K = 100) at the encoder's frame rate, made once.
+    mcfg = with_mfcc_targets(get_preset(recipe), corpus, work / f"targets-mfcc-k100-{recipe}")
+    tdir = Path(mcfg.objective.targets) if getattr(mcfg.objective, "targets", "") else None
     demo = DemoConfig(preset=recipe, seed=seed, precision=precision, **({"steps": steps} if steps else {}))
     tcfg = train_config(demo)
     t0 = time.perf_counter()

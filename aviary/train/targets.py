@@ -448,6 +448,20 @@ def build_target_train_data(data_path: str | Path, split: str | None, train_cfg:
                            crop_seconds=train_cfg.crop_seconds, min_seconds=train_cfg.min_seconds)
 
 
+def with_mfcc_targets(model_cfg: Any, data: str | os.PathLike, out: str | os.PathLike, clusters: int = 100,
+                      seed: int = 0) -> Any:
+    """``model_cfg`` trained on MFCC k-means targets of ``data`` at its encoder's frame rate
+    (HuBERT's iteration 0), made in ``out`` unless they are there already; configs whose
+    objective takes no targets are returned as they are. What the demo and the benchmarks call.
+    """
+    obj = getattr(model_cfg, "objective", None)
+    if not hasattr(obj, "targets"):
+        return model_cfg
+    R = round(model_frame_shift(model_cfg) / (model_cfg.input.hop_length / model_cfg.input.sample_rate))
+    make_kmeans_targets(data, out, KMeansTargetsConfig(features="mfcc", clusters=clusters, downsample=R, seed=seed))
+    return model_cfg.replace(objective={**obj.to_dict(), "targets": str(Path(out).resolve())})
+
+
 def targets_summary(path: str | os.PathLike) -> dict[str, Any]:
     """A short description of a targets directory (for logs and the CLI)."""
     t = FrameTargets(path)

@@ -220,3 +220,15 @@ def test_bestrq_pretrains_with_corpus_stats_and_its_quantiser_survives_save_load
     assert torch.equal(again["objective.quantizer.projection"], tensors["objective.quantizer.projection"])
     up = aviary.load(str(tmp_path / "run"))
     assert up.num_hidden_states == 7 and up.frame_shift == pytest.approx(0.03)
+
+
+def test_with_mfcc_targets_makes_them_at_the_presets_frame_rate(sine_corpus, tmp_path):
+    from aviary.train.targets import with_mfcc_targets
+
+    cfg = with_mfcc_targets(get_preset("hubert-cpu"), sine_corpus, tmp_path / "t", clusters=8)
+    t = FrameTargets(cfg.objective.targets)
+    assert t.clusters == 8 and t.frame_shift == pytest.approx(0.03)
+    again = with_mfcc_targets(get_preset("hubert-cpu"), sine_corpus, tmp_path / "t", clusters=8)  # reused
+    assert again == cfg
+    assert with_mfcc_targets(get_preset("bestrq-cpu"), sine_corpus, tmp_path / "u") == get_preset("bestrq-cpu")
+    assert not (tmp_path / "u").exists()
