@@ -82,6 +82,8 @@ def unigram_level(recipe: str, run_dir: Path, corpus: Path, targets: Path | None
     p_valid = np.bincount(codes["valid"], minlength=K) / len(codes["valid"])
     nz = p_valid > 0
     return {"unigram_ce_valid_under_train": float(-np.log(p_train[codes["valid"]]).mean()),
+            # accuracy of always answering the training split's most frequent code
+            "unigram_acc_valid": float((codes["valid"] == p_train.argmax()).mean()),
             "valid_entropy": float(-(p_valid[nz] * np.log(p_valid[nz])).sum()),
             "codes_used_valid": int(nz.sum()), "codes": K}
 
