@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from aviary.models.mam import MAMConfig, MAMPretrainModel, MAMUpstream
-from aviary.models.registry import get_preset
+from aviary.models.mam import MAMConfig, MAMUpstream
+from aviary.models.registry import build_pretrain, get_preset
 
 log = logging.getLogger("bench_mam")
 
@@ -75,7 +75,7 @@ def bench_pretrain(preset: str, bf16: bool, batch: int, seconds: float, steps: i
     cfg = get_preset(preset.split("+")[0])
     if preset.endswith("+noattndrop"):  # the fused SDPA kernel needs attention dropout 0
         cfg = cfg.replace(encoder={**cfg.encoder.to_dict(), "attn_dropout": 0.0})
-    model = MAMPretrainModel(cfg).train()
+    model = build_pretrain(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     n = int(16000 * seconds)
     data = {"wavs": torch.randn(batch, n) * 0.1, "wav_lengths": torch.full((batch,), n)}

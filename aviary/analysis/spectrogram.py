@@ -2,8 +2,8 @@
 
 The Mockingjay paper (Liu et al. 2020, figure 1) illustrates pretraining with the input
 spectrogram, its masked version and the model's reconstruction. This module runs a
-pretraining model's forward pass on one utterance with ``return_extras=True`` and draws the
-four panels, with the masked frames marked on the time axis.
+pretraining model's forward pass on one utterance (masks drawn from a seeded generator) and
+draws the four panels, with the masked frames marked on the time axis.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ def reconstruction_example(model: torch.nn.Module, wav: torch.Tensor, seed: int 
     """Mask one utterance, run the pretraining model, and collect the four spectrograms.
 
     Args:
-        model: a MAM pretraining model whose ``forward(batch, return_extras=True)`` puts
-            ``feats`` (B, T, D_in), ``inputs`` (B, T', D_in*R) (masked, stacked), ``pred`` and
-            ``target`` (B, T, D_t) and ``mask`` (B, T) in ``extras``.
+        model: a MAM pretraining model whose ``forward(batch, generator)`` puts ``feats``
+            (B, T, D_in), ``inputs`` (B, T', D_in*R) (masked, stacked), ``pred`` and ``target``
+            (B, T, D_t) and ``mask`` (B, T) in ``extras``.
         wav: (N,) waveform at the model's sample rate.
         seed: masking seed (the figure is reproducible).
         name: label for the figure.
@@ -51,18 +51,16 @@ def reconstruction_example(model: torch.nn.Module, wav: torch.Tensor, seed: int 
         raise ValueError(f"expected one waveform (N,), got shape {tuple(wav.shape)}")
     was_training = model.training
     model.eval()
-    prev_gen = getattr(model, "mask_generator", None)
-    model.mask_generator = torch.Generator().manual_seed(seed)
     try:
-        out = model({"wavs": wav[None], "wav_lengths": torch.tensor([wav.shape[0]])}, return_extras=True)
+        out = model({"wavs": wav[None], "wav_lengths": torch.tensor([wav.shape[0]])},
+                    generator=torch.Generator().manual_seed(seed))
     finally:
-        model.mask_generator = prev_gen
         model.train(was_training)
     ex = out.extras
     missing = [k for k in ("feats", "inputs", "pred", "target", "mask") if k not in ex]
     if missing:
-        raise KeyError(f"{type(model).__name__}.forward(return_extras=True) lacks extras {missing}; "
-                       f"has {sorted(ex)}")
+        raise KeyError(f"{type(model).__name__}.forward lacks extras {missing} (a masked acoustic model's "
+                       f"objective returns them); has {sorted(ex)}")
     feats = ex["feats"][0].float()  # (T, D_in)
     T, D_in = feats.shape
     R = ex["inputs"].shape[-1] // D_in

@@ -174,7 +174,8 @@ class FuturePrediction(Objective):
     ``-(N / (N+1)) (z_pos - mean z_neg) c^T``, with no shared part, and on the targets zero.
 
     ``forward`` reads ``wavs`` (B, N), ``wav_lengths`` (B,) and optionally ``negatives``
-    (B, T, N) indices (else drawn from ``generator``).
+    (B, T, N) indices (else drawn from ``generator``); extras ``indices`` (codes), ``lengths``,
+    ``negatives``.
     """
 
     # Checkpoints of vq-wav2vec keep ``predictor.*`` and ``logit_bias`` at the top level.
@@ -234,4 +235,5 @@ class FuturePrediction(Objective):
                 div = diversity_loss(qo.logits, valid)
                 loss = loss + cfg.diversity_weight * div
                 metrics["diversity_loss"] = div.detach()
-        return ObjectiveOutput(loss=loss, metrics=metrics, extras={"indices": qo.indices.detach(), "lengths": lens})
+        return ObjectiveOutput(loss=loss, metrics=metrics,
+                               extras={"indices": qo.indices.detach(), "lengths": lens, "negatives": negs})

@@ -16,8 +16,7 @@ from aviary.cli import main
 from aviary.config import ConfigError
 from aviary.data.manifest import Utterance, write_corpus
 from aviary.models.bundle import save_bundle
-from aviary.models.mam import MAMPretrainModel
-from aviary.models.registry import get_preset
+from aviary.models.registry import build_pretrain, get_preset
 from aviary.train.checkpoint import save_tensors
 
 
@@ -27,7 +26,7 @@ def bundle(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "run" / "model.safetensors"
     path.parent.mkdir()
-    save_bundle(path, MAMPretrainModel(cfg).state_dict(), cfg, step=1)
+    save_bundle(path, build_pretrain(cfg).state_dict(), cfg, step=1)
     return path
 
 

@@ -21,7 +21,8 @@ import torch
 from aviary.features import FrontEndConfig
 from aviary.models.bundle import save_bundle
 from aviary.models.encoder import EncoderConfig
-from aviary.models.mam import MAMConfig, MAMPretrainModel
+from aviary.models.mam import MAMConfig
+from aviary.models.registry import build_pretrain
 from aviary.objectives.masking import MaskingConfig
 from aviary.train.checkpoint import FORMAT_VERSION, save_tensors
 
@@ -50,7 +51,7 @@ def main(out_dir: Path = HERE) -> None:
         sys.exit(f"{bundle} exists: files of a released format version are never regenerated")
     cfg = tiny_config()
     torch.manual_seed(0)
-    model = MAMPretrainModel(cfg).eval()
+    model = build_pretrain(cfg).eval()
     with torch.no_grad():  # move LayerNorms off (1, 0) so that every tensor matters
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -14,8 +14,7 @@ import torch
 import aviary
 from aviary.cli import main as cli_main
 from aviary.models.bundle import describe, format_description, match_preset, save_bundle
-from aviary.models.registry import get_preset
-from aviary.models.mam import MAMPretrainModel
+from aviary.models.registry import build_pretrain, get_preset
 from aviary.train.checkpoint import FORMAT_VERSION, CheckpointError, load_tensors, save_checkpoint
 
 DATA = Path(__file__).resolve().parent.parent / "data_files"
@@ -59,7 +58,7 @@ def test_checked_in_checkpoints_keep_loading_and_reproduce(bundle, tmp_path):
 def test_bundle_round_trip_and_upstream_only_bundle(tmp_path):
     cfg = get_preset("mockingjay-tiny")
     torch.manual_seed(0)
-    model = MAMPretrainModel(cfg).eval()
+    model = build_pretrain(cfg).eval()
     wav = torch.randn(4000, generator=torch.Generator().manual_seed(1)) * 0.1
     ref, _ = model.upstream.extract(wav)
     save_bundle(tmp_path / "full.safetensors", model.state_dict(), cfg, step=5)
@@ -76,7 +75,7 @@ def test_bundle_round_trip_and_upstream_only_bundle(tmp_path):
 
 def test_info_describes_a_training_run(tmp_path, capsys):
     cfg = get_preset("aalbert-tiny")
-    model = MAMPretrainModel(cfg)
+    model = build_pretrain(cfg)
     run = tmp_path / "run"
     config = {"model": cfg.to_dict(), "train": {"steps": 400}, "step": 200, "format_version": FORMAT_VERSION}
     save_checkpoint(run, 200, model.state_dict(), config, {}, {"step": 200})
@@ -103,7 +102,7 @@ def test_preset_matching_names_differences():
 
 def test_newer_format_version_is_refused(tmp_path):
     cfg = get_preset("mockingjay-tiny")
-    model = MAMPretrainModel(cfg)
+    model = build_pretrain(cfg)
     from aviary.train.checkpoint import save_tensors
     save_tensors(tmp_path / "future.safetensors", model.state_dict(), config={"model": cfg.to_dict()},
                  metadata={"aviary.format_version": str(FORMAT_VERSION + 1)})

@@ -22,7 +22,8 @@ from aviary.cli import main as cli_main
 from aviary.interop.s3prl import (S3prlError, config_to_s3prl, export_s3prl_checkpoint,
                                   import_s3prl_checkpoint, load_s3prl_upstream, read_torch_checkpoint)
 from aviary.models.encoder import EncoderConfig
-from aviary.models.mam import MAMConfig, MAMPretrainModel
+from aviary.models.mam import MAMConfig
+from aviary.models.registry import build_pretrain
 from aviary.features import FrontEndConfig
 from aviary.train.checkpoint import FORMAT_VERSION, save_tensors
 
@@ -327,7 +328,7 @@ def _aviary_run(tmp_path: Path, name: str, *, share=False, R=1, layers=2, cmvn="
                     encoder=EncoderConfig(hidden_size=H, num_layers=layers, num_heads=HEADS, ffn_size=FFN,
                                           share_layers=share, downsample=R))
     torch.manual_seed(seed)
-    model = MAMPretrainModel(cfg)
+    model = build_pretrain(cfg)
     with torch.no_grad():  # move LayerNorms away from (1, 0) so every tensor matters
         for n, p in model.named_parameters():
             p.add_(0.05 * torch.randn_like(p))
