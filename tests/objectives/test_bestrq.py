@@ -151,3 +151,23 @@ def test_several_codebooks_average_their_losses():
     assert t.shape == (2, 6, 3)
     # Different random projections give different codes.
     assert not (torch.equal(t[..., 0], t[..., 1]) and torch.equal(t[..., 1], t[..., 2]))
+
+
+@pytest.mark.parametrize("name", ["bestrq-cpu", "hubert-cpu"])
+def test_the_same_generator_gives_the_same_step_whatever_the_global_rng(name):
+    from aviary.models.registry import build_pretrain, get_preset
+
+    cfg = get_preset(name)
+    torch.manual_seed(0)
+    model = build_pretrain(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = {"wavs": torch.randn(2, 16000, generator=g) * 0.1, "wav_lengths": torch.tensor([16000, 12000]),
+             "targets": torch.randint(0, 100, (2, 40), generator=g)}
+    outs = []
+    for seed, global_seed in ((5, 0), (5, 123), (6, 0)):
+        torch.manual_seed(global_seed)
+        with torch.no_grad():
+            outs.append(model(batch, generator=torch.Generator().manual_seed(seed)))
+    assert torch.equal(outs[0].loss, outs[1].loss) and torch.equal(outs[0].extras["mask"], outs[1].extras["mask"])
+    assert not torch.equal(outs[0].extras["mask"], outs[2].extras["mask"])
+    assert 0.2 < outs[0].metrics["masked_frac"] < 0.5  # ~35 % of the frames (13 % start 3-frame spans)
