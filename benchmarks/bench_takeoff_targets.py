@@ -89,20 +89,23 @@ def unigram_level(recipe: str, run_dir: Path, corpus: Path, targets: Path | None
 
 
 def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, steps: int | None,
-            probe: bool) -> dict[str, Any]:
+            probe: bool, overrides: list[str] | None = None, tag: str = "") -> dict[str, Any]:
     from aviary.analysis.demo import DemoConfig, train_config
     from aviary.models.registry import count_parameters, get_family, get_preset
     from aviary.train.loop import pretrain
     from aviary.train.targets import with_mfcc_targets
     from benchmarks.bench_takeoff import best_layer_probe
 
-    name = f"{recipe}-s{seed}-{precision}"
+    from aviary.config import apply_overrides
+
+    name = f"{recipe}{tag}-s{seed}-{precision}"
     run_dir = work / "runs" / name
     done = work / "runs" / f"{name}.json"
     if done.is_file():
         return json.loads(done.read_text())
     # HuBERT: MFCC k-means targets (K = 100) at the encoder's frame rate, made once.
-    mcfg = with_mfcc_targets(get_preset(recipe), corpus, work / f"targets-mfcc-k100-{recipe}")
+    mcfg = apply_overrides(get_preset(recipe), overrides or [])
+    mcfg = with_mfcc_targets(mcfg, corpus, work / f"targets-mfcc-k100-{recipe}")
     tdir = Path(mcfg.objective.targets) if getattr(mcfg.objective, "targets", "") else None
     demo = DemoConfig(preset=recipe, seed=seed, precision=precision, **({"steps": steps} if steps else {}))
     tcfg = train_config(demo)
@@ -118,7 +121,7 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
     final = curve[-1]
     level = unigram_level(recipe, run_dir, corpus, tdir)
     rec: dict[str, Any] = {
-        "recipe": recipe, "seed": seed, "precision": precision, "steps": result.step,
+        "recipe": recipe, "overrides": overrides or [], "seed": seed, "precision": precision, "steps": result.step,
         "pretrain_seconds": round(seconds, 1), "curve": curve, "final_ce": final["ce"],
         "final_ratio": final["ratio"], "unigram": level,
         "final_ratio_corpus": final["ce"] / level["unigram_ce_valid_under_train"],
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-probe", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-name", default="takeoff-targets")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="model config overrides for a variant (e.g. objective.span=1); name its runs with --tag")
+    p.add_argument("--tag", default="", help="suffix of the variant's run names")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for recipe in args.recipes:
         for seed in args.seeds:
-            rec = run_one(recipe, seed, precision, corpus, work, args.steps, not args.no_probe)
+            rec = run_one(recipe, seed, precision, corpus, work, args.steps, not args.no_probe, args.set, args.tag)
             runs.append(rec)
             pr = rec.get("probe", {})
             log.info("%s seed %d %s: final ce %.3f = %.3f x unigram (%s), best layer %s %.1f %%", recipe, seed,
