@@ -19,9 +19,10 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 def load(path: str, **kwargs):
     """Load a pretrained upstream from a run directory, a bundle file or ``s3prl:CKPT``.
 
-    See :func:`aviary.models.upstream.load` for details.
+    See :func:`aviary.hub.load` for details.
     """
-    from aviary.models.upstream import load as _load
+    # Deferred: `import aviary` (and `aviary --help`) stays free of torch until a model is loaded.
+    from aviary.hub import load as _load
 
     return _load(path, **kwargs)
 

@@ -60,10 +60,10 @@ def unigram_level(recipe: str, run_dir: Path, corpus: Path, targets: Path | None
         from aviary.audio import load_audio
         from aviary.data.dataset import collate_audio
         from aviary.models.registry import build_pretrain, config_from_dict
-        from aviary.train import checkpoint as ckpt
+        from aviary import storage
 
-        tensors, meta = ckpt.load_tensors(run_dir / "model.safetensors")
-        model = build_pretrain(config_from_dict(ckpt.load_config_from_metadata(run_dir / "model.safetensors",
+        tensors, meta = storage.load_tensors(run_dir / "model.safetensors")
+        model = build_pretrain(config_from_dict(storage.load_config_from_metadata(run_dir / "model.safetensors",
                                                                                       meta)["model"]))
         model.load_state_dict(tensors)
         K = model.config.objective.codebook_size

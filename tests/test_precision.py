@@ -176,7 +176,7 @@ def test_extract_precision_explicit_and_legacy_alias(cpu, sine_corpus, tmp_path,
 def _tiny_aalbert(tmp_path):
     from aviary.data import Utterance, write_manifest
     from aviary.models.registry import get_family, get_preset
-    from aviary.train.checkpoint import save_tensors
+    from aviary.storage import save_tensors
 
     torch.manual_seed(0)
     cfg = get_preset("aalbert-tiny")

@@ -15,7 +15,7 @@ from aviary.evaluate.tokenize import tokenize_corpus
 from aviary.models.registry import build_pretrain
 from aviary.models.token_bert import TokenBertUpstream, configure_from_tokens, token_bert_cpu
 from aviary.models.vqwav2vec import VqWav2VecConfig
-from aviary.train.checkpoint import save_tensors
+from aviary.storage import save_tensors
 
 
 @pytest.fixture(scope="module")

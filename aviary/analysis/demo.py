@@ -195,7 +195,7 @@ class _State:
         return self.data.get(key, default)
 
     def set(self, key: str, value: Any) -> None:
-        from aviary.train.checkpoint import write_json_atomic
+        from aviary.storage import write_json_atomic
 
         self.data[key] = value
         write_json_atomic(self.path, self.data)
@@ -507,7 +507,7 @@ def analyze_attention(checkpoint: str | Path, data: str | Path, out: str | Path,
     import aviary
     from aviary.analysis.attention import attention_jsd, plot_jsd_heatmaps
     from aviary.evaluate.upstreams import weights_fingerprint
-    from aviary.train.checkpoint import write_json_atomic
+    from aviary.storage import write_json_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -530,7 +530,7 @@ def attention_stage(cfg: DemoConfig, corpus: Path, runs: Path, out: Path) -> tup
     import aviary
     from aviary.analysis.attention import JSDResult, attention_jsd, plot_jsd_heatmaps
     from aviary.evaluate.upstreams import weights_fingerprint
-    from aviary.train.checkpoint import write_json_atomic
+    from aviary.storage import write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "attention_jsd.json"
@@ -559,15 +559,15 @@ def spectrogram_stage(corpus: Path, runs: Path, out: Path, seed: int = 0) -> Pat
     from aviary.audio import load_audio
     from aviary.data import load_manifest
     from aviary.models.registry import config_from_dict, get_family
-    from aviary.models.upstream import _find_weights
-    from aviary.train.checkpoint import load_config_from_metadata, load_tensors
+    from aviary.storage import load_config_from_metadata, load_tensors
+    from aviary.train.checkpoint import find_weights
 
     utts = load_manifest(corpus, split="valid")
     # A mid-length utterance: long enough to show several masked spans.
     utt = sorted(utts, key=lambda u: u.duration)[len(utts) // 2]
     examples = []
     for name in (MOCKINGJAY, AALBERT):
-        wpath = _find_weights(runs / name)
+        wpath = find_weights(runs / name)
         tensors, meta = load_tensors(wpath)
         mcfg = config_from_dict(load_config_from_metadata(wpath, meta)["model"])
         model = get_family(mcfg.family).build_pretrain(mcfg)
@@ -607,7 +607,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
     from aviary.analysis.report import (ROLE_NOT_LEARNED, aggregate_seeds, findings, format_key_results,
                                         key_results, write_report)
     from aviary.evaluate.results import plot_layers, plot_weights
-    from aviary.train.checkpoint import write_json_atomic
+    from aviary.storage import write_json_atomic
 
     cfg = cfg or (DemoConfig.quick() if quick else DemoConfig())
     out = Path(out)

@@ -19,6 +19,10 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from aviary.analysis.spread import COLLAPSE_THRESHOLD, collapsed_layers
+from aviary.evaluate.results import largest_fraction, test_interval
+from aviary.storage import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 #: Roles of the upstreams in a study, used to phrase the findings.
@@ -31,8 +35,6 @@ ROLE_NOT_LEARNED = "not learned"
 
 def _frozen(recs: Sequence[dict[str, Any]], upstream: str, task: str, head: str) -> list[dict[str, Any]]:
     """Frozen probes of one upstream, task and head, at the task's largest label fraction."""
-    from aviary.evaluate.results import largest_fraction
-
     return [r for r in largest_fraction(recs) if r["upstream"] == upstream and r["task"] == task and r["head"] == head]
 
 
@@ -64,8 +66,6 @@ def key_results(recs: Sequence[dict[str, Any]], roles: dict[str, str] | None = N
         [0, 1] or None) and, for each accuracy ``K``, ``K_ci``: its 95 % test interval
         ``(low, high)`` or None, in first-seen order of the upstreams.
     """
-    from aviary.evaluate.results import test_interval
-
     roles = dict(roles or {})
     order: list[str] = []
     for r in recs:
@@ -290,8 +290,6 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
                        f"and Mockingjay {_pct(m['speaker_linear'])} %"
                        f"{_mark(a, 'speaker_linear', m, 'speaker_linear')}.")
 
-    from aviary.analysis.spread import COLLAPSE_THRESHOLD, collapsed_layers
-
     for name, spread in summary.get("layer_spread", {}).items():
         bad = collapsed_layers(spread)
         if bad and rows.get(name, {}).get("role") == ROLE_PRETRAINED:
@@ -347,6 +345,153 @@ code, pre { background: #f6f6f6; padding: 0.1em 0.3em; } pre { padding: 0.6em; o
 """
 
 
+def _page_head(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    """Doctype, title, style, the page's heading and, for a demo, the command that made it."""
+    demo = summary.get("demo", {})
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>aviary: Mockingjay vs Audio ALBERT</title><style>{_CSS}</style></head><body>",
+             "<h1>Mockingjay vs Audio ALBERT on synthetic speech</h1>",
+             "<p>Self-supervised masked acoustic models pretrained and probed layer by layer, "
+             "reproducing the study of the Audio ALBERT paper (Chi et al. 2021) at CPU scale.</p>"]
+    if demo.get("command"):
+        parts.append(f"<p>Produced by <code>{html.escape(demo['command'])}</code>"
+                     + (f" in {demo['wall_seconds'] / 60:.1f} minutes" if demo.get("wall_seconds") else "")
+                     + ".</p>")
+    return parts
+
+
+def _findings_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    return ["<h2>Findings</h2><ul class='findings'>"
+            + "".join(f"<li>{html.escape(s)}</li>" for s in summary.get("findings", [])) + "</ul>"]
+
+
+def _key_results_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    """Test accuracy of every upstream's frozen probes, with intervals (and spread over seeds)."""
+    kr = summary.get("key_results", [])
+    if not kr:
+        return []
+    fracs = sorted({(r["task"], float(r.get("label_fraction", 1.0)))
+                    for r in largest_fraction(summary.get("probes", []))})
+    used = ", ".join(f"{t} {100 * f:g} %" for t, f in fracs) or "100 %"
+    parts = ["<h2>Key results</h2><p>Test accuracy (%) of frozen probes (training labels used: "
+             f"{html.escape(used)}) with the 95 % bootstrap interval over test utterances in square "
+             "brackets; for single layers, the layer with the best validation accuracy (in "
+             "brackets). Findings marked [larger than the 95 % intervals] compare accuracies whose "
+             "intervals do not overlap.</p>"]
+    rows = [[r["upstream"], r["role"], _fmt_params(r["params"])]
+            + [_acc_cell(r, k, "layer ", interval=True) for k in ACCURACY_KEYS] for r in kr]
+    parts.append(_table(["upstream", "role", "params", "phone linear", "phone linear, weighted sum",
+                         "phone mlp1", "phone mlp1, weighted sum", "speaker linear",
+                         "speaker linear, weighted sum"], rows))
+    seeds = max((len(r.get("seeds", [])) for r in kr), default=0)
+    if seeds > 1:
+        parts.append(f"<p>Pretrained and random-init rows: mean ± standard deviation over {seeds} "
+                     "pretraining seeds (each seed's rows are in <code>summary.json</code>, "
+                     "<code>key_results_per_seed</code>).</p>")
+    return parts
+
+
+def _learning_curve_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    curve = summary.get("learning_curve") or {}
+    if not curve:
+        return []
+    return ["<h2>Learning curve</h2><p>Best-layer linear phone accuracy (test %, layer chosen on "
+            "validation) of the first seed's intermediate checkpoints; dashed: the random-init encoder, "
+            "dotted: the best spectrogram baseline.</p>",
+            _img(figures.get("learning_curve"), "accuracy vs pretraining steps"),
+            _table(["model"] + [f"step {st}" for st in curve["steps"]],
+                   [[n] + [_pct(v) for v in vals] for n, vals in curve["models"].items()])]
+
+
+def _probing_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    parts = ["<h2>Probing accuracy per layer</h2>",
+             "<p>Frozen features, test accuracy; lines are pretrained and random-init encoders over "
+             "their layers (0 = embedding output), dashed horizontal lines the spectrogram baselines, "
+             "stars the learned weighted sums.</p>",
+             _img(figures.get("probing"), "accuracy vs layer")]
+    if figures.get("weights"):
+        parts.append("<h3>Learned weighted-sum weights</h3>" + _img(figures.get("weights"), "weighted-sum weights"))
+    return parts
+
+
+def _corpus_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    corpus = summary.get("corpus", {})
+    splits = " / ".join(str(corpus.get("splits", {}).get(s, "-")) for s in ("train", "valid", "test"))
+    return ["<h2>Corpus</h2>",
+            _table(["corpus", "utterances", "speakers", "hours", "train / valid / test utterances"],
+                   [[corpus.get("path", "-"), corpus.get("utterances", "-"), corpus.get("speakers", "-"),
+                     f"{corpus.get('hours', 0):.2f}", splits]])]
+
+
+def _model_row(name: str, m: dict[str, Any]) -> list[Any]:
+    return [name, m.get("config_note", m.get("preset", "-")), "yes" if m.get("shared") else "no",
+            _fmt_params(m.get("params", 0)), _fmt_params(m.get("head_params", 0)),
+            m.get("pretrain_steps", "-"), f"{m.get('pretrain_seconds', 0):.0f}",
+            _fmt_loss(m.get("final_train_loss")), _fmt_loss(m.get("final_valid_loss")),
+            _fmt_loss(m.get("utt_mean_valid_loss")),
+            {True: "yes", False: "NO (on the plateau)", None: "-"}[m.get("learned")]]
+
+
+def _models_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    """The models' table, then each model's parameter table."""
+    models = summary.get("models", {})
+    parts = ["<h2>Models</h2>",
+             _table(["model", "preset / config", "layers shared", "upstream params", "+ head",
+                     "pretrain steps", "pretrain seconds", "final train loss", "final valid loss",
+                     "utterance-mean predictor", "learned"],
+                    [_model_row(n, m) for n, m in models.items()])]
+    for n, m in models.items():
+        rows = m.get("param_table") or []
+        if rows:
+            parts.append(f"<h3>Parameters of {html.escape(n)}</h3>")
+            parts.append(_table(["component", "parameters", "applications per forward", "without sharing", "shared"],
+                                [[r["component"], f"{r['params']:,}", r["applications"], f"{r['unshared_params']:,}",
+                                  "yes" if r["shared"] else "no"] for r in rows]))
+    return parts
+
+
+def _spread_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    spread = summary.get("layer_spread", {})
+    if not spread:
+        return []
+    n = max(len(v) for v in spread.values())
+    return ["<h3>Frame spread per layer (collapse check)</h3><p>Mean over dimensions of the "
+            "standard deviation across frames, relative to the features' RMS: ~1 varies freely, "
+            "near 0 means every frame gets the same vector.</p>",
+            _table(["upstream"] + [f"layer {k}" for k in range(n)],
+                   [[name] + [f"{v:.3f}" for v in vals] + [""] * (n - len(vals))
+                    for name, vals in spread.items()])]
+
+
+def _attention_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    return ["<h2>Attention: Jensen-Shannon divergence between layers</h2>",
+            "<p>JSD (bits, in [0, 1]) between the attention distributions of every pair of layers, "
+            "per head and query position, averaged over heads, utterances and valid positions "
+            "(the AALBERT paper's figure). Darker = more similar attention.</p>",
+            _img(figures.get("jsd"), "attention JSD heatmaps")]
+
+
+def _reconstruction_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    return ["<h2>Masked reconstruction</h2>",
+            "<p>One validation utterance: input log-mel, the masked input the encoder sees, the "
+            "model's reconstruction and the target (marks at the bottom: scored frames).</p>",
+            _img(figures.get("spectrogram"), "input, masked input, reconstruction, target")]
+
+
+def _settings_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    demo = summary.get("demo", {})
+    if not demo.get("config"):
+        return []
+    return ["<h2>Settings</h2><pre>" + html.escape(json.dumps(demo["config"], indent=2)) + "</pre>"]
+
+
+#: The page, top to bottom: each builder takes ``(summary, figures)`` and returns its HTML
+#: pieces (one line each in the file); a section with nothing to show returns none.
+_SECTIONS = (_page_head, _findings_section, _key_results_section, _learning_curve_section,
+             _probing_section, _corpus_section, _models_section, _spread_section,
+             _attention_section, _reconstruction_section, _settings_section)
+
+
 def write_report(summary: dict[str, Any], figures: dict[str, str | Path | None], path: str | Path) -> Path:
     """Write the self-contained HTML report.
 
@@ -361,119 +506,7 @@ def write_report(summary: dict[str, Any], figures: dict[str, str | Path | None],
         ``path``.
     """
     path = Path(path)
-    corpus = summary.get("corpus", {})
-    models = summary.get("models", {})
-    demo = summary.get("demo", {})
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-             f"<title>aviary: Mockingjay vs Audio ALBERT</title><style>{_CSS}</style></head><body>",
-             "<h1>Mockingjay vs Audio ALBERT on synthetic speech</h1>",
-             "<p>Self-supervised masked acoustic models pretrained and probed layer by layer, "
-             "reproducing the study of the Audio ALBERT paper (Chi et al. 2021) at CPU scale.</p>"]
-    if demo.get("command"):
-        parts.append(f"<p>Produced by <code>{html.escape(demo['command'])}</code>"
-                     + (f" in {demo['wall_seconds'] / 60:.1f} minutes" if demo.get("wall_seconds") else "")
-                     + ".</p>")
-
-    parts.append("<h2>Findings</h2><ul class='findings'>"
-                 + "".join(f"<li>{html.escape(s)}</li>" for s in summary.get("findings", [])) + "</ul>")
-
-    kr = summary.get("key_results", [])
-    if kr:
-        from aviary.evaluate.results import largest_fraction
-
-        fracs = sorted({(r["task"], float(r.get("label_fraction", 1.0)))
-                        for r in largest_fraction(summary.get("probes", []))})
-        used = ", ".join(f"{t} {100 * f:g} %" for t, f in fracs) or "100 %"
-        parts.append("<h2>Key results</h2><p>Test accuracy (%) of frozen probes (training labels used: "
-                     f"{html.escape(used)}) with the 95 % bootstrap interval over test utterances in square "
-                     "brackets; for single layers, the layer with the best validation accuracy (in "
-                     "brackets). Findings marked [larger than the 95 % intervals] compare accuracies whose "
-                     "intervals do not overlap.</p>")
-        rows = []
-        for r in kr:
-            def cell(k: str) -> str:
-                return _acc_cell(r, k, "layer ", interval=True)
-            rows.append([r["upstream"], r["role"], _fmt_params(r["params"]), cell("phone_linear"),
-                         cell("phone_linear_weighted"), cell("phone_mlp1"), cell("phone_mlp1_weighted"),
-                         cell("speaker_linear"), cell("speaker_linear_weighted")])
-        parts.append(_table(["upstream", "role", "params", "phone linear", "phone linear, weighted sum",
-                             "phone mlp1", "phone mlp1, weighted sum", "speaker linear",
-                             "speaker linear, weighted sum"], rows))
-
-        seeds = max((len(r.get("seeds", [])) for r in kr), default=0)
-        if seeds > 1:
-            parts.append(f"<p>Pretrained and random-init rows: mean ± standard deviation over {seeds} "
-                         "pretraining seeds (each seed's rows are in <code>summary.json</code>, "
-                         "<code>key_results_per_seed</code>).</p>")
-
-    curve = summary.get("learning_curve") or {}
-    if curve:
-        parts.append("<h2>Learning curve</h2><p>Best-layer linear phone accuracy (test %, layer chosen on "
-                     "validation) of the first seed's intermediate checkpoints; dashed: the random-init encoder, "
-                     "dotted: the best spectrogram baseline.</p>")
-        parts.append(_img(figures.get("learning_curve"), "accuracy vs pretraining steps"))
-        parts.append(_table(["model"] + [f"step {st}" for st in curve["steps"]],
-                            [[n] + [_pct(v) for v in vals] for n, vals in curve["models"].items()]))
-
-    parts.append("<h2>Probing accuracy per layer</h2>")
-    parts.append("<p>Frozen features, test accuracy; lines are pretrained and random-init encoders over "
-                 "their layers (0 = embedding output), dashed horizontal lines the spectrogram baselines, "
-                 "stars the learned weighted sums.</p>")
-    parts.append(_img(figures.get("probing"), "accuracy vs layer"))
-    if figures.get("weights"):
-        parts.append("<h3>Learned weighted-sum weights</h3>" + _img(figures.get("weights"), "weighted-sum weights"))
-
-    parts.append("<h2>Corpus</h2>")
-    parts.append(_table(["corpus", "utterances", "speakers", "hours", "train / valid / test utterances"],
-                        [[corpus.get("path", "-"), corpus.get("utterances", "-"), corpus.get("speakers", "-"),
-                          f"{corpus.get('hours', 0):.2f}",
-                          " / ".join(str(corpus.get("splits", {}).get(s, "-")) for s in ("train", "valid", "test"))]]))
-
-    parts.append("<h2>Models</h2>")
-    parts.append(_table(["model", "preset / config", "layers shared", "upstream params", "+ head",
-                         "pretrain steps", "pretrain seconds", "final train loss", "final valid loss",
-                         "utterance-mean predictor", "learned"],
-                        [[n, m.get("config_note", m.get("preset", "-")), "yes" if m.get("shared") else "no",
-                          _fmt_params(m.get("params", 0)), _fmt_params(m.get("head_params", 0)),
-                          m.get("pretrain_steps", "-"), f"{m.get('pretrain_seconds', 0):.0f}",
-                          _fmt_loss(m.get("final_train_loss")), _fmt_loss(m.get("final_valid_loss")),
-                          _fmt_loss(m.get("utt_mean_valid_loss")),
-                          {True: "yes", False: "NO (on the plateau)", None: "-"}[m.get("learned")]]
-                         for n, m in models.items()]))
-    for n, m in models.items():
-        rows = m.get("param_table") or []
-        if rows:
-            parts.append(f"<h3>Parameters of {html.escape(n)}</h3>")
-            parts.append(_table(["component", "parameters", "applications per forward", "without sharing", "shared"],
-                                [[r["component"], f"{r['params']:,}", r["applications"], f"{r['unshared_params']:,}",
-                                  "yes" if r["shared"] else "no"] for r in rows]))
-
-    spread = summary.get("layer_spread", {})
-    if spread:
-        n = max(len(v) for v in spread.values())
-        parts.append("<h3>Frame spread per layer (collapse check)</h3><p>Mean over dimensions of the "
-                     "standard deviation across frames, relative to the features' RMS: ~1 varies freely, "
-                     "near 0 means every frame gets the same vector.</p>")
-        parts.append(_table(["upstream"] + [f"layer {k}" for k in range(n)],
-                            [[name] + [f"{v:.3f}" for v in vals] + [""] * (n - len(vals))
-                             for name, vals in spread.items()]))
-
-    parts.append("<h2>Attention: Jensen-Shannon divergence between layers</h2>")
-    parts.append("<p>JSD (bits, in [0, 1]) between the attention distributions of every pair of layers, "
-                 "per head and query position, averaged over heads, utterances and valid positions "
-                 "(the AALBERT paper's figure). Darker = more similar attention.</p>")
-    parts.append(_img(figures.get("jsd"), "attention JSD heatmaps"))
-
-    parts.append("<h2>Masked reconstruction</h2>")
-    parts.append("<p>One validation utterance: input log-mel, the masked input the encoder sees, the "
-                 "model's reconstruction and the target (marks at the bottom: scored frames).</p>")
-    parts.append(_img(figures.get("spectrogram"), "input, masked input, reconstruction, target"))
-
-    if demo.get("config"):
-        parts.append("<h2>Settings</h2><pre>" + html.escape(json.dumps(demo["config"], indent=2)) + "</pre>")
+    parts = [piece for section in _SECTIONS for piece in section(summary, figures)]
     parts.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(parts))
     return path

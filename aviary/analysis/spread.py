@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from aviary.evaluate.cache import FeatureCache
+
 #: Spread below this is reported as collapsed (a healthy layer is > 0.3; the plateau < 0.01).
 COLLAPSE_THRESHOLD = 0.05
 
@@ -35,8 +37,6 @@ def cache_spread(cache_path: str, max_utterances: int = 50) -> list[float]:
     Returns:
         One value per cached layer, in the cache's layer order.
     """
-    from aviary.evaluate.cache import FeatureCache
-
     cache = FeatureCache(cache_path)
     ids = cache.ids[:max_utterances]
     return [frame_spread(np.concatenate([cache.get(i, k) for i in ids])) for k in cache.layers]

@@ -2,7 +2,9 @@
 
 Each module in this package registers its verbs with :func:`register`: a name, a one-line
 help, a function adding the verb's arguments, and a function running it. Verb functions only
-parse and call library code; no logic lives here.
+parse and call library code; no logic lives here. They import that library code inside
+the verb function: `aviary --help` (which loads every verb module) then imports neither torch
+nor anything the other verbs need.
 """
 from __future__ import annotations
 

@@ -129,11 +129,13 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                         "on a step budget; adam: AdamW for every head")
     p.add_argument("--l2-grid", type=_floats, default=None,
                    help="L2 strengths tried by the linear solver, chosen on valid (default 1e-1,...,1e-6)")
-    p.add_argument("--tol", type=float, default=None, help="solver convergence: max |gradient| (default 1e-3)")
+    p.add_argument("--tol", type=float, default=None, help="solver convergence: max |gradient| (default 1e-4)")
     p.add_argument("--max-iter", type=int, default=None, help="L-BFGS iterations per L2 value (default 100)")
     p.add_argument("--lr", type=_lr, default=None,
                    help="AdamW head learning rate, or 'auto' (default): chosen on valid from --lr-grid")
     p.add_argument("--lr-grid", type=_floats, default=None, help="learning rates tried by --lr auto (default 1e-3,3e-3,1e-2)")
+    p.add_argument("--lr-extend", type=int, default=None,
+                   help="when the grid's largest lr wins, try up to this many x 3 beyond it (default 2)")
     p.add_argument("--steps", type=int, default=None, help="AdamW budget in optimiser steps (default 1000)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between valid evaluations (default steps/10)")
     p.add_argument("--upstream-lr", type=float, default=None, help="upstream learning rate when fine-tuning (default 5e-5)")
@@ -163,7 +165,7 @@ def _probe_run(args: argparse.Namespace) -> int:
              ("patience", args.patience), ("solver", args.solver), ("tol", args.tol), ("max_iter", args.max_iter),
              ("eval_every", args.eval_every),
              ("l2_grid", tuple(args.l2_grid) if args.l2_grid else None),
-             ("lr_grid", tuple(args.lr_grid) if args.lr_grid else None))
+             ("lr_grid", tuple(args.lr_grid) if args.lr_grid else None), ("lr_extend", args.lr_extend))
     overrides = {k: v for k, v in pairs if v is not None}
     if args.lr is not None and args.lr != "auto":
         overrides["lr"] = args.lr

@@ -67,7 +67,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 
 def _info_run(args: argparse.Namespace) -> int:
-    from aviary.models.bundle import describe, format_description
+    from aviary.hub import describe, format_description
 
     d = describe(args.checkpoint)
     print(json.dumps(d, indent=2, sort_keys=True) if args.json else format_description(d))

@@ -32,8 +32,9 @@ from typing import Any, Sequence
 import numpy as np
 import soundfile as sf
 
-from aviary.audio import MIN_DURATION, AudioError, audio_info
+from aviary.audio import MIN_DURATION, AudioError, audio_info, load_audio
 from aviary.data.manifest import ALIGNMENT_TOLERANCE, load_manifest, load_split_files, split_overlaps
+from aviary.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def check_corpus(path_or_dir: str | os.PathLike, split: str | None = None, sampl
 
 def write_report(rep: CheckReport, path: str | os.PathLike) -> None:
     """Write the report as JSON."""
-    Path(path).write_text(json.dumps(rep.to_dict(), indent=1) + "\n")
+    write_text_atomic(path, json.dumps(rep.to_dict(), indent=1) + "\n")
 
 
 def usable_utterances(utts: Sequence[Any], sample_rate: int = 16000
@@ -200,8 +201,6 @@ def usable_utterances(utts: Sequence[Any], sample_rate: int = 16000
     Returns:
         (kept utterances, [(id, error message), ...] of the skipped ones).
     """
-    from aviary.audio import load_audio
-
     kept, skipped = [], []
     for u in utts:
         try:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from aviary.audio import AudioError, load_audio
+from aviary.audio import AudioError, load_audio, normalize_level
 from aviary.data.manifest import Utterance
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,6 @@ class AudioDataset(torch.utils.data.Dataset):
                 log.warning("skipping bad file (%d so far): %s", len(self.bad), e)
             return None
         if self.normalize_db is not None:
-            from aviary.audio import normalize_level
-
             wav = normalize_level(wav, self.normalize_db)
         phones = None
         if u.phones is not None:

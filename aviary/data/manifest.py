@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from aviary.data.phones import PHONES
+from aviary.storage import atomic_open, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def read_manifest(path: str | os.PathLike, check_files: bool = False) -> list[Ut
 
 
 def write_manifest(path: str | os.PathLike, utts: Iterable[Utterance], relative: bool = True) -> Path:
-    """Write utterances as JSON lines (atomically: tmp file + rename).
+    """Write utterances as JSON lines, atomically (:func:`aviary.storage.atomic_open`).
 
     Args:
         path: output ``.jsonl`` file.
@@ -221,8 +222,7 @@ def write_manifest(path: str | os.PathLike, utts: Iterable[Utterance], relative:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     base = p.resolve().parent
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(p) as f:
         for u in utts:
             d = u.to_dict()
             if relative:
@@ -232,8 +232,7 @@ def write_manifest(path: str | os.PathLike, utts: Iterable[Utterance], relative:
                         d["audio"] = str(a.resolve().relative_to(base))
                     except ValueError:
                         pass
-            f.write(json.dumps(d, ensure_ascii=False) + "\n")
-    os.replace(tmp, p)
+            f.write((json.dumps(d, ensure_ascii=False) + "\n").encode("utf-8"))
     return p
 
 
@@ -375,7 +374,7 @@ def write_corpus(out_dir: str | os.PathLike, utts: Sequence[Utterance], readme: 
         lines.append(f"  {name + '.jsonl':16s} {counts[name]:7d} utterances {nspk:5d} speakers {hours:8.3f} h")
     lines += ["", "Utterance-level splits (train/valid/test) hold every speaker in each part;",
               "the -spk splits are speaker-disjoint. Load with aviary.data.load_manifest(DIR, split)."]
-    (out / "README").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "README", "\n".join(lines) + "\n")
     return counts
 
 

@@ -21,6 +21,7 @@ from typing import Sequence
 from aviary.audio import AudioError, audio_info
 from aviary.data.alignment import AlignmentError, check_alignment, read_cpc_alignments, read_textgrid
 from aviary.data.manifest import ManifestError, Utterance, write_corpus
+from aviary.data.check import ERRORS, check_file
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ def _readable_info(path: Path, coll: _Collector):
         coll.bad(str(e), AudioError)
         return None
     if coll.skip_bad:
-        from aviary.data.check import ERRORS, check_file
-
         found, _duration = check_file(path)
         errors = [f"{kind} ({detail.replace(f'{path}: ', '')})" for kind, detail in found if kind in ERRORS]
         if errors:

@@ -27,9 +27,52 @@ yield, so a run restarted mid-epoch sees exactly the batches it had not seen.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (order matters), e.g. ``mix_seed(seed, g)``.
+
+    The one seed mixer of aviary: the pretraining stream (``train/``), token crops and
+    token batches (``data/tokens.py``) all draw their seeds from it.
+    """
+    ss = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
+    # The first 64-bit word of the state (generate_state(1) and (2) agree on it).
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def padded_batches(order: Iterable[int], sizes: Sequence[float], max_padded: float) -> list[list[int]]:
+    """Fill batches greedily in ``order`` while the padded size ``len(batch) * longest`` fits.
+
+    The one padded-size batcher: seconds of audio (this sampler, the feature cache, the
+    tokenizer) or tokens (token corpora). An item larger than ``max_padded`` gets a batch of
+    its own, never dropped. Sorting ``order`` by size keeps the padding small.
+
+    Args:
+        order: item indices in the order they are taken.
+        sizes: size per index (seconds, tokens).
+        max_padded: bound on ``len(batch) * max(sizes of the batch)``.
+
+    Returns:
+        Batches of indices, in fill order.
+    """
+    if not max_padded > 0:
+        raise ValueError(f"max_padded must be > 0, got {max_padded!r}")
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order:
+        size = sizes[i]
+        if cur and max(longest, size) * (len(cur) + 1) > max_padded:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, size)
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 class DurationBatchSampler:
@@ -95,18 +138,7 @@ class DurationBatchSampler:
         bucket = np.floor(d / self.bucket_width)
         # lexsort: last key is primary -> sort by bucket, then by random key within a bucket.
         order = np.lexsort((key, bucket))
-        batches: list[list[int]] = []
-        cur: list[int] = []
-        longest = 0.0
-        for i in order.tolist():
-            li = max(longest, d[i])
-            if cur and li * (len(cur) + 1) > self.max_seconds:
-                batches.append(cur)
-                cur, li = [], d[i]
-            cur.append(i)
-            longest = li
-        if cur:
-            batches.append(cur)
+        batches = padded_batches(order.tolist(), d.tolist(), self.max_seconds)
         if self.shuffle:
             perm = rng.permutation(len(batches))
             batches = [batches[j] for j in perm]

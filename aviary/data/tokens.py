@@ -30,6 +30,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from aviary.data.sampler import mix_seed, padded_batches
+from aviary.storage import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 SPECIALS = ("<pad>", "<unk>", "<mask>")
@@ -100,7 +103,7 @@ class Vocabulary:
         return table
 
     def write(self, path: str | os.PathLike) -> None:
-        _write_text_atomic(Path(path), "".join(f"{p} {c}\n" for p, c in zip(self.pairs, self.counts)))
+        write_text_atomic(path, "".join(f"{p} {c}\n" for p, c in zip(self.pairs, self.counts)))
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Vocabulary":
@@ -118,20 +121,9 @@ class Vocabulary:
         return cls(tuple(pairs), tuple(counts))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file + rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
     """Write rows as JSON lines, atomically."""
-    _write_text_atomic(Path(path), "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+    write_text_atomic(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -246,7 +238,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.seqs[i]
-        toks = random_crop(s.tokens, self.max_length, _mix(self.seed, self.epoch, i))
+        toks = random_crop(s.tokens, self.max_length, mix_seed(self.seed, self.epoch, i))
         return {"id": s.id, "speaker": s.speaker, "tokens": torch.from_numpy(np.ascontiguousarray(toks))}
 
 
@@ -256,32 +248,16 @@ def make_token_dataset(tokens_dir: str | os.PathLike, split: str | None = "train
     return TokenDataset(read_token_split(tokens_dir, split), max_length, seed)
 
 
-def _mix(*parts: int) -> int:
-    ss = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
 def token_batches(lengths: Sequence[int], max_tokens: int, seed: int, epoch: int) -> list[list[int]]:
     """Length-sorted batches whose padded size ``B * max(T)`` stays within ``max_tokens``.
 
     Sorting by length (random tie-break) keeps padding small; the batch order is shuffled.
     A pure function of ``(lengths, max_tokens, seed, epoch)``.
     """
-    rng = np.random.default_rng(_mix(seed, epoch))
+    rng = np.random.default_rng(mix_seed(seed, epoch))
     lens = np.asarray(lengths, dtype=np.int64)
     order = np.lexsort((rng.random(len(lens)), lens))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    cur_max = 0
-    for i in order.tolist():
-        new_max = max(cur_max, int(lens[i]))
-        if cur and new_max * (len(cur) + 1) > max_tokens:
-            batches.append(cur)
-            cur, new_max = [], int(lens[i])
-        cur.append(i)
-        cur_max = new_max
-    if cur:
-        batches.append(cur)
+    batches = padded_batches(order.tolist(), lens.tolist(), max_tokens)
     perm = rng.permutation(len(batches))
     return [batches[k] for k in perm]
 

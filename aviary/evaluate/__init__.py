@@ -14,11 +14,11 @@ from aviary.evaluate.featurizers import LayerSelect, WeightedSum, build_featuriz
 from aviary.evaluate.heads import build_head
 from aviary.evaluate.probe import ProbeConfig, run_probe
 from aviary.evaluate.results import load_records, summarize
-from aviary.evaluate.sweep import run_extract, run_sweep
+from aviary.evaluate.sweep import SweepPlan, run_extract, run_sweep
 from aviary.evaluate.upstreams import FeatureUpstream, describe_upstream, resolve_upstream
 
 __all__ = [
     "CacheError", "FeatureCache", "extract_to_cache", "open_cache", "LayerSelect", "WeightedSum",
     "build_featurizer", "build_head", "ProbeConfig", "run_probe", "load_records", "summarize",
-    "run_extract", "run_sweep", "FeatureUpstream", "describe_upstream", "resolve_upstream",
+    "SweepPlan", "run_extract", "run_sweep", "FeatureUpstream", "describe_upstream", "resolve_upstream",
 ]

@@ -32,7 +32,6 @@ error naming the cache and the problem.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -46,10 +45,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from aviary.audio import AudioError, load_audio
+from aviary.data.sampler import padded_batches
 from aviary.evaluate.upstreams import UpstreamInfo, describe_upstream
-from aviary.precision import autocast_context, resolve_precision
-from aviary.train.checkpoint import file_sha256, fsync_dir
 from aviary.models.upstream import Upstream
+from aviary.precision import autocast_context, resolve_precision
+from aviary.storage import atomic_dir, file_sha256, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +87,8 @@ def parse_layers(spec: str | Sequence[int] | None, num_hidden_states: int) -> li
     return sorted(set(out))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (tmp + fsync + rename)."""
-    from aviary.train.checkpoint import write_json_atomic
-
-    write_json_atomic(path, obj)
-
-
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CacheError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{path}: not valid JSON ({e}); the cache is corrupted, delete it and extract again") from None
+    return read_json(path, error=CacheError, hint="the cache is corrupted, delete it and extract again")
 
 
 def plan_shards(ids: Sequence[str], durations: Sequence[float], shard_seconds: float) -> list[list[int]]:
@@ -124,28 +113,6 @@ def plan_shards(ids: Sequence[str], durations: Sequence[float], shard_seconds: f
     if cur:
         shards.append(cur)
     return shards
-
-
-def batches_by_duration(positions: Sequence[int], durations: Sequence[float],
-                        batch_seconds: float) -> list[list[int]]:
-    """Consecutive batches whose padded size (longest x count) stays under ``batch_seconds``.
-
-    ``positions`` are expected sorted by duration so padding is small. A single utterance
-    longer than ``batch_seconds`` forms a batch of its own.
-    """
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    longest = 0.0
-    for i in positions:
-        d = durations[i]
-        if cur and max(longest, d) * (len(cur) + 1) > batch_seconds:
-            batches.append(cur)
-            cur, longest = [], 0.0
-        cur.append(i)
-        longest = max(longest, d)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 def _shard_name(i: int) -> str:
@@ -197,10 +164,6 @@ class ExtractStats:
 def load_waveforms(utts: Sequence[Any], sample_rate: int, normalize_db: float | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read utterances' audio as one zero-padded batch ``(B, N)`` with lengths ``(B,)``."""
-    from aviary.audio import load_audio
-
-    from aviary.audio import AudioError
-
     try:
         arrays = [load_audio(u.audio, sample_rate=sample_rate, normalize_db=normalize_db) for u in utts]
     except AudioError as e:
@@ -283,7 +246,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
             # Nothing finished under the old plan (e.g. it stopped at its first bad file and is
             # re-run with --skip-bad): nothing to mix up, start over with the new plan.
             log.info("%s: replacing the plan of an extraction that finished no shard", out)
-            _write_json(plan_path, plan)
+            write_json_atomic(plan_path, plan)
             old = json.loads(json.dumps(plan))
         if old != json.loads(json.dumps(plan)):
             diff = [k for k in plan if old.get(k) != json.loads(json.dumps(plan[k]))]
@@ -291,7 +254,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
                              f"differ); use another --out or delete it")
         log.info("%s: resuming an existing cache", out)
     else:
-        _write_json(plan_path, plan)
+        write_json_atomic(plan_path, plan)
 
     upstream.eval()
     max_layer = max(layer_list)
@@ -318,7 +281,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
         pos = shards[si]
         feats: dict[int, list[np.ndarray]] = {k: [] for k in layer_list}
         lengths_out: list[int] = []
-        for batch in batches_by_duration(pos, durations, batch_seconds):
+        for batch in padded_batches(pos, durations, batch_seconds):
             wavs, wav_lengths = load_waveforms([utterances[i] for i in batch], _sample_rate(upstream), normalize_db)
             with torch.no_grad(), autocast_context(resolved, device):
                 states, lengths = upstream.extract(wavs.to(device), wav_lengths.to(device), max_layer=max_layer)
@@ -340,7 +303,7 @@ def extract_to_cache(upstream: Upstream, utterances: Sequence[Any], out: str | o
             bar.update(round(sum(durations[i] for i in batch)))
         _write_shard(out, si, [ids[i] for i in pos], lengths_out, feats)
     bar.close()
-    _write_json(out / "index.json", {**plan, "precision_requested": precision, "complete": True})
+    write_json_atomic(out / "index.json", {**plan, "precision_requested": precision, "complete": True})
     elapsed = time.perf_counter() - t0
     return ExtractStats(path=str(out), utterances=len(ids), shards_total=len(shards), shards_written=len(todo),
                         audio_seconds=audio_todo, seconds=elapsed, precision=resolved, skipped=len(skipped))
@@ -358,20 +321,20 @@ def _write_shard(out: Path, si: int, ids: list[str], lengths: list[int],
         CacheError: the write failed (disk full): the partial ``.tmp`` directory is removed,
             the finished shards are kept.
     """
-    tmp = out / (_shard_name(si) + ".tmp")
+    final = out / _shard_name(si)
     try:
-        _write_shard_files(out, tmp, si, ids, lengths, feats)
+        # The fixed .tmp name lets the next run find and redo a shard a kill left half-written.
+        with atomic_dir(final, tmp=out / (_shard_name(si) + ".tmp")) as tmp:
+            _write_shard_files(tmp, ids, lengths, feats)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         full = " (disk full)" if e.errno == errno.ENOSPC or "written" in str(e) else ""
         raise CacheError(f"{out / _shard_name(si)}: could not write the shard{full}: {e.strerror or e}; "
                          "the finished shards are kept: free space and run the same `aviary extract` "
                          "again to continue") from e
 
 
-def _write_shard_files(out: Path, tmp: Path, si: int, ids: list[str], lengths: list[int],
+def _write_shard_files(tmp: Path, ids: list[str], lengths: list[int],
                        feats: dict[int, list[np.ndarray]]) -> None:
-    tmp.mkdir()
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist() if lengths else []
     sums = {}
     for k, chunks in feats.items():
@@ -379,17 +342,10 @@ def _write_shard_files(out: Path, tmp: Path, si: int, ids: list[str], lengths: l
         path = tmp / f"layer-{k:02d}.npy"
         with open(path, "wb") as f:
             np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
         sums[path.name] = file_sha256(path)  # of the bytes on disk, as read back
     meta = {"ids": ids, "lengths": lengths, "offsets": offsets, "frames": int(sum(lengths)), "sha256": sums}
     with open(tmp / "shard.json", "w") as f:
         json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp)
-    os.replace(tmp, out / _shard_name(si))
-    fsync_dir(out)
 
 
 class FeatureCache:

@@ -21,13 +21,16 @@ line, so a resumed sweep neither duplicates nor loses a finished probe.
 from __future__ import annotations
 
 import csv
-import errno
+import io
 import json
 import logging
 import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from aviary.precision import LEGACY_AUTOCAST
+from aviary.storage import append_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +49,9 @@ def results_path(out_dir: str | os.PathLike) -> Path:
 
 
 def append_record(out_dir: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append one record as one line (single write, O_APPEND, fsync)."""
-    path = results_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size:
-            # A previous run killed mid-write may have left a line without its newline.
-            with open(path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    line = b"\n" + line
-        written = os.write(fd, line)
-        if written != len(line):  # a torn line is ignored by load_records; say why it happened
-            raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written (disk full?)")
-        os.fsync(fd)
-    except OSError as e:
-        # Name the file: a bare "[Errno 28] No space left on device" leaves the user guessing.
-        raise OSError(e.errno, f"could not append a probe record ({e.strerror}); the records "
-                               "before it are intact, re-run the same command to continue", str(path)) from e
-    finally:
-        os.close(fd)
+    """Append one record as one line (single write, O_APPEND, fsync: :func:`aviary.storage.append_jsonl`)."""
+    append_jsonl(results_path(out_dir), record,
+                 hint="the records before it are intact, re-run the same command to continue")
 
 
 def load_records(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -101,8 +84,6 @@ def load_records(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _upgrade_record(rec: dict[str, Any]) -> dict[str, Any]:
     """An old record (``autocast`` in config and key) in today's terms."""
-    from aviary.precision import LEGACY_AUTOCAST
-
     config = rec.get("config")
     if not isinstance(config, dict) or "autocast" not in config:
         return rec
@@ -246,14 +227,13 @@ def write_csv(recs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
 
 
 def _write_csv(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    """Write a CSV file through a temporary file and a rename (never half a table)."""
+    """Write a CSV file atomically (never half a table)."""
     path = Path(path)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
     return path
 
 

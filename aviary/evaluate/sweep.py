@@ -3,6 +3,7 @@
     from aviary.evaluate import run_sweep
     records = run_sweep("runs/aalbert-3l", "corpus/", "probes/", tasks=["phone", "speaker"],
                         heads=["linear", "mlp1"], layers="all,weighted")
+    # or, the same: run_sweep(..., plan=SweepPlan(tasks=..., heads=..., layers=...))
 
 Frozen sweeps extract the upstream once into ``OUT/cache/<name>-<fingerprint>/`` (or use
 the cache passed in) and train every probe from it. Finished probes are skipped by
@@ -15,6 +16,7 @@ import copy
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +28,9 @@ from aviary.evaluate.results import append_record, done_keys
 from aviary.evaluate.tasks import get_task, load_splits
 from aviary.evaluate.upstreams import FEATURE_BASELINES, RANDOM_PREFIX, describe_upstream, resolve_upstream
 from aviary.models.upstream import Upstream
+from aviary.data import load_manifest
+from aviary.data.check import usable_utterances
+from aviary.data.manifest import check_disjoint_splits, manifest_path
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +68,43 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "upstream"
 
 
-def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str | os.PathLike, *,
-              tasks: Sequence[str] = ("phone",), heads: Sequence[str] = ("linear",),
-              layers: str | Sequence[Any] = "all", label_fractions: Sequence[float] = (1.0,),
-              seeds: Sequence[int] = (0,), finetune: bool = False, cache: str | os.PathLike | None = None,
-              name: str | None = None, overrides: dict[str, Any] | None = None,
-              extract: dict[str, Any] | None = None, device: str = "cpu", progress: bool = True,
-              random_seed: int = 0, skip_bad: bool = False) -> list[dict[str, Any]]:
-    """Run every combination of task x label fraction x head x layer x seed; append records.
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a sweep runs: the grid of probes, and how (device, cache, progress).
+
+    Every combination of task x label fraction x head x layer x seed is one probe.
+    """
+
+    tasks: Sequence[str] = ("phone",)
+    heads: Sequence[str] = ("linear",)
+    layers: str | Sequence[Any] = "all"  # as in expand_layers
+    label_fractions: Sequence[float] = (1.0,)
+    seeds: Sequence[int] = (0,)
+    finetune: bool = False  # each probe starts from a fresh copy of the upstream
+    cache: str | os.PathLike | None = None  # an existing `aviary extract` cache (validated)
+    name: str | None = None  # display name (required with an Upstream object)
+    overrides: dict[str, Any] | None = None  # other ProbeConfig fields (lr, hidden, steps, precision ...)
+    extract: dict[str, Any] | None = None  # keyword arguments of extract_to_cache (dtype, precision ...)
+    device: str = "cpu"
+    progress: bool = True
+    random_seed: int = 0  # initialisation seed of random:PRESET
+    # Leave out utterances whose audio does not load (counted per split in each record as
+    # skipped_files) instead of stopping at the first.
+    skip_bad: bool = False
+
+    def probe_configs(self, num_hidden_states: int) -> list[ProbeConfig]:
+        """One :class:`ProbeConfig` per probe of the grid, in the order they run."""
+        overrides = upgrade_legacy(dict(self.overrides or {}))
+        layer_list = expand_layers(self.layers, num_hidden_states)
+        return [ProbeConfig(**{**overrides, "task": t, "head": h, "layer": str(layer), "label_fraction": f,
+                               "seed": s, "finetune": self.finetune})
+                for t in self.tasks for f in self.label_fractions for h in self.heads for layer in layer_list
+                for s in self.seeds]
+
+
+def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str | os.PathLike,
+              plan: SweepPlan | None = None, **fields: Any) -> list[dict[str, Any]]:
+    """Run every probe of ``plan`` not yet recorded in ``out``; append the records.
 
     Args:
         upstream: ``--upstream`` string (run dir, ``fbank``, ``logmel``, ``logmel+delta``,
@@ -78,109 +112,110 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
             with ``cache`` (frozen probing from an existing cache alone).
         data: corpus directory or manifest file.
         out: results directory (``results.jsonl`` and, by default, the feature cache).
-        tasks, heads, layers, label_fractions, seeds: the grid (``layers`` as in :func:`expand_layers`).
-        finetune: fine-tune mode (each probe starts from a fresh copy of the upstream).
-        cache: an existing cache from ``aviary extract`` (validated against the corpus and upstream).
-        name: display name for an upstream object (default: from the string).
-        overrides: other :class:`ProbeConfig` fields (``lr``, ``hidden``, ``steps``, ``l2_grid``,
-            ``precision`` ...).
-        extract: keyword arguments for :func:`extract_to_cache` (``dtype``, ``precision`` ...).
-        device: torch device.
-        progress: show the progress bar.
-        random_seed: initialisation seed of ``random:PRESET``.
-        skip_bad: leave out utterances whose audio does not load (counted per split in each
-            record as ``skipped_files``) instead of stopping at the first.
+        plan: the :class:`SweepPlan`; or give its fields as keywords (``tasks=["phone"], ...``).
 
     Returns:
         The records written by this call (already-recorded probes are not repeated).
     """
-    from tqdm.auto import tqdm
-
+    if plan is not None and fields:
+        raise TypeError(f"run_sweep: give a plan or its fields, not both ({sorted(fields)})")
+    plan = plan or SweepPlan(**fields)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = upgrade_legacy(dict(overrides or {}))
-    extract = upgrade_legacy(dict(extract or {}))
-    for t in tasks:
+    for t in plan.tasks:
         get_task(t)
+    up_obj, info, name = _open_upstream(upstream, plan)
+    todo = _pending(out, name, plan.probe_configs(int(info["num_hidden_states"])))
+    if not todo:
+        return []
+    requested = todo[0].precision
+    log.info("%s: %d probes in precision %s (requested %s)", name, len(todo),
+             resolve_precision(requested, plan.device if plan.finetune else "cpu"), requested)
+    splits = {t: load_splits(data, t) for t in sorted({c.task for c in todo})}
+    skipped_counts: dict[str, dict[str, int]] = {}
+    if plan.skip_bad:
+        splits, skipped_counts = _drop_unusable(splits, data)
+    all_utts = {u.id: u for parts in splits.values() for utts in parts.values() for u in utts}
+    feature_cache = None if plan.finetune else _feature_cache(plan, out, up_obj, info, name, todo,
+                                                              list(all_utts.values()))
+    return _run_probes(plan, out, todo, splits, skipped_counts, up_obj, info, name, feature_cache)
 
-    # The upstream: a string to resolve, an object, or just the cache's description.
+
+def _open_upstream(upstream: str | Upstream | None, plan: SweepPlan
+                   ) -> tuple[Upstream | None, dict[str, Any], str]:
+    """The upstream (a string to resolve, an object, or just the cache's description),
+    its recorded description and its display name."""
+    name = plan.name
     up_obj: Upstream | None = None
     if isinstance(upstream, str):
-        up_obj, resolved = resolve_upstream(upstream, device=device, seed=random_seed)
+        up_obj, resolved = resolve_upstream(upstream, device=plan.device, seed=plan.random_seed)
         name = name or (display_name(upstream) if resolved == upstream else resolved)
     elif upstream is not None:
         up_obj = upstream
         if name is None:
             raise ValueError("run_sweep: pass name=... with an Upstream object")
     if up_obj is not None:
-        frame_tasks = [t for t in tasks if get_task(t).level == "frame"]
+        frame_tasks = [t for t in plan.tasks if get_task(t).level == "frame"]
         if frame_tasks and getattr(up_obj, "utterance_level_only", False):
             # e.g. SSAST patch models: a token covers 16 frames x 16 mel bins, not a time step.
             raise ValueError(f"{name}: its tokens are not frames, so frame-level task(s) {frame_tasks} "
                              "cannot be probed; use an utterance-level task (speaker, keyword)")
-        info = describe_upstream(up_obj, name).to_dict()
-    elif cache is not None:
-        info = FeatureCache(cache).upstream
-        name = info["name"]
-    else:
-        raise ValueError("run_sweep needs an upstream or a cache")
-    nhs = int(info["num_hidden_states"])
-    layer_list = expand_layers(layers, nhs)
+        return up_obj, describe_upstream(up_obj, name).to_dict(), name
+    if plan.cache is not None:
+        info = FeatureCache(plan.cache).upstream
+        return None, info, info["name"]
+    raise ValueError("run_sweep needs an upstream or a cache")
 
-    configs = [ProbeConfig(**{**overrides, "task": t, "head": h, "layer": str(layer), "label_fraction": f,
-                              "seed": s, "finetune": finetune})
-               for t in tasks for f in label_fractions for h in heads for layer in layer_list for s in seeds]
+
+def _pending(out: Path, name: str, configs: list[ProbeConfig]) -> list[ProbeConfig]:
+    """The probes of ``configs`` that ``out/results.jsonl`` does not hold yet."""
     # Records of the epoch-based trainer (before solved probes and intervals: no "test_ci")
     # do not count as done: such a probe is fitted again and its new record replaces the old.
     done = done_keys(out, require="test_ci")
     todo = [c for c in configs if probe_key(name, c) not in done]
     if len(todo) < len(configs):
         log.info("%s: %d of %d probes already recorded, skipping them", out, len(configs) - len(todo), len(configs))
-    if not todo:
-        return []
-    requested = todo[0].precision
-    log.info("%s: %d probes in precision %s (requested %s)", name, len(todo),
-             resolve_precision(requested, device if finetune else "cpu"), requested)
+    return todo
 
-    splits = {t: load_splits(data, t) for t in sorted({c.task for c in todo})}
-    skipped_counts: dict[str, dict[str, int]] = {}
-    if skip_bad:
-        splits, skipped_counts = _drop_unusable(splits, data)
-    all_utts = {u.id: u for parts in splits.values() for utts in parts.values() for u in utts}
 
-    feature_cache: FeatureCache | None = None
-    if not finetune:
-        if cache is not None:
-            feature_cache = open_cache(cache, utterances=all_utts.values(),
-                                       upstream=info if up_obj is not None else None)
-        else:
-            if up_obj is None:
-                raise ValueError("frozen probing without a cache needs an upstream")
-            cache_dir = out / "cache" / f"{_safe(name)}-{info['fingerprint']}"
-            need = sorted({k for c in todo for k in ([*range(nhs)] if c.layer_value == "weighted" else
-                                                     [nhs - 1 if c.layer_value == "last" else int(c.layer_value)])})
-            if (cache_dir / "index.json").is_file():
-                feature_cache = open_cache(cache_dir, utterances=all_utts.values(), upstream=info)
-                missing = [k for k in need if k not in feature_cache.layers]
-                if missing:
-                    raise ValueError(f"{cache_dir}: cached layers {feature_cache.layers} lack {missing}; "
-                                     f"delete the cache or pass --layers within them")
-            else:
-                # Extract every layer once: later sweeps over other layers reuse the cache.
-                extract_to_cache(up_obj, list(all_utts.values()), cache_dir, name=name, layers="all",
-                                 progress=progress, info=describe_upstream(up_obj, name), **(extract or {}))
-                feature_cache = open_cache(cache_dir, utterances=all_utts.values(), upstream=info)
+def _feature_cache(plan: SweepPlan, out: Path, up_obj: Upstream | None, info: dict[str, Any], name: str,
+                   todo: list[ProbeConfig], utts: list[Any]) -> FeatureCache:
+    """The frozen probes' features: the cache given, the sweep's own, or a fresh extraction."""
+    if plan.cache is not None:
+        return open_cache(plan.cache, utterances=utts, upstream=info if up_obj is not None else None)
+    if up_obj is None:
+        raise ValueError("frozen probing without a cache needs an upstream")
+    nhs = int(info["num_hidden_states"])
+    cache_dir = out / "cache" / f"{_safe(name)}-{info['fingerprint']}"
+    if not (cache_dir / "index.json").is_file():
+        # Extract every layer once: later sweeps over other layers reuse the cache.
+        extract_to_cache(up_obj, utts, cache_dir, name=name, layers="all", progress=plan.progress,
+                         info=describe_upstream(up_obj, name), **upgrade_legacy(dict(plan.extract or {})))
+        return open_cache(cache_dir, utterances=utts, upstream=info)
+    cache = open_cache(cache_dir, utterances=utts, upstream=info)
+    need = sorted({k for c in todo for k in ([*range(nhs)] if c.layer_value == "weighted" else
+                                             [nhs - 1 if c.layer_value == "last" else int(c.layer_value)])})
+    missing = [k for k in need if k not in cache.layers]
+    if missing:
+        raise ValueError(f"{cache_dir}: cached layers {cache.layers} lack {missing}; "
+                         f"delete the cache or pass --layers within them")
+    return cache
+
+
+def _run_probes(plan: SweepPlan, out: Path, todo: list[ProbeConfig], splits: dict[str, Any],
+                skipped_counts: dict[str, dict[str, int]], up_obj: Upstream | None, info: dict[str, Any],
+                name: str, feature_cache: FeatureCache | None) -> list[dict[str, Any]]:
+    """Train every pending probe, appending each record as soon as it is done (resumable)."""
+    from tqdm.auto import tqdm
 
     written = []
-    bar = tqdm(todo, desc=f"probe {name}", unit="probe", disable=not progress)
+    bar = tqdm(todo, desc=f"probe {name}", unit="probe", disable=not plan.progress)
     for cfg in bar:
-        up_copy = None
-        if finetune:
-            # Every fine-tuning probe starts from the same pretrained weights.
-            up_copy = copy.deepcopy(up_obj)
+        # Every fine-tuning probe starts from the same pretrained weights.
+        up_copy = copy.deepcopy(up_obj) if plan.finetune else None
         rec = run_probe(cfg, splits[cfg.task], cache=feature_cache, upstream=up_copy,
                         upstream_info=info, progress=bar)
-        if skip_bad:
+        if plan.skip_bad:
             rec["skipped_files"] = skipped_counts[cfg.task]
         append_record(out, rec)
         written.append(rec)
@@ -194,8 +229,6 @@ def run_sweep(upstream: str | Upstream | None, data: str | os.PathLike, out: str
 def _drop_unusable(splits: dict[str, dict[str, list[Any]]], data: Any
                    ) -> tuple[dict[str, dict[str, list[Any]]], dict[str, dict[str, int]]]:
     """``--skip-bad``: each task's splits without the utterances whose audio does not load."""
-    from aviary.data.check import usable_utterances
-
     verdict: dict[str, bool] = {}
     out, counts = {}, {}
     for task, parts in splits.items():
@@ -219,21 +252,14 @@ def run_extract(checkpoint: str, data: str | os.PathLike, out: str | os.PathLike
     Returns:
         :class:`~aviary.evaluate.cache.ExtractStats`.
     """
-    from aviary.data import load_manifest
-    from aviary.data.manifest import check_disjoint_splits
-
     up, resolved = resolve_upstream(checkpoint, device=device, seed=random_seed)
     name = name or (display_name(checkpoint) if resolved == checkpoint else resolved)
     utts = load_manifest(data, split=split)
     if not utts:
-        from aviary.data.manifest import manifest_path
-
         raise ValueError(f"{manifest_path(data, split)}: no utterances to extract (the manifest is empty)")
     check_disjoint_splits(data)  # a cache of overlapping splits would feed inflated probes
     skipped: list[tuple[str, str]] = []
     if skip_bad:
-        from aviary.data.check import usable_utterances
-
         utts, skipped = usable_utterances(utts, int(getattr(up, "sample_rate", 16000)))
         if not utts:
             raise ValueError(f"{data}: every file is unusable ({skipped[0][1]}, ...)")

@@ -20,6 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from aviary.data import frame_labels
+from aviary.data.manifest import check_disjoint_splits, load_manifest, make_splits
+from aviary.data.phones import PHONES
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -64,8 +68,6 @@ def load_splits(data: str | os.PathLike, task: str) -> dict[str, list[Any]]:
     Returns:
         ``{"train": [...], "valid": [...], "test": [...]}``.
     """
-    from aviary.data.manifest import check_disjoint_splits, load_manifest, make_splits
-
     spec = get_task(task)
     p = Path(data)
     if p.is_dir() or (p.name == "manifest.jsonl" and (p.parent / f"{spec.splits[0]}.jsonl").is_file()):
@@ -115,8 +117,6 @@ def class_names(task: str, splits: dict[str, Sequence[Any]]) -> list[str]:
     """Classes of a task: the phone inventory, or the sorted speakers / keywords seen."""
     spec = get_task(task)
     if spec.name == "phone":
-        from aviary.data.phones import PHONES
-
         return list(PHONES)
     attr = "speaker" if spec.name == "speaker" else "keyword"
     return sorted({str(getattr(u, attr)) for utts in splits.values() for u in utts})
@@ -130,6 +130,4 @@ def utterance_label(task: str, utt: Any, classes: dict[str, int]) -> int:
 
 def phone_frame_labels(utt: Any, num_frames: int, frame_shift: float) -> np.ndarray:
     """Frame labels ``(num_frames,)`` int64 at the upstream's frame rate (-100 = unaligned)."""
-    from aviary.data import frame_labels
-
     return np.asarray(frame_labels(utt.phones, num_frames, frame_shift), dtype=np.int64)

@@ -23,9 +23,15 @@ from typing import Any, Sequence
 
 import torch
 
+from aviary.data.sampler import padded_batches
 from aviary.data.tokens import (FORMAT, FORMAT_VERSION, META_FILE, NUM_SPECIAL, RAW_DIR, SPECIALS, UNK_ID,
-                                VOCAB_FILE, TokenCorpusError, Vocabulary, _write_text_atomic, pair_string,
+                                VOCAB_FILE, TokenCorpusError, Vocabulary, pair_string,
                                 read_jsonl, write_jsonl)
+from aviary.audio import AudioError, load_audio
+from aviary.data.manifest import load_manifest
+from aviary.hub import load as load_upstream
+from aviary.models.vqwav2vec import VqWav2VecUpstream
+from aviary.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +41,6 @@ SPLITS = ("train", "valid", "test")
 def corpus_splits(data: str | os.PathLike) -> list[tuple[str, Any]]:
     """``(split name, utterances)`` of a corpus directory (its train/valid/test manifests) or of
     a single manifest (all of it as ``train``)."""
-    from aviary.data.manifest import load_manifest
-
     p = Path(data)
     root = p if p.is_dir() else (p.parent if p.name == "manifest.jsonl" else None)
     if root is not None:
@@ -54,21 +58,6 @@ def _weights_fingerprint(path: str | os.PathLike) -> str:
     return meta.get("aviary.sha256") or f"size:{os.path.getsize(path)}"
 
 
-def _batches_by_duration(durations: Sequence[float], max_seconds: float) -> list[list[int]]:
-    """Indices sorted by duration, grouped so that ``len(batch) * longest <= max_seconds``."""
-    order = sorted(range(len(durations)), key=lambda i: durations[i])
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and durations[i] * (len(cur) + 1) > max_seconds:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
-
-
 @torch.no_grad()
 def tokenize_utterances(upstream: Any, utts: Sequence[Any], batch_seconds: float = 60.0,
                         device: str | torch.device = "cpu") -> tuple[list[dict[str, Any]], dict[str, str], float]:
@@ -82,13 +71,14 @@ def tokenize_utterances(upstream: Any, utts: Sequence[Any], batch_seconds: float
     Returns:
         (rows, skipped: id -> reason for unreadable audio, audio seconds processed).
     """
-    from aviary.audio import AudioError, load_audio
-
     sr = upstream.sample_rate
     rows: list[dict[str, Any] | None] = [None] * len(utts)
     skipped: dict[str, str] = {}
     seconds = 0.0
-    for batch in _batches_by_duration([u.duration for u in utts], batch_seconds):
+    durations = [u.duration for u in utts]
+    # Sorted by duration, so that len(batch) * longest <= batch_seconds wastes little padding.
+    order = sorted(range(len(utts)), key=lambda i: durations[i])
+    for batch in padded_batches(order, durations, batch_seconds):
         wavs, keep = [], []
         for i in batch:
             try:
@@ -133,13 +123,10 @@ def tokenize_corpus(checkpoint: str | os.PathLike, data: str | os.PathLike, out_
     Raises:
         TokenCorpusError: ``out_dir`` holds shards made from another checkpoint or corpus.
     """
-    import aviary
-    from aviary.models.vqwav2vec import VqWav2VecUpstream
-
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out_dir)
-    upstream = aviary.load(checkpoint, device=device)
+    upstream = load_upstream(checkpoint, device=device)
     if not isinstance(upstream, VqWav2VecUpstream):
         raise TokenCorpusError(f"{checkpoint}: a {type(upstream).__name__}, not a vq-wav2vec model; "
                                "`aviary tokenize` needs a vq-wav2vec run")
@@ -156,7 +143,7 @@ def tokenize_corpus(checkpoint: str | os.PathLike, data: str | os.PathLike, out_
                                    "use a new --out directory")
     else:
         raw.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(src_file, json.dumps(source, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(src_file, json.dumps(source, indent=2, sort_keys=True) + "\n")
 
     t0 = time.perf_counter()
     done_seconds, skipped_shards, skipped_utts = 0.0, 0, {}
@@ -207,5 +194,5 @@ def tokenize_corpus(checkpoint: str | os.PathLike, data: str | os.PathLike, out_
             "skipped": skipped_utts,
             "speed": {"audio_seconds": done_seconds, "wall_seconds": wall,
                       "x_real_time": done_seconds / wall if wall > 0 and done_seconds else None}}
-    _write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta

@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 
-from aviary.models.registry import count_parameters
+from aviary import hub
+from aviary.features import FrontEndConfig, build_frontend
+from aviary.models.registry import count_parameters, get_family, get_preset
 from aviary.models.upstream import Upstream
+from aviary.storage import tensors_checksum
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,6 @@ class FeatureUpstream(Upstream):
 
 
 def _frontend_config(name: str) -> Any:
-    from aviary.features import FrontEndConfig
-
     # fbank: SSAST's 128-bin Kaldi-style input with its (x - mean) / (2 std) normalisation.
     # logmel: the 80-bin s3prl features with per-utterance CMVN, the "mel" baseline of the
     # Mockingjay / AALBERT tables (CMVN as in AALBERT's input).
@@ -75,15 +76,11 @@ def _frontend_config(name: str) -> Any:
 
 def build_feature_upstream(name: str) -> FeatureUpstream:
     """The ``fbank`` / ``logmel`` / ``logmel+delta`` baseline upstream."""
-    from aviary.features import build_frontend
-
     return FeatureUpstream(build_frontend(_frontend_config(name)), name).eval()
 
 
 def build_random_upstream(preset: str, seed: int = 0) -> Upstream:
     """The upstream of ``preset`` with random initialisation drawn under ``seed``."""
-    from aviary.models.registry import get_family, get_preset
-
     cfg = get_preset(preset)
     # Seed a private generator state: the random baseline must be the same network in
     # every run (and every cache) without disturbing the caller's global RNG stream.
@@ -111,9 +108,7 @@ def resolve_upstream(spec: str, device: str | torch.device = "cpu", seed: int = 
         preset = spec[len(RANDOM_PREFIX):]
         name = spec if seed == 0 else f"{spec}@seed{seed}"
         return build_random_upstream(preset, seed).to(device), name
-    import aviary
-
-    return aviary.load(spec, device=device), spec
+    return hub.load(spec, device=device), spec
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -122,15 +117,7 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     Two upstreams with the same fingerprint give the same features, so a cache made by one
     is valid for the other; a retrained checkpoint at the same path gets a new fingerprint.
     """
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_checksum(module.state_dict())[:16]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 See :mod:`aviary.features.frontend`.
 """
-from aviary.features.frontend import FrontEnd, FrontEndConfig, build_frontend, compute_global_stats
+from aviary.features.frontend import (FRONTEND_KINDS, FrontEnd, FrontEndConfig, build_frontend,
+                                     compute_global_stats)
 
-__all__ = ["FrontEnd", "FrontEndConfig", "build_frontend", "compute_global_stats"]
+__all__ = ["FRONTEND_KINDS", "FrontEnd", "FrontEndConfig", "build_frontend", "compute_global_stats"]

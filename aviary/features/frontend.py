@@ -1,6 +1,7 @@
 """Front-ends: waveform batch -> feature batch, with lengths in and lengths out.
 
-Three kinds, all batched on torch, all exposing ``dim`` and ``frame_shift``:
+Three kinds, one small class each (:data:`FRONTEND_KINDS`), all batched on torch, all
+exposing ``dim`` and ``frame_shift``:
 
 * ``logmel``: s3prl's "online" Mockingjay / TERA / AALBERT input. Centred STFT (reflect
   padding), periodic Hann window of 400 samples, n_fft 400, hop 160, power spectrum,
@@ -82,9 +83,7 @@ class FrontEndConfig(Config):
 
     @property
     def static_dim(self) -> int:
-        if self.kind == "linear":
-            return self.n_fft // 2 + 1
-        return self.n_mels
+        return FRONTEND_KINDS[self.kind].static_dim(self)
 
     @property
     def dim(self) -> int:
@@ -94,32 +93,28 @@ class FrontEndConfig(Config):
 class FrontEnd(nn.Module):
     """Waveforms (B, N) + lengths (B,) -> features (B, T, D) + lengths (B,).
 
+    The steps every kind shares (checks, level normalisation, CMVN, zeroed padding) live
+    here; a kind is a subclass giving its static bins, framing and raw features, found by
+    ``config.kind`` in :data:`FRONTEND_KINDS` (use :func:`build_frontend`).
+
     Padding frames of the output are zero. Parameters: none (buffers only), so a front-end
     never changes in training and always rebuilds from its config.
     """
 
+    #: Kaldi-style framing (``snip_edges``) instead of centred frames.
+    centered: bool = True
+
     def __init__(self, config: FrontEndConfig):
         super().__init__()
         self.config = config
-        c = config
-        if c.kind == "fbank":
-            self.fft_size = 1 << math.ceil(math.log2(c.win_length))
-            self.register_buffer("window", spectral.kaldi_hanning(c.win_length), persistent=False)
-            self.register_buffer("mel", spectral.kaldi_mel_banks(c.n_mels, self.fft_size, c.sample_rate),
-                                 persistent=False)
-        else:
-            self.fft_size = c.n_fft
-            win = spectral.hann_window(c.win_length)
-            # torch.stft centres a shorter window inside n_fft.
-            left = (c.n_fft - c.win_length) // 2
-            win = nn.functional.pad(win, (left, c.n_fft - c.win_length - left))
-            self.register_buffer("window", win, persistent=False)
-            if c.kind == "logmel":
-                self.register_buffer("mel", spectral.mel_filterbank(c.sample_rate, c.n_fft, c.n_mels),
-                                     persistent=False)
-        if c.cmvn == "global":
-            self.register_buffer("cmvn_mean", torch.tensor(c.cmvn_mean, dtype=torch.float32), persistent=False)
-            self.register_buffer("cmvn_std", torch.tensor(c.cmvn_std, dtype=torch.float32), persistent=False)
+        if config.cmvn == "global":
+            self.register_buffer("cmvn_mean", torch.tensor(config.cmvn_mean, dtype=torch.float32), persistent=False)
+            self.register_buffer("cmvn_std", torch.tensor(config.cmvn_std, dtype=torch.float32), persistent=False)
+
+    @staticmethod
+    def static_dim(config: FrontEndConfig) -> int:
+        """Feature dimension before deltas."""
+        return config.n_mels
 
     @property
     def dim(self) -> int:
@@ -138,14 +133,34 @@ class FrontEnd(nn.Module):
     def num_frames(self, num_samples: torch.Tensor | int) -> torch.Tensor | int:
         """Output frames for ``num_samples`` input samples."""
         c = self.config
-        if c.kind == "fbank":
-            return spectral.num_frames(num_samples, c.win_length, c.hop_length, center=False)
-        return spectral.num_frames(num_samples, c.win_length, c.hop_length, center=True)
+        return spectral.num_frames(num_samples, c.win_length, c.hop_length, center=self.centered)
 
     def min_samples(self) -> int:
         """Shortest input giving at least one frame without degenerate padding."""
-        c = self.config
-        return c.win_length if c.kind == "fbank" else c.n_fft // 2 + 1
+        raise NotImplementedError
+
+    def raw_features(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kind's features before CMVN: (B, N) level-normalised, zero-padded waveforms
+        -> (B, T, dim), lengths (B,) in frames."""
+        raise NotImplementedError
+
+    @classmethod
+    def measuring_config(cls, config: FrontEndConfig) -> FrontEndConfig:
+        """The config whose features :func:`compute_global_stats` measures (no normalisation)."""
+        return config.replace(cmvn="none", cmvn_mean=(), cmvn_std=())
+
+    @classmethod
+    def with_stats(cls, config: FrontEndConfig, s1: torch.Tensor, s2: torch.Tensor, total: int
+                   ) -> FrontEndConfig:
+        """``config`` normalised by per-dimension corpus statistics (global CMVN).
+
+        Args:
+            s1, s2: float64 (D,) sums of the values and of their squares over ``total`` frames.
+        """
+        mean = s1 / total
+        std = ((s2 / total - mean ** 2).clamp(min=0) * total / (total - 1)).sqrt().clamp(min=1e-5)
+        return config.replace(cmvn="global", cmvn_mean=tuple(float(v) for v in mean),
+                              cmvn_std=tuple(float(v) for v in std))
 
     @torch.no_grad()
     def forward(self, wavs: torch.Tensor, lengths: torch.Tensor | None = None
@@ -159,6 +174,18 @@ class FrontEnd(nn.Module):
         Returns:
             feats (B, T, dim) float32 with zeroed padding frames, and lengths (B,) in frames.
         """
+        wavs, lengths = self._checked(wavs, lengths)
+        valid = ~spectral.padding_mask(lengths, wavs.shape[1])  # (B, N)
+        wavs = wavs * valid
+        if self.config.normalize_db is not None:
+            wavs = self._normalize_level(wavs, lengths)
+        feats, out_len = self.raw_features(wavs, lengths)
+        feats = self._cmvn(feats, out_len)
+        pad = spectral.padding_mask(out_len, feats.shape[1]).unsqueeze(-1)
+        return feats.masked_fill(pad, 0.0), out_len
+
+    def _checked(self, wavs: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) float32 waveforms and (B,) long lengths, or a ValueError naming the problem."""
         if wavs.dim() == 1:
             wavs = wavs.unsqueeze(0)
         if wavs.dim() != 2:
@@ -177,17 +204,7 @@ class FrontEnd(nn.Module):
             i = int(short.nonzero()[0])
             raise ValueError(f"utterance {i} has {int(lengths[i])} samples; the {self.config.kind} front-end "
                              f"needs at least {self.min_samples()} ({self.min_samples() / self.sample_rate * 1000:.1f} ms)")
-        valid = ~spectral.padding_mask(lengths, N)  # (B, N)
-        wavs = wavs * valid
-        if self.config.normalize_db is not None:
-            wavs = self._normalize_level(wavs, lengths)
-        if self.config.kind == "fbank":
-            feats, out_len = self._fbank(wavs, lengths)
-        else:
-            feats, out_len = self._stft_features(wavs, lengths)
-        feats = self._cmvn(feats, out_len)
-        pad = spectral.padding_mask(out_len, feats.shape[1]).unsqueeze(-1)
-        return feats.masked_fill(pad, 0.0), out_len
+        return wavs, lengths
 
     def _normalize_level(self, wavs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # s3prl: scalar = 10^(target/20) / (rms + 1e-10), rms over the utterance's samples.
@@ -195,19 +212,85 @@ class FrontEnd(nn.Module):
         scalar = (10 ** (self.config.normalize_db / 20)) / (rms + 1e-10)
         return wavs * scalar.unsqueeze(1)
 
-    def _stft_features(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cmvn(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if c.cmvn == "utterance":
+            mean, std = spectral.masked_mean_std(feats, lengths, unbiased=True)
+            return (feats - mean) / (std + c.log_eps)
+        if c.cmvn == "global":
+            return (feats - self.cmvn_mean) / self.cmvn_std
+        return feats
+
+
+class _StftFrontEnd(FrontEnd):
+    """Centred STFT power (s3prl's "online" features), then the kind's bins, log, deltas."""
+
+    def __init__(self, config: FrontEndConfig):
+        super().__init__(config)
+        c = config
+        self.fft_size = c.n_fft
+        win = spectral.hann_window(c.win_length)
+        # torch.stft centres a shorter window inside n_fft.
+        left = (c.n_fft - c.win_length) // 2
+        win = nn.functional.pad(win, (left, c.n_fft - c.win_length - left))
+        self.register_buffer("window", win, persistent=False)
+
+    def min_samples(self) -> int:
+        return self.config.n_fft // 2 + 1
+
+    def bins(self, power: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_fft//2+1) power spectrum -> (B, T, static_dim)."""
+        return power
+
+    def raw_features(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         frames, out_len = spectral.frame_signal(wavs, lengths, c.n_fft, c.hop_length, center=True)
         power = torch.fft.rfft(frames * self.window, dim=-1).abs().pow(2)  # (B, T, n_fft//2+1)
-        if c.kind == "logmel":
-            power = power @ self.mel  # (B, T, n_mels)
-        static = (power + c.log_eps).log()
+        static = (self.bins(power) + c.log_eps).log()
         feats = [static]
         for _ in range(c.delta_order):
             feats.append(spectral.deltas(feats[-1], out_len))
         return torch.cat(feats, dim=-1), out_len
 
-    def _fbank(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+class LogMelFrontEnd(_StftFrontEnd):
+    """``logmel``: HTK mel filters without normalisation over the power spectrum."""
+
+    def __init__(self, config: FrontEndConfig):
+        super().__init__(config)
+        self.register_buffer("mel", spectral.mel_filterbank(config.sample_rate, config.n_fft, config.n_mels),
+                             persistent=False)
+
+    def bins(self, power: torch.Tensor) -> torch.Tensor:
+        return power @ self.mel  # (B, T, n_mels)
+
+
+class LinearFrontEnd(_StftFrontEnd):
+    """``linear``: every one of the ``n_fft // 2 + 1`` power bins."""
+
+    @staticmethod
+    def static_dim(config: FrontEndConfig) -> int:
+        return config.n_fft // 2 + 1
+
+
+class FbankFrontEnd(FrontEnd):
+    """``fbank``: Kaldi-style log-mel filterbank as SSAST computes it, then SSAST's
+    ``(x - mean) / (2 * std)`` (``fbank_normalize``)."""
+
+    centered = False
+
+    def __init__(self, config: FrontEndConfig):
+        super().__init__(config)
+        c = config
+        self.fft_size = 1 << math.ceil(math.log2(c.win_length))
+        self.register_buffer("window", spectral.kaldi_hanning(c.win_length), persistent=False)
+        self.register_buffer("mel", spectral.kaldi_mel_banks(c.n_mels, self.fft_size, c.sample_rate),
+                             persistent=False)
+
+    def min_samples(self) -> int:
+        return self.config.win_length
+
+    def raw_features(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         # SSAST subtracts the waveform mean before Kaldi fbank (over valid samples only).
         mean = wavs.sum(1, keepdim=True) / lengths.clamp(min=1).unsqueeze(1)
@@ -223,19 +306,32 @@ class FrontEnd(nn.Module):
             feats = (feats - c.fbank_mean) / (2 * c.fbank_std)
         return feats, out_len
 
-    def _cmvn(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        if c.cmvn == "utterance":
-            mean, std = spectral.masked_mean_std(feats, lengths, unbiased=True)
-            return (feats - mean) / (std + c.log_eps)
-        if c.cmvn == "global":
-            return (feats - self.cmvn_mean) / self.cmvn_std
-        return feats
+    @classmethod
+    def measuring_config(cls, config: FrontEndConfig) -> FrontEndConfig:
+        return config.replace(fbank_normalize=False, cmvn="none")
+
+    @classmethod
+    def with_stats(cls, config: FrontEndConfig, s1: torch.Tensor, s2: torch.Tensor, total: int
+                   ) -> FrontEndConfig:
+        """SSAST's dataset normalisation: one scalar mean / std over every value."""
+        n = total * s1.numel()
+        mean = s1.sum() / n
+        std = ((s2.sum() / n - mean ** 2).clamp(min=0) * n / (n - 1)).sqrt()
+        log.info("fbank statistics over %d frames: mean %.4f std %.4f", total, mean, std)
+        return config.replace(fbank_mean=float(mean), fbank_std=float(std), fbank_normalize=True)
+
+
+#: ``FrontEndConfig.kind`` -> its front-end class: the one place a kind is looked up.
+FRONTEND_KINDS: dict[str, type[FrontEnd]] = {
+    "logmel": LogMelFrontEnd,
+    "linear": LinearFrontEnd,
+    "fbank": FbankFrontEnd,
+}
 
 
 def build_frontend(config: FrontEndConfig) -> FrontEnd:
     """Build the front-end described by ``config``."""
-    return FrontEnd(config)
+    return FRONTEND_KINDS[config.kind](config)
 
 
 def compute_global_stats(config: FrontEndConfig, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -252,10 +348,8 @@ def compute_global_stats(config: FrontEndConfig, batches: Iterable[tuple[torch.T
     Returns:
         ``config`` with the statistics filled in.
     """
-    if config.kind == "fbank":
-        raw = FrontEnd(config.replace(fbank_normalize=False, cmvn="none"))
-    else:
-        raw = FrontEnd(config.replace(cmvn="none", cmvn_mean=(), cmvn_std=()))
+    kind = FRONTEND_KINDS[config.kind]
+    raw = kind(kind.measuring_config(config))
     total = 0
     s1 = torch.zeros(raw.dim, dtype=torch.float64)
     s2 = torch.zeros(raw.dim, dtype=torch.float64)
@@ -268,13 +362,4 @@ def compute_global_stats(config: FrontEndConfig, batches: Iterable[tuple[torch.T
         s2 += (x * x).sum(0)
     if total < 2:
         raise ValueError("compute_global_stats: fewer than 2 frames in the corpus")
-    if config.kind == "fbank":
-        n = total * raw.dim
-        mean = s1.sum() / n
-        std = ((s2.sum() / n - mean ** 2).clamp(min=0) * n / (n - 1)).sqrt()
-        log.info("fbank statistics over %d frames: mean %.4f std %.4f", total, mean, std)
-        return config.replace(fbank_mean=float(mean), fbank_std=float(std), fbank_normalize=True)
-    mean = s1 / total
-    std = ((s2 / total - mean ** 2).clamp(min=0) * total / (total - 1)).sqrt().clamp(min=1e-5)
-    return config.replace(cmvn="global", cmvn_mean=tuple(float(v) for v in mean),
-                          cmvn_std=tuple(float(v) for v in std))
+    return kind.with_stats(config, s1, s2, total)

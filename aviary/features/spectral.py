@@ -73,14 +73,24 @@ def frame_signal(wavs: torch.Tensor, lengths: torch.Tensor, frame_length: int, h
     return frames, out_len
 
 
-@lru_cache(maxsize=32)
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0,
                    f_max: float | None = None, htk: bool = True, norm: str | None = None) -> torch.Tensor:
     """(n_fft // 2 + 1, n_mels) triangular mel filterbank from librosa.
 
     ``htk=True, norm=None`` equals torchaudio's ``MelScale`` defaults (what s3prl uses).
+    Under ``torch.device("meta")`` (a model built for its shapes only, e.g. parameter counts
+    in ``aviary models``) an empty tensor of the right shape: importing librosa alone takes
+    over a second.
     """
-    import librosa
+    if torch.get_default_device().type == "meta":
+        return torch.empty(n_fft // 2 + 1, n_mels)
+    return _librosa_mel(sample_rate, n_fft, n_mels, f_min, f_max, htk, norm)
+
+
+@lru_cache(maxsize=32)
+def _librosa_mel(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float | None, htk: bool,
+                 norm: str | None) -> torch.Tensor:
+    import librosa  # deferred: heavy (scipy.signal, numba), needed only where a mel front-end is built
 
     fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max,
                              htk=htk, norm=norm, dtype=np.float32)
@@ -161,12 +171,14 @@ def masked_mean_std(feats: torch.Tensor, lengths: torch.Tensor, unbiased: bool =
 
 
 def hann_window(length: int, periodic: bool = True) -> torch.Tensor:
-    return torch.hann_window(length, periodic=periodic)
+    """torch's Hann window, computed on the CPU whatever the default device: under
+    ``torch.device("meta")`` torch decomposes it, and that first call costs ~2 s."""
+    return torch.hann_window(length, periodic=periodic, device="cpu")
 
 
 def kaldi_hanning(length: int) -> torch.Tensor:
     """Kaldi's "hanning" window: symmetric, ``0.5 - 0.5 cos(2 pi n / (N - 1))``."""
-    n = torch.arange(length, dtype=torch.float64)
+    n = torch.arange(length, dtype=torch.float64, device="cpu")  # on the CPU: see hann_window
     return (0.5 - 0.5 * torch.cos(2 * math.pi * n / (length - 1))).float()
 
 

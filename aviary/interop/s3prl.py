@@ -50,6 +50,7 @@ exactly.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import pickle
@@ -61,8 +62,12 @@ import torch
 from aviary.config import ConfigError
 from aviary.features import FrontEndConfig
 from aviary.models.encoder import EncoderConfig
+from aviary.models.mam import MAMConfig, MAMUpstream
+from aviary.models.registry import build_pretrain
+from aviary.models.upstream import upstream_state
 from aviary.objectives.masking import MaskingConfig
-from aviary.train.checkpoint import file_sha256
+from aviary.storage import FORMAT_VERSION, file_sha256, load_config_from_metadata, load_tensors, write_bytes_atomic
+from aviary.train.checkpoint import find_weights, refuse_existing_model, write_imported_run
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +196,6 @@ def config_from_s3prl(upstream_config: Mapping[str, Any], path: str | os.PathLik
     Raises:
         S3prlError: a setting aviary cannot reproduce, naming the key and value.
     """
-    from aviary.models.mam import MAMConfig
-
     where = f"{path}: Upstream_Config"
     tr = upstream_config["transformer"]
     task = upstream_config.get("task") or {}
@@ -362,8 +365,6 @@ def read_s3prl_checkpoint(path: str | os.PathLike):
         head is missing when the file has no usable ``SpecHead``) and a dict with ``step``,
         ``data`` and ``source`` for the run's metadata.
     """
-    from aviary.models.mam import MAMConfig
-
     path = Path(path)
     ck = read_torch_checkpoint(path)
     up = _upstream_config(ck, path)
@@ -415,12 +416,9 @@ def load_s3prl_upstream(path: str | os.PathLike):
     Returns:
         A :class:`~aviary.models.mam.MAMUpstream` with the checkpoint's weights.
     """
-    from aviary.models.mam import MAMUpstream
-
     cfg, tensors, info = read_s3prl_checkpoint(path)
     upstream = MAMUpstream(cfg)
-    prefix = "upstream."
-    upstream.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    upstream.load_state_dict(upstream_state(tensors))
     upstream.checkpoint_path = str(path)
     upstream.checkpoint_meta = {"model": cfg.to_dict(), "step": info["step"], "source": info["source"]}
     return upstream
@@ -440,26 +438,15 @@ def import_s3prl_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike)
         S3prlError: unreadable / unsupported checkpoint; FileExistsError if ``RUN_DIR`` holds
             a model already.
     """
-    from aviary.models.registry import build_pretrain
-    from aviary.train import checkpoint as ckpt
-
-    out_dir = Path(out_dir)
-    if (out_dir / ckpt.MODEL_FILE).exists() or ckpt.list_checkpoints(out_dir):
-        raise FileExistsError(f"{out_dir} already holds an aviary model; choose another --out")
+    refuse_existing_model(out_dir)  # before the (slow) reading
     cfg, tensors, info = read_s3prl_checkpoint(path)
     model = build_pretrain(cfg)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise S3prlError(f"{path}: mapped weights do not fit the aviary model "
                          f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    meta = {"model": cfg.to_dict(), "train": None, "step": info["step"],
-            "format_version": ckpt.FORMAT_VERSION, "source": info["source"]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / ckpt.MODEL_FILE
-    ckpt.save_tensors(weights, model.state_dict(), config=meta)
-    ckpt.write_json_atomic(out_dir / "run.json", {
-        "model": cfg.to_dict(), "train": None, "data": info["data"], "source": info["source"],
-        "step": info["step"], "format_version": ckpt.FORMAT_VERSION})
+    weights = write_imported_run(out_dir, model.state_dict(), cfg, step=info["step"], source=info["source"],
+                                 data=info["data"])
     log.info("imported %s (%s, %d layers, step %s) into %s", path, cfg.variant, cfg.encoder.num_layers,
              info["step"], out_dir)
     return weights
@@ -561,15 +548,9 @@ def export_s3prl_checkpoint(run: str | os.PathLike, out_path: str | os.PathLike)
     Returns:
         ``out_path``.
     """
-    import io
-
-    from aviary.models.mam import MAMConfig
-    from aviary.models.upstream import _find_weights
-    from aviary.train import checkpoint as ckpt
-
-    wpath = _find_weights(Path(run))
-    tensors, meta = ckpt.load_tensors(wpath)
-    stored = ckpt.load_config_from_metadata(wpath, meta)
+    wpath = find_weights(run)
+    tensors, meta = load_tensors(wpath)
+    stored = load_config_from_metadata(wpath, meta)
     model_cfg = stored.get("model", stored)
     if model_cfg.get("family") != "mam":
         raise S3prlError(f"{wpath}: model family {model_cfg.get('family')!r}; only Mockingjay / TERA / "
@@ -594,7 +575,7 @@ def export_s3prl_checkpoint(run: str | os.PathLike, out_path: str | os.PathLike)
                    "optimizer": {"lr": train.get("lr"), "warmup_proportion": train.get("warmup_fraction")}},
         "Transformer": tr,
         "Step": int(step) if step is not None else 0,
-        "aviary": {"format_version": ckpt.FORMAT_VERSION, "config": cfg.to_dict(),
+        "aviary": {"format_version": FORMAT_VERSION, "config": cfg.to_dict(),
                    "step": step, "source": str(wpath)},
     }
     if head is not None:
@@ -602,7 +583,7 @@ def export_s3prl_checkpoint(run: str | os.PathLike, out_path: str | os.PathLike)
     buf = io.BytesIO()
     torch.save(ck, buf)
     out_path = Path(out_path)
-    ckpt.write_bytes_atomic(out_path, buf.getvalue())
+    write_bytes_atomic(out_path, buf.getvalue())
     log.info("exported %s (%s, %d layers, step %s) to %s", wpath, cfg.variant, cfg.encoder.num_layers, step, out_path)
     return out_path
 

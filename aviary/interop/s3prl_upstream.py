@@ -20,7 +20,6 @@ downsample rate, T within s3prl's tolerance of ``round(samples / rate)``).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -32,7 +31,12 @@ from typing import Any
 
 import torch
 
-from aviary.train.checkpoint import file_sha256
+from aviary import __version__
+from aviary.interop.s3prl_expert.expert import samples_per_frame
+from aviary.models.registry import build_upstream_from_config
+from aviary.storage import (atomic_dir, file_sha256, load_config_from_metadata, load_tensors, torch_file_kind,
+                            write_json_atomic)
+from aviary.train.checkpoint import find_weights
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +124,16 @@ def export_s3prl_upstream(run: str | os.PathLike, out_dir: str | os.PathLike) ->
             a model s3prl cannot feed (not 16 kHz, frame shift not a whole number of samples),
             or a package that fails the runner's checks.
     """
-    import aviary
-    from aviary.models.upstream import _find_weights
-    from aviary.train.checkpoint import fsync_dir, torch_file_kind
-
-    from aviary.interop.s3prl_expert.expert import samples_per_frame
-
-    wpath = _find_weights(Path(run))
+    wpath = find_weights(run)
     if torch_file_kind(wpath) is not None:
         raise S3prlUpstreamError(f"{wpath}: a torch/pickle file, not an aviary safetensors bundle; for an s3prl "
                                  f"checkpoint run `aviary import s3prl {wpath} --out RUN` first")
-    up = aviary.load(wpath)
+    # The file is verified here (checksums); the model's shape facts need no weights, so it
+    # is built on the meta device. The exported package loads the weights for real below.
+    _tensors, file_meta = load_tensors(wpath)
+    meta = load_config_from_metadata(wpath, file_meta)
+    with torch.device("meta"):
+        _cfg, up = build_upstream_from_config(meta, source=wpath)
     if up.sample_rate != 16000:
         raise S3prlUpstreamError(f"{wpath}: the model takes {up.sample_rate} Hz audio; s3prl feeds 16000 Hz")
     try:
@@ -140,7 +143,6 @@ def export_s3prl_upstream(run: str | os.PathLike, out_dir: str | os.PathLike) ->
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise S3prlUpstreamError(f"{out_dir}: exists and is not an empty folder; choose a new --out")
-    meta = getattr(up, "checkpoint_meta", {}) or {}
     model_cfg = meta.get("model", {})
     manifest = {
         "entry": ENTRY, "weights": "model.safetensors", "source": str(wpath.resolve()),
@@ -149,28 +151,14 @@ def export_s3prl_upstream(run: str | os.PathLike, out_dir: str | os.PathLike) ->
         "tokens_per_step": int(getattr(up, "tokens_per_step", 1)),
         "hidden_size": up.hidden_size * int(getattr(up, "tokens_per_step", 1)),
         "num_hidden_states": up.num_hidden_states,
-        "aviary_version": aviary.__version__, "format_version": meta.get("format_version"),
+        "aviary_version": __version__, "format_version": meta.get("format_version"),
     }
-    # Built under a hidden name and renamed: DIR exists only when complete.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # Built under a hidden name and renamed (replacing an empty DIR): DIR exists only when complete.
+    with atomic_dir(out_dir) as tmp:
         for name in CODE_FILES:
             shutil.copyfile(TEMPLATE_DIR / name, tmp / name)
         shutil.copyfile(wpath, tmp / manifest["weights"])
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        fsync_dir(tmp)
-        os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json_atomic(tmp / MANIFEST_FILE, manifest)
     try:
         expert = getattr(load_exported_hubconf(out_dir), ENTRY)(ckpt=None, model_config=None, refresh=False)
         got = check_s3prl_interface(expert)

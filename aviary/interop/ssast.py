@@ -52,6 +52,7 @@ from aviary.models.registry import build_pretrain
 from aviary.models.ssast import SSASTConfig, SSASTEncoderConfig
 from aviary.objectives.base import PretrainModel
 from aviary.objectives.mspm import MSPMConfig
+from aviary.train.checkpoint import refuse_existing_model, write_imported_run
 
 log = logging.getLogger(__name__)
 
@@ -236,22 +237,12 @@ def import_ssast_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
         SSASTImportError: unreadable or unsupported file; FileExistsError if ``RUN_DIR``
             holds a model already.
     """
-    from aviary.train import checkpoint as ckpt
-
     path, out = Path(path), Path(out_dir)
-    if (out / ckpt.MODEL_FILE).exists() or ckpt.list_checkpoints(out):
-        raise FileExistsError(f"{out} already holds an aviary model; choose another --out")
+    refuse_existing_model(out)  # before the (slow) reading
     model = load_ssast_checkpoint(path, num_heads, fbank_mean, fbank_std)
     cfg = model.config
-    out.mkdir(parents=True, exist_ok=True)
     source = {"toolkit": "ssast", "path": str(path.resolve())}
-    meta: dict[str, Any] = {"model": cfg.to_dict(), "train": None, "step": 0,
-                            "format_version": ckpt.FORMAT_VERSION, "source": source}
-    weights = out / ckpt.MODEL_FILE
-    ckpt.save_tensors(weights, model.state_dict(), config=meta)
-    ckpt.write_json_atomic(out / "run.json", {"model": cfg.to_dict(), "train": None, "data": None,
-                                              "source": source, "step": 0,
-                                              "format_version": ckpt.FORMAT_VERSION})
+    weights = write_imported_run(out, model.state_dict(), cfg, step=0, source=source)
     log.info("imported %s (SSAST %s, D=%d, %d layers) into %s", path,
              "frame" if cfg.encoder.grid_freq == 1 else "patch", cfg.encoder.hidden_size,
              cfg.encoder.num_layers, out)

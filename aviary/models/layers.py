@@ -357,45 +357,17 @@ class TransformerStack(nn.Module):
         return hidden_states, attentions
 
 
-class MaskedGroupNorm(nn.Module):
-    """GroupNorm over (channels of a group, valid time steps) with an affine transform.
+class PatchEmbed(nn.Module):
+    """Spectrogram patches -> vectors by one strided convolution (ViT / SSAST).
 
-    Equals ``nn.GroupNorm`` when every frame is valid; with a mask, padding neither enters
-    the statistics nor keeps its values (it is zeroed). Statistics in float32 (fairseq's
-    Fp32GroupNorm does the same for fp16 safety).
+    (B, T, F) -> Conv2d(1, D, kernel=(patch_freq, patch_time), stride) over the image
+    (F, T) -> (B, Tg, Fg, D).
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+    def __init__(self, hidden_size: int, patch: tuple[int, int], stride: tuple[int, int]):
         super().__init__()
-        if num_channels % num_groups:
-            raise ValueError(f"num_channels {num_channels} not divisible by num_groups {num_groups}")
-        self.num_groups = num_groups
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.proj = nn.Conv2d(1, hidden_size, kernel_size=patch, stride=stride)  # (freq, time)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, T), mask (B, T) bool True = valid (or None) -> (B, C, T)."""
-        if mask is None:
-            mask = torch.ones(x.shape[0], x.shape[-1], dtype=torch.bool, device=x.device)
-        # F.group_norm refuses groups of one value in training (a per-channel norm of a
-        # 1-frame input); the masked path gives the same result (zero variance) there.
-        if bool(mask.all()) and x.shape[-1] * (x.shape[1] // self.num_groups) > 1:
-            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
-        b, c, t = x.shape
-        g = self.num_groups
-        xf = x.float()
-        m = mask.to(xf.dtype).unsqueeze(-1)  # (B, T, 1)
-        # Masked sums over time as batched matmuls (one pass each, no (B, C, T) temporaries
-        # beyond x^2): these early layers run at 3.2 kHz, so elementwise passes dominate.
-        s1 = torch.bmm(xf, m).view(b, g, c // g).sum(-1)  # (B, G)
-        s2 = torch.bmm(xf * xf, m).view(b, g, c // g).sum(-1)
-        n = (m.sum((1, 2)) * (c // g)).clamp(min=1.0).unsqueeze(-1)  # (B, 1)
-        mean = s1 / n
-        var = (s2 / n - mean * mean).clamp(min=0.0)  # E[x^2] - E[x]^2, in float32
-        rstd = torch.rsqrt(var + self.eps)
-        # y = (x - mean) * rstd * w + b = x * scale + shift, per (row, channel).
-        scale = rstd.repeat_interleave(c // g, dim=1) * self.weight  # (B, C)
-        shift = self.bias - mean.repeat_interleave(c // g, dim=1) * scale
-        y = torch.addcmul(shift.unsqueeze(-1), xf, scale.unsqueeze(-1))
-        return (y * mask.unsqueeze(1).to(y.dtype)).to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(rearrange(x, "b t f -> b 1 f t"))  # (B, D, Fg, Tg)
+        return rearrange(y, "b d f t -> b t f d")

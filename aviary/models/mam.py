@@ -17,12 +17,10 @@ returns later.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
-import torch.nn as nn
 
 from aviary.config import Config, check, check_range
 from aviary.features import FrontEndConfig, build_frontend
@@ -30,6 +28,7 @@ from aviary.models.encoder import EncoderConfig, TransformerEncoder
 from aviary.models.heads import SpecHead
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
+from aviary.models.windows import from_windows, to_windows
 from aviary.objectives.base import Objective, ObjectiveConfig
 from aviary.objectives.masking import MaskingConfig
 from aviary.objectives.reconstruction import MaskedReconstruction
@@ -179,12 +178,9 @@ class MAMUpstream(Upstream):
                          max_layer: int | None, max_frames_per_pass: int = 16384) -> list[torch.Tensor]:
         """Encode windows of ``chunk_frames`` independently; windows sit at fixed positions
         (multiples of ``chunk_frames``), so a padded row gives the same result as alone."""
-        B, T, DR = stacked.shape
+        B, T, _ = stacked.shape
         C = self.chunk_frames
-        n = math.ceil(T / C)
-        x = torch.nn.functional.pad(stacked, (0, 0, 0, n * C - T)).reshape(B * n, C, DR)  # (B*n, C, DR)
-        starts = torch.arange(n, device=stacked.device) * C  # (n,)
-        clen = (lengths[:, None] - starts[None, :]).clamp(0, C).reshape(B * n)  # (B*n,)
+        x, clen = to_windows(stacked, lengths, C)  # (B*n, C, D*R), (B*n,)
         rows = clen.nonzero().squeeze(1)  # windows holding at least one valid frame
         out: list[torch.Tensor] = []
         step = max(1, max_frames_per_pass // C)
@@ -192,10 +188,10 @@ class MAMUpstream(Upstream):
             r = rows[i:i + step]
             hs, _ = self.encoder.encode(x[r], clen[r], max_layer)
             if not out:  # same dtype as the unchunked path gives (bf16 under autocast)
-                out = [h.new_zeros(B * n, C, self.hidden_size) for h in hs]
+                out = [h.new_zeros(x.shape[0], C, self.hidden_size) for h in hs]
             for k, h in enumerate(hs):
                 out[k][r] = h
-        return [o.reshape(B, n * C, self.hidden_size)[:, :T] for o in out]
+        return [from_windows(o, B, T) for o in out]
 
 
 def build_objective(cfg: MAMConfig, upstream: MAMUpstream) -> Objective:
@@ -323,14 +319,10 @@ def _cpu_budget(share_layers: bool, tera: bool = False) -> MAMConfig:
     #   one are masked too and the valid L1 stayed flat for 400 steps; with C = 1 it fell
     #   from 0.79 to 0.69 in 300 steps.
     # - head_init="zero": see MAMConfig.
-    # - the recipe's peak lr is 5e-4 (DemoConfig.lr), not 1e-3: with this post-LN stack at 1e-3
-    #   the attention / FFN outputs grew from norm ~5 to 30-60 within 100 steps while the
-    #   residual they are added to is LayerNorm'd to norm 16, so each layer's output became
-    #   LN(sublayer output) alone; one FFN's output went constant over time (frame spread
-    #   0.002), its layer mapped every frame to one vector, the gradient below it vanished
-    #   (input projection 0.12 -> 1e-5) and the run sat at the utterance mean for good. Which
-    #   layer won that race depended on the seed and on rounding (issue 14: one seed in three,
-    #   fp32 or bf16). At 5e-4 the sublayer norms stay 3-5 and both failing seeds took off.
+    # - the recipe's peak lr is 5e-4 (DemoConfig.lr), not 1e-3: at 1e-3 this post-LN stack's
+    #   sublayer outputs outgrew the LayerNorm'd residual and, for some seeds, a layer went
+    #   constant over time and the run sat at the utterance mean for good (DEVELOPING.md,
+    #   "Leaving the plateau").
     # tera=True: TERA's input (mel, no deltas) and alterations (a frequency band of up to 20 %
     # of the bins zeroed over all frames; Gaussian noise on 15 % of the utterances) on top of
     # the same time masking.

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from aviary.models.layers import MaskedGroupNorm
+from aviary.models.conv import MaskedGroupNorm
 
 
 @dataclass

@@ -1,16 +1,26 @@
-"""Registry of model families and named presets.
+"""Registry of model families and named presets: the one place every preset is found.
 
 A *family* (``mam``, ``ssast``, ``vq-wav2vec``, ``token-bert``) knows how to turn its
 pretraining config into a pretraining model and into an upstream. A *preset* is a named,
 three-line factory returning a family's pretraining config (a frozen :class:`~aviary.config.Config`
 with a ``family`` field). Tests loop over ``PRESETS`` so every preset is tested.
+
+Discovery: a family module registers its :class:`Family` and presets when it is imported
+(``register_family``, ``@register_preset``). The first lookup imports every module of the
+packages in ``FAMILY_PACKAGES`` (``aviary/models/``), so a new family is one new module there
+and no list elsewhere needs editing.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
+import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from aviary.config import Config, ConfigError
 from aviary.objectives.base import Objective, PretrainModel
@@ -75,12 +85,31 @@ def register_preset(name: str, description: str = "") -> Callable[[Callable[[], 
     return deco
 
 
-def _load_all() -> None:
-    # Importing the model modules registers their families and presets.
-    import importlib
+FAMILY_PACKAGES = ("aviary.models",)
+"""Packages whose modules are imported to find the families and presets (see the module docstring)."""
 
-    for mod in ("aviary.models.presets",):
+_loaded = False
+
+
+def family_modules() -> list[str]:
+    """Names of the modules :func:`_load_all` imports: every public module of ``FAMILY_PACKAGES``."""
+    names = []
+    for pkg_name in FAMILY_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                names.append(f"{pkg_name}.{info.name}")
+    return sorted(names)
+
+
+def _load_all() -> None:
+    # Importing a family module registers its family and presets; done once per process.
+    global _loaded
+    if _loaded:
+        return
+    for mod in family_modules():
         importlib.import_module(mod)
+    _loaded = True
 
 
 def list_presets() -> list[str]:
@@ -128,6 +157,21 @@ def config_from_dict(d: Mapping[str, Any], source: Any = None) -> Config:
     return get_family(fam).config_cls.from_dict(d)
 
 
+def build_upstream_from_config(stored: Mapping[str, Any], source: Any = None) -> tuple[Config, nn.Module]:
+    """The config and a freshly built (untrained) upstream for a config stored in a checkpoint.
+
+    Args:
+        stored: the checkpoint's config: ``{"model": <pretraining config>, ...}`` or the
+            pretraining config itself.
+        source: the file it was read from, named by errors.
+
+    Returns:
+        ``(pretraining config, upstream)``; weights are loaded by the caller.
+    """
+    cfg = config_from_dict(stored.get("model", stored), source=source)
+    return cfg, get_family(cfg.family).build_upstream(cfg)
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of distinct parameters (shared tensors, as in ALBERT, are counted once)."""
     seen: set[int] = set()
@@ -139,10 +183,51 @@ def count_parameters(module: nn.Module) -> int:
     return total
 
 
+class _ShapesOnly(TorchFunctionMode):
+    """Inside ``torch.device("meta")``: skip what computes values, keep what decides shapes.
+
+    On the meta device torch runs initialisers (``normal_``, ``uniform_``) and elementwise
+    arithmetic (``0.01 * randn(...)``) through Python reference kernels whose first call
+    imports ``torch._dynamo`` (2-4 s here, more than the rest of ``aviary models``); their
+    values mean nothing on meta tensors. So an in-place op (name ending in ``_``) on a meta
+    tensor returns the tensor untouched (constructors use in-place ops to fill values, never
+    to reshape), and the few elementwise operators below give an empty tensor of the
+    broadcast shape and promoted dtype. Any other op runs as usual: only slower, never wrong.
+    """
+
+    _ELEMENTWISE = {"mul", "add", "sub", "div", "__mul__", "__rmul__", "__add__", "__radd__", "__sub__",
+                    "__rsub__", "__truediv__", "__rtruediv__", "__neg__", "neg"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        first = args[0] if args else kwargs.get("tensor")
+        if name.endswith("_") and not name.startswith("_") and isinstance(first, torch.Tensor) and first.is_meta:
+            return first
+        if name in self._ELEMENTWISE and not kwargs:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if tensors and all(t.is_meta for t in tensors):
+                dtype = torch.result_type(*args[:2]) if len(args) == 2 else tensors[0].dtype
+                return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Build modules for their shapes alone: every tensor on the meta device, no initialisation.
+
+    ``count_parameters`` of a model built inside equals that of the real model
+    (``tests/models/test_parameter_counts.py`` checks every preset), at no memory and
+    almost no time.
+    """
+    with torch.device("meta"), _ShapesOnly():
+        yield
+
+
 def describe_preset(name: str) -> dict[str, Any]:
     """Summary of preset ``name`` for listings (``aviary models``).
 
-    The model is built on the meta device (shapes only, no memory, no initialisation), so
+    The model is built :func:`shapes_only` (meta device, no memory, no initialisation), so
     listing even 85M-parameter presets is instant.
 
     Returns:
@@ -151,12 +236,10 @@ def describe_preset(name: str) -> dict[str, Any]:
         with the reason under ``"note"``), plus ``"pretrain_params"`` (with heads),
         ``"hidden_size"``, ``"num_hidden_states"`` and ``"frame_shift"`` when known.
     """
-    import torch
-
     cfg = get_preset(name)
     info: dict[str, Any] = {"family": cfg.family, "description": PRESET_INFO.get(name, "")}
     try:
-        with torch.device("meta"):
+        with shapes_only():
             model = get_family(cfg.family).build_pretrain(cfg)
     except ConfigError as e:
         info.update(params=None, note=str(e))

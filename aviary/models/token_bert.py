@@ -22,13 +22,11 @@ consecutive windows of ``max_positions`` tokens at extraction; pretraining crops
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from aviary.config import Config, ConfigError, check, check_choice, check_range
 from aviary.data.tokens import MASK_ID, NUM_SPECIAL, PAD_ID, UNK_ID, VOCAB_FILE, Vocabulary, read_meta
@@ -36,9 +34,11 @@ from aviary.lengths import padding_mask
 from aviary.models.heads import MaskedLMHead
 from aviary.models.layers import TransformerStack, init_bert_weights
 from aviary.models.registry import Family, register_family, register_preset
-from aviary.models.upstream import Upstream
+from aviary.models.upstream import Upstream, upstream_state
+from aviary.models.windows import from_windows, to_windows
 from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecUpstream
 from aviary.objectives.mlm import MaskedLM
+from aviary.storage import CheckpointError, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +191,9 @@ class TokenBertUpstream(Upstream):
             states, _ = self.forward_tokens(ids, lens, max_layer)
             return states, lens
         # Longer than the learned positions: consecutive windows of p tokens, run as one batch.
-        n = math.ceil(t / p)
-        ids = F.pad(ids, (0, n * p - t), value=PAD_ID).view(b * n, p)
-        starts = torch.arange(n, device=ids.device) * p
-        win_lens = (lens[:, None] - starts[None, :]).clamp(0, p).reshape(b * n)
-        states, _ = self.forward_tokens(ids, win_lens, max_layer)
-        return [s.reshape(b, n * p, -1)[:, :t] for s in states], lens
+        windows, win_lens = to_windows(ids, lens, p, pad_value=PAD_ID)  # (b*n, p), (b*n,)
+        states, _ = self.forward_tokens(windows, win_lens, max_layer)
+        return [from_windows(s, b, t) for s in states], lens
 
     def extract_tokenizer_features(self, wavs: torch.Tensor, wav_lengths: torch.Tensor | None = None,
                                    max_layer: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -208,8 +205,6 @@ class TokenBertUpstream(Upstream):
 
 def load_tokenizer_from_corpus(upstream: TokenBertUpstream, tokens_dir: str | Path) -> None:
     """Copy the tokenizer weights and the vocabulary of a token corpus into ``upstream``."""
-    from aviary.train.checkpoint import CheckpointError, load_tensors
-
     tokens_dir = Path(tokens_dir)
     meta = read_meta(tokens_dir)
     vocab = Vocabulary.read(tokens_dir / VOCAB_FILE)
@@ -221,9 +216,7 @@ def load_tokenizer_from_corpus(upstream: TokenBertUpstream, tokens_dir: str | Pa
     tk = upstream.tokenizer.config
     upstream.code_table.copy_(vocab.code_table(tk.num_groups, tk.num_vars))
     tensors, _ = load_tensors(meta["checkpoint"])
-    prefix = "upstream."
-    sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} or tensors
-    missing, _ = upstream.tokenizer.load_state_dict(sub, strict=False)
+    missing, _ = upstream.tokenizer.load_state_dict(upstream_state(tensors), strict=False)
     if missing:
         raise CheckpointError(f"{meta['checkpoint']}: tokenizer weights missing for {missing[:5]}")
     log.info("token-bert: tokenizer from %s, %d tokens", meta["checkpoint"], len(vocab))

@@ -1,4 +1,4 @@
-"""The upstream interface shared by every pretrained model, and :func:`load`.
+"""The upstream interface shared by every pretrained model (:func:`aviary.load` returns one).
 
 An *upstream* turns raw 16 kHz waveforms into every layer's representation. It owns its
 front-end, so callers never compute features themselves::
@@ -10,17 +10,12 @@ front-end, so callers never compute features themselves::
 """
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import torch
 import torch.nn as nn
 
 from aviary.lengths import valid_mask
-
-log = logging.getLogger(__name__)
 
 
 class Upstream(nn.Module):
@@ -91,69 +86,16 @@ class Upstream(nn.Module):
         return wavs, wav_lengths
 
 
-def _find_weights(path: Path) -> Path:
-    """A run directory's newest weights file, or the file itself."""
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for cand in (path / "model.safetensors",):
-            if cand.is_file():
-                return cand
-        from aviary.train.checkpoint import CheckpointError
-
-        ckdir = path / "checkpoints"
-        steps = sorted(ckdir.glob("step-*/model.safetensors"), reverse=True) if ckdir.is_dir() else []
-        if steps:
-            return steps[0]
-        raise CheckpointError(f"{path}: no model.safetensors and no checkpoints/step-*/model.safetensors")
-    raise FileNotFoundError(f"{path}: no such run directory or checkpoint file")
+UPSTREAM_PREFIX = "upstream."
+"""A pretraining model holds its upstream as the sub-module ``upstream``: its weights are the
+state dict's ``upstream.*`` keys."""
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any) -> Upstream:
-    """Load a pretrained upstream.
+def upstream_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The upstream's own weights out of a pretraining model's state dict (``upstream.`` removed).
 
-    Args:
-        path: a run directory (its ``model.safetensors`` or newest checkpoint), a
-            single-file bundle (``.safetensors`` with the config in its metadata), or
-            ``"s3prl:CKPT"`` to import an s3prl Mockingjay / TERA / AALBERT checkpoint.
-        device: where to put the model.
-
-    Returns:
-        The :class:`Upstream` in eval mode.
+    A state dict without ``upstream.*`` keys is taken to be an upstream's own (bundles
+    exported for extraction store the upstream alone) and returned as it is.
     """
-    spath = str(path)
-    if spath.startswith("s3prl:"):
-        from aviary.interop.s3prl import load_s3prl_upstream
-
-        return load_s3prl_upstream(spath[len("s3prl:"):], **kwargs).to(device).eval()
-    from aviary.models.registry import config_from_dict, get_family
-    from aviary.train.checkpoint import load_config_from_metadata, load_tensors, torch_file_kind
-
-    wpath = _find_weights(Path(spath))
-    if torch_file_kind(wpath) is not None:
-        from aviary.train.checkpoint import CheckpointError
-
-        # A torch.save zip or a raw pickle: another toolkit's file, never unpickled here.
-        raise CheckpointError(f"{wpath}: a torch/pickle file, not an aviary safetensors checkpoint; "
-                              f"for s3prl checkpoints use aviary.load('s3prl:{wpath}') or `aviary import s3prl`")
-    tensors, meta = load_tensors(wpath)
-    cfg_dict = load_config_from_metadata(wpath, meta)
-    model_cfg = cfg_dict.get("model", cfg_dict)
-    cfg = config_from_dict(model_cfg, source=wpath)
-    family = get_family(cfg.family)
-    upstream = family.build_upstream(cfg)
-    # Pretraining checkpoints store the whole pretraining model; the upstream is its
-    # "upstream." sub-module. Bundles exported for extraction store the upstream alone.
-    prefix = "upstream."
-    sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    state = sub if sub else tensors
-    missing, unexpected = upstream.load_state_dict(state, strict=False)
-    if missing:
-        from aviary.train.checkpoint import CheckpointError
-
-        raise CheckpointError(f"{wpath}: weights missing for {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    if unexpected and not sub:
-        log.warning("%s: ignoring %d unexpected tensors (e.g. %s)", wpath, len(unexpected), unexpected[:3])
-    upstream.checkpoint_path = str(wpath)
-    upstream.checkpoint_meta = cfg_dict
-    return upstream.to(device).eval()
+    sub = {k[len(UPSTREAM_PREFIX):]: v for k, v in tensors.items() if k.startswith(UPSTREAM_PREFIX)}
+    return sub if sub else dict(tensors)

@@ -12,11 +12,8 @@ the objective: an upstream needs them at inference to produce tokens); their tra
 losses, metrics and the temperature schedule live in :mod:`aviary.objectives.quantize`,
 the future-prediction objective in :mod:`aviary.objectives.contrastive`.
 
-Padding: GroupNorm with one group normalises over channels *and time*, so padded frames
-would change the statistics of real ones. :class:`MaskedGroupNorm` takes its statistics
-over valid frames only, which makes a padded batch give the same result as one utterance
-at a time (tested). Convolutions need no masking: a valid output frame of a (causal) conv
-only reads valid input samples.
+The convolution stacks (and the padding-exact :class:`~aviary.models.conv.MaskedGroupNorm`)
+are in :mod:`aviary.models.conv`.
 """
 from __future__ import annotations
 
@@ -25,12 +22,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from aviary.config import Config, check, check_choice, check_range
 from aviary.lengths import valid_mask
-from aviary.models.layers import MaskedGroupNorm
+from aviary.models.conv import ConvAggregator, ConvFeatureEncoder
 from aviary.models.quantizers import build_quantizer
 from aviary.models.registry import Family, register_family, register_preset
 from aviary.models.upstream import Upstream
@@ -178,84 +173,6 @@ class VqWav2VecConfig(Config):
     @property
     def frame_shift(self) -> float:
         return self.stride / self.sample_rate
-
-
-def conv_output_lengths(lengths: torch.Tensor, kernels: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor:
-    """Valid output frames of a stack of unpadded convolutions: ``floor((L - k) / s) + 1`` per layer."""
-    out = lengths.clone()
-    for k, s in zip(kernels, strides):
-        out = torch.div(out - k, s, rounding_mode="floor") + 1
-        out = out.clamp(min=0)
-    return out
-
-
-class ConvFeatureEncoder(nn.Module):
-    """Waveform encoder: per layer conv (no bias) -> dropout -> GroupNorm(1 group) -> ReLU.
-
-    Args:
-        channels: output channels of every layer.
-        kernels, strides: per-layer kernel sizes and strides.
-        dropout: dropout probability after each conv.
-        log_compression: apply ``log(|x| + 1)`` to the output (paper).
-    """
-
-    def __init__(self, channels: int, kernels: tuple[int, ...], strides: tuple[int, ...],
-                 dropout: float = 0.0, log_compression: bool = True):
-        super().__init__()
-        self.kernels, self.strides = tuple(kernels), tuple(strides)
-        self.convs = nn.ModuleList(
-            nn.Conv1d(1 if i == 0 else channels, channels, k, stride=s, bias=False)
-            for i, (k, s) in enumerate(zip(kernels, strides)))
-        self.norms = nn.ModuleList(MaskedGroupNorm(1, channels) for _ in kernels)
-        self.dropout = nn.Dropout(dropout)
-        self.log_compression = log_compression
-        self.receptive_field = 1 + sum((k - 1) * math.prod(self.strides[:i]) for i, k in enumerate(self.kernels))
-
-    def forward(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """wavs (B, N), lengths (B,) samples -> (features (B, C, T), frames (B,))."""
-        if wavs.shape[1] < self.receptive_field:
-            # Too short for even one frame: pad so the convolutions run; lengths stay 0.
-            wavs = F.pad(wavs, (0, self.receptive_field - wavs.shape[1]))
-        x = wavs.unsqueeze(1)  # (B, 1, N)
-        lens = lengths
-        for conv, norm, k, s in zip(self.convs, self.norms, self.kernels, self.strides):
-            x = conv(x)  # (B, C, T_l)
-            lens = (torch.div(lens - k, s, rounding_mode="floor") + 1).clamp(min=0)
-            x = self.dropout(x)
-            x = F.relu(norm(x, valid_mask(lens, x.shape[-1])))
-        if self.log_compression:
-            x = torch.log(x.abs() + 1.0)
-        return x, lens
-
-
-class ConvAggregator(nn.Module):
-    """Causal context network: per layer left-padded conv -> dropout -> GroupNorm(1) -> ReLU,
-    then ``x = (x + residual) * residual_scale``.
-
-    Frame t sees only quantised frames <= t, so predicting t+k is not trivial.
-    """
-
-    def __init__(self, channels: int, kernels: tuple[int, ...], dropout: float = 0.0,
-                 residual_scale: float = math.sqrt(0.5)):
-        super().__init__()
-        self.kernels = tuple(kernels)
-        self.convs = nn.ModuleList(nn.Conv1d(channels, channels, k) for k in kernels)
-        self.norms = nn.ModuleList(MaskedGroupNorm(1, channels) for _ in kernels)
-        self.dropout = nn.Dropout(dropout)
-        self.residual_scale = residual_scale
-
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
-                max_layer: int | None = None) -> list[torch.Tensor]:
-        """x (B, C, T) -> every layer's output, a list of (B, C, T)."""
-        outs = []
-        n = len(self.convs) if max_layer is None else min(max_layer, len(self.convs))
-        for conv, norm, k in list(zip(self.convs, self.norms, self.kernels))[:n]:
-            res = x
-            x = conv(F.pad(x, (k - 1, 0)))  # causal: left padding only
-            x = F.relu(norm(self.dropout(x), valid))
-            x = (x + res) * self.residual_scale
-            outs.append(x)
-        return outs
 
 
 class VqWav2VecUpstream(Upstream):

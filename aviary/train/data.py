@@ -23,15 +23,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from aviary.audio import AudioError, load_audio
 from aviary.config import ConfigError
+from aviary.data import tokens
+from aviary.data.dataset import collate_audio
+from aviary.data.manifest import load_manifest
+from aviary.data.sampler import DurationBatchSampler
+from aviary.data.sampler import mix_seed  # noqa: F401  (the loop's seeds; re-exported)
 
 log = logging.getLogger(__name__)
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (order matters), e.g. ``mix_seed(seed, g)``."""
-    ss = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
-    return int(ss.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 class TrainData:
@@ -165,8 +165,6 @@ def duration_batches(durations: Sequence[float], max_seconds: float, seed: int, 
     shards the global stream itself, so that W ranks x A accumulation steps consume exactly
     the micro-batches of one process with W * A accumulation steps.
     """
-    from aviary.data.sampler import DurationBatchSampler
-
     sampler = DurationBatchSampler(list(durations), max_seconds=max_seconds, seed=seed)
     sampler.set_epoch(epoch)
     return [list(b) for b in sampler]
@@ -221,8 +219,6 @@ class AudioTrainData(TrainData):
         return float(np.random.default_rng(seed).uniform(0.0, u.duration - self.crop_seconds))
 
     def load_item(self, index: int, seed: int) -> dict[str, Any] | None:
-        from aviary.audio import AudioError, load_audio
-
         u = self.utts[index]
         offset = self.crop_offset(u, seed)
         try:
@@ -238,8 +234,6 @@ class AudioTrainData(TrainData):
         return {"id": u.id, "speaker": u.speaker, "wav": torch.from_numpy(wav)}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        from aviary.data.dataset import collate_audio
-
         return collate_audio(items, pad_to_multiple=round(self.pad_seconds * self.sample_rate))
 
     def batch_amount(self, batch: dict[str, Any]) -> float:
@@ -270,14 +264,10 @@ def build_train_data(batch_kind: str, data_path: str | Path, split: str | None,
 
         return build_target_train_data(data_path, split, train_cfg, model_cfg)
     if batch_kind == "audio":
-        from aviary.data.manifest import load_manifest
-
         utts = load_manifest(data_path, split)
         # No level normalisation here: the model's front-end owns it (normalize_db).
         return AudioTrainData(utts, train_cfg.max_batch_seconds, train_cfg.crop_seconds,
                               train_cfg.min_seconds)
     if batch_kind == "tokens":
-        from aviary.data import tokens
-
         return tokens.TokenTrainData.from_path(data_path, split, train_cfg, model_cfg)
     raise ConfigError(f"unknown batch_kind {batch_kind!r}: allowed 'audio' or 'tokens'")

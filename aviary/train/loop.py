@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 
 from aviary.config import Config, ConfigError
+from aviary.models.registry import get_family
+from aviary import storage
 from aviary.precision import autocast_dtype, resolve_precision
 from aviary.train import checkpoint as ckpt
 from aviary.train.config import TrainConfig
@@ -186,7 +188,7 @@ def _trim_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-    ckpt.write_bytes_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode())
+    storage.write_bytes_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
 class MetricsWriter:
@@ -276,11 +278,12 @@ def _bundle_holds(run_dir: Path, tensors: dict[str, torch.Tensor]) -> bool:
     if not path.is_file():
         return False
     try:
+        # safe_open checks the header against the file's size: a truncated bundle is rewritten.
         with safe_open(str(path), framework="pt") as f:
             stored = (f.metadata() or {}).get("aviary.sha256")
     except Exception:  # unreadable or truncated: rewrite it
         return False
-    return stored == ckpt.tensors_checksum({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return stored == storage.tensors_checksum({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -319,7 +322,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
                               f"checkpoint's (keys {diff}; {run_json} is missing); resume with the "
                               "model the run was started with")
     if resume and run_json.is_file():
-        stored = ckpt.read_json(run_json)
+        stored = storage.read_json(run_json)
         if stored.get("data") and data_desc and not _same_data(stored["data"], data_desc):
             raise ConfigError(f"{run_json}: the run was trained on {stored['data']!r}, --resume was given "
                               f"--data {data_desc!r}; resume on the same corpus (or omit --data), or start "
@@ -334,12 +337,12 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
             log.warning("resuming with changed train config keys %s; the result will differ "
                         "from an uninterrupted run", changed)
     if info.is_main:
-        ckpt.write_json_atomic(run_json, {
+        storage.write_json_atomic(run_json, {
             "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": data_desc,
             "world_size": info.world_size, "git_commit": _git_commit(),
             # train.precision is the request (auto ...); this is what this machine runs.
             "precision": precision, "precision_requested": train_cfg.precision,
-            "format_version": ckpt.FORMAT_VERSION,
+            "format_version": storage.FORMAT_VERSION,
         })
 
 
@@ -365,8 +368,7 @@ def _save(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer
         # A checkpoint or bundle of NaN weights would load and give NaN features, silently.
         raise NonFiniteError(f"step {step}: {len(bad)} weight tensors are non-finite (first: {bad[0]}); "
                              "nothing written. Lower train.lr or use fp32.")
-    config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "step": step,
-              "format_version": ckpt.FORMAT_VERSION}
+    config = storage.checkpoint_config(model_cfg, train_cfg, step)
     opt_tensors, opt_json = ckpt.optimizer_to_tensors(opt.state_dict())
     state = {"step": step, "epoch": stream.epoch, "position": stream.position, "g": stream.g,
              "world_size": info.world_size, "optimizer": opt_json, "counters": counters,
@@ -379,7 +381,7 @@ def _save(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer
         log.warning("step %d: %d non-finite steps in a row; checkpoint written, root bundle left as it was",
                     step, counters["nonfinite_in_a_row"])
     else:
-        ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, tensors, config=config)
+        storage.save_tensors(run_dir / ckpt.MODEL_FILE, tensors, config=config)
     log.info("checkpoint %s", d)
 
 
@@ -410,8 +412,6 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
         CheckpointError: a checkpoint could not be written (disk full), or none is usable.
         NonFiniteError: ``max_nonfinite_steps`` non-finite steps in a row.
     """
-    from aviary.models.registry import get_family
-
     cfg = train_cfg
     run_dir = Path(run_dir)
     family = get_family(model_cfg.family)
@@ -481,7 +481,7 @@ def pretrain(model_cfg: Config, train_cfg: TrainConfig, data: str | os.PathLike 
                 # bundle behind: the bundle must hold the final weights. (An intact bundle is
                 # left alone, so resuming a finished run writes nothing.)
                 log.info("%s: the root bundle is missing or older than the last checkpoint; rewriting it", run_dir)
-                ckpt.save_tensors(run_dir / ckpt.MODEL_FILE, m_tensors, config=m_config)
+                storage.save_tensors(run_dir / ckpt.MODEL_FILE, m_tensors, config=m_config)
             return PretrainResult(run_dir, step, nonfinite_steps=counters["nonfinite_steps"], model=model)
 
         if info.enabled:
@@ -526,193 +526,281 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg:
            cfg: TrainConfig, train_data: TrainData, valid_data: TrainData | None, run_dir: Path,
            device: torch.device, amp_dtype: torch.dtype | None, info: DistInfo, step: int,
            start: StreamPosition, counters: dict[str, int]) -> PretrainResult:
-    from tqdm.auto import tqdm
+    """Train from ``step`` (the stream at ``start``) to ``cfg.steps``; see :class:`_Trainer`."""
+    trainer = _Trainer(model, opt, scaler, model_cfg, cfg, train_data, valid_data, run_dir, device,
+                       amp_dtype, info, step, start, counters)
+    return trainer.run()
 
-    core = _unwrap(model)
-    precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    params = [p for g in opt.param_groups for p in g["params"]]
-    stream = MicroBatchStream(train_data, cfg.seed, start, info.rank, info.world_size)
-    # The checkpointed position must be that of the step boundary, not of the DataLoader's
-    # prefetching: a shadow stream of indices only is advanced as batches are consumed.
-    shadow = MicroBatchStream(train_data, cfg.seed, start, info.rank, info.world_size)
-    loader = torch.utils.data.DataLoader(
-        ItemDataset(train_data), batch_sampler=stream, collate_fn=Collate(train_data),
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
-    metrics = MetricsWriter(run_dir, info.is_main, cfg.tensorboard, step)
-    bar = tqdm(total=cfg.steps, initial=step, disable=None if info.is_main else True,
-               dynamic_ncols=True, desc="pretrain")
-    result = PretrainResult(run_dir, step)
-    window: dict[str, float] = {}
-    window_steps, window_amount, window_t0 = 0, 0.0, time.perf_counter()
-    last_saved = step
-    first_dropped: list[str] = []  # names of the first unusable files (this rank's)
 
-    def save(at: int) -> None:
-        nonlocal last_saved
-        failed = torch.zeros(1, device=device)
+@dataclass
+class _StepLosses:
+    """What the micro-batches of one optimizer step gave."""
+
+    loss: float = 0.0             # mean over micro-batches of the loss
+    finite: bool = True           # every micro-batch's loss was finite (this rank)
+    metrics: dict[str, float] = field(default_factory=dict)  # means over micro-batches
+    read: int = 0                 # items read (this rank)
+    dropped: int = 0              # of which unusable
+    used: int = 0                 # micro-batches with at least one usable item
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last metrics line (averaged when it is written)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    amount: float = 0.0           # data seen, in TrainData.unit (throughput)
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class _Trainer:
+    """One run of the loop, from ``step`` to ``cfg.steps``: set-up in ``__init__``, then
+    :meth:`run` repeats *learning rate -> micro-batches -> optimizer step -> log -> validate
+    -> stop or checkpoint*, and ends with :meth:`finish`."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, model_cfg: Config,
+                 cfg: TrainConfig, train_data: TrainData, valid_data: TrainData | None, run_dir: Path,
+                 device: torch.device, amp_dtype: torch.dtype | None, info: DistInfo, step: int,
+                 start: StreamPosition, counters: dict[str, int]) -> None:
+        from tqdm.auto import tqdm
+
+        self.model, self.core, self.opt, self.scaler = model, _unwrap(model), opt, scaler
+        self.model_cfg, self.cfg, self.run_dir = model_cfg, cfg, run_dir
+        self.train_data, self.valid_data = train_data, valid_data
+        self.device, self.amp_dtype, self.info = device, amp_dtype, info
+        self.step, self.counters = step, counters
+        self.precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        self.params = [p for g in opt.param_groups for p in g["params"]]
+        stream = MicroBatchStream(train_data, cfg.seed, start, info.rank, info.world_size)
+        # The checkpointed position must be that of the step boundary, not of the DataLoader's
+        # prefetching: a shadow stream of indices only is advanced as batches are consumed.
+        self.shadow = MicroBatchStream(train_data, cfg.seed, start, info.rank, info.world_size)
+        loader = torch.utils.data.DataLoader(
+            ItemDataset(train_data), batch_sampler=stream, collate_fn=Collate(train_data),
+            num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        self.batches = iter(loader)
+        self.metrics = MetricsWriter(run_dir, info.is_main, cfg.tensorboard, step)
+        self.bar = tqdm(total=cfg.steps, initial=step, disable=None if info.is_main else True,
+                        dynamic_ncols=True, desc="pretrain")
+        self.result = PretrainResult(run_dir, step)
+        self.window = _Window()
+        self.last_saved = step
+        self.first_dropped: list[str] = []  # names of the first unusable files (this rank's)
+
+    def run(self) -> PretrainResult:
+        """The loop, top to bottom."""
+        cfg = self.cfg
         try:
-            _save(run_dir, at, model, opt, scaler, model_cfg, cfg, shadow.pos, counters, info)
+            if self.valid_data is not None and cfg.val_every and self.step == 0:
+                # The untrained model's loss: the baseline a falling validation curve starts from.
+                self.validate()
+            with StopFlag() as stop:
+                while self.step < cfg.steps:
+                    lr = self.set_learning_rate()
+                    losses = self.accumulate()
+                    gnorm, finite = self.optimizer_step(losses)
+                    self.log_step(losses, gnorm, finite, lr)
+                    if (self.valid_data is not None and cfg.val_every and self.step % cfg.val_every == 0
+                            and self.step < cfg.steps):
+                        self.validate()
+                    if self.stop_requested(stop):
+                        break
+                    if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                        self.checkpoint(self.step)
+                if not self.result.interrupted:
+                    self.finish()
+        finally:
+            self.bar.close()
+            self.metrics.close()
+            del self.batches  # shuts DataLoader workers down
+        return self.summary()
+
+    def set_learning_rate(self) -> float:
+        """The scheduled learning rate of this step (and the model's own schedules); zero grads."""
+        cfg = self.cfg
+        lr = linear_warmup_decay(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.lr * cfg.min_lr_ratio)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if hasattr(self.core, "set_progress"):
+            self.core.set_progress(self.step, cfg.steps)
+        self.opt.zero_grad(set_to_none=True)
+        return lr
+
+    def accumulate(self) -> _StepLosses:
+        """Forward and backward ``grad_accum`` micro-batches; unusable items dropped and counted."""
+        cfg, info = self.cfg, self.info
+        out = _StepLosses()
+        for micro in range(cfg.grad_accum):
+            g, batch, dropped, n_read = next(self.batches)
+            for _ in range(info.world_size):
+                self.shadow.next_global()
+            out.read += n_read
+            out.dropped += len(dropped)
+            if len(self.first_dropped) < 4:
+                self.first_dropped += [self.train_data.item_name(i) for i in dropped[:4 - len(self.first_dropped)]]
+            if batch is None:
+                if info.enabled:
+                    raise RuntimeError(f"micro-batch {g}: every file is unusable; run "
+                                       "`aviary check-data` and remove the broken files")
+                continue  # nothing usable in this micro-batch: no gradient from it
+            out.used += 1
+            self.window.amount += self.train_data.batch_amount(batch)
+            self.backward(g, _to_device(batch, self.device), sync=micro == cfg.grad_accum - 1 or not info.enabled,
+                          into=out)
+        return out
+
+    def backward(self, g: int, batch: dict[str, Any], sync: bool, into: _StepLosses) -> None:
+        """Forward + backward of micro-batch ``g``; its loss and metrics added to ``into``."""
+        cfg = self.cfg
+        # Masks and dropout of micro-batch g depend on (seed, g) only.
+        torch.manual_seed(mix_seed(cfg.seed, g))
+        with (nullcontext() if sync else self.model.no_sync()):
+            with _autocast(self.device, self.amp_dtype):
+                out = self.model(batch)
+            # Mean over micro-batches (DDP averages over ranks on top).
+            loss = out.loss.float() / cfg.grad_accum
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        lv = float(out.loss.detach())
+        into.finite &= math.isfinite(lv)
+        into.loss += lv / cfg.grad_accum
+        for k, v in out.metrics.items():
+            into.metrics[k] = into.metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+
+    def optimizer_step(self, losses: _StepLosses) -> tuple[float, bool]:
+        """Clip, agree across ranks, step (or skip a non-finite step). Returns (grad norm, finite)."""
+        cfg, counters = self.cfg, self.counters
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        # Clip and measure in one pass; inf max_norm only measures.
+        gnorm = float(torch.nn.utils.clip_grad_norm_(
+            self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        # Every rank must take the same decision: share "was my loss finite" (and, in the same
+        # call, how many files were read and dropped).
+        shared = torch.tensor([0.0 if losses.finite else 1.0, float(losses.read), float(losses.dropped)],
+                              dtype=torch.float64, device=self.device)
+        all_reduce_sum(shared, self.info)
+        bad = shared[:1]
+        counters["read_items"] += int(shared[1].item())
+        counters["skipped_items"] += int(shared[2].item())
+        err = usable_fraction_error("training", counters["read_items"], counters["skipped_items"],
+                                    len(self.train_data), cfg.min_usable_fraction, self.first_dropped)
+        if err:
+            raise UnusableDataError(f"stopping at step {self.step + 1}: {err}")
+        finite = bool(bad.item() == 0) and math.isfinite(gnorm)
+        if self.scaler is not None:
+            # fp16: GradScaler skips overflowing steps itself and lowers the scale; only a
+            # non-finite loss counts as a numerical failure.
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            finite = bool(bad.item() == 0)
+        elif finite:
+            self.opt.step()
+        self.step += 1
+        if finite:
+            counters["nonfinite_in_a_row"] = 0
+        else:
+            self.count_nonfinite("loss" if bad.item() else "gradient", losses.loss, gnorm)
+        return gnorm, finite
+
+    def count_nonfinite(self, what: str, loss: float, gnorm: float) -> None:
+        """A skipped step: counted, warned about, and fatal after ``max_nonfinite_steps`` in a row."""
+        cfg, counters = self.cfg, self.counters
+        counters["nonfinite_steps"] += 1
+        counters["nonfinite_in_a_row"] += 1
+        log.warning("step %d: non-finite %s (loss %.4g, grad norm %.4g); update skipped "
+                    "(%d in a row, limit %d)", self.step, what, loss, gnorm, counters["nonfinite_in_a_row"],
+                    cfg.max_nonfinite_steps)
+        if counters["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"stopping at step {self.step}: {counters['nonfinite_in_a_row']} steps in a row "
+                f"had a non-finite loss or gradient (max_nonfinite_steps="
+                f"{cfg.max_nonfinite_steps}); last checkpoint: step {self.last_saved}. "
+                "Lower train.lr, check the data (`aviary check-data`), or use fp32.")
+
+    def log_step(self, losses: _StepLosses, gnorm: float, finite: bool, lr: float) -> None:
+        """Add the step to the logging window; every ``log_every`` steps write its averages."""
+        cfg, w = self.cfg, self.window
+        if finite and losses.used:  # skipped and empty steps stay out of the averages
+            for k, v in {"loss": losses.loss, "grad_norm": gnorm, **losses.metrics}.items():
+                w.sums[k] = w.sums.get(k, 0.0) + v
+            w.steps += 1
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            self.write_window(lr)
+        self.bar.update(1)
+
+    def write_window(self, lr: float) -> None:
+        """One metrics line: the window averaged over its steps and the ranks; a fresh window."""
+        cfg, w, unit = self.cfg, self.window, self.train_data.unit
+        rec = _log_record(w.sums, w.steps, w.amount, w.t0, self.step, lr, self.counters, self.train_data,
+                          self.info, self.device)
+        rec["precision"] = self.precision_name
+        self.metrics.write(rec)
+        self.result.history.append(rec)
+        self.result.train_loss = rec.get("loss", math.nan)
+        self.bar.set_postfix(loss=f"{rec.get('loss', math.nan):.4f}", **{f"{unit}/s": f"{rec['throughput']:.1f}"})
+        if self.bar.disable and self.info.is_main:
+            # No progress bar (not a terminal, e.g. a batch job): log a line instead.
+            log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.1f %s/s", self.step, cfg.steps,
+                     rec.get("loss", math.nan), lr, rec.get("grad_norm", math.nan), rec["throughput"], unit)
+        self.window = _Window()
+
+    def validate(self) -> None:
+        self.result.valid_loss = _validate(self.core, self.valid_data, self.cfg, self.device, self.amp_dtype,
+                                           self.step, self.metrics, self.result, self.info)
+
+    def stop_requested(self, stop: StopFlag) -> bool:
+        """After SIGINT / SIGTERM on any rank: every rank checkpoints this step and stops."""
+        flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=self.device)
+        all_reduce_sum(flag, self.info)
+        if flag.item() > 0:
+            self.checkpoint(self.step)
+            self.result.interrupted = True
+            log.warning("stopped at step %d; continue with --resume", self.step)
+            return True
+        return False
+
+    def checkpoint(self, at: int) -> None:
+        """Write the checkpoint of step ``at`` (rank 0); every rank learns whether it failed."""
+        failed = torch.zeros(1, device=self.device)
+        try:
+            _save(self.run_dir, at, self.model, self.opt, self.scaler, self.model_cfg, self.cfg, self.shadow.pos,
+                  self.counters, self.info)
         except BaseException as e:
             failed += 1
-            all_reduce_sum(failed, info)  # let the other ranks stop too, not hang
+            all_reduce_sum(failed, self.info)  # let the other ranks stop too, not hang
             if isinstance(e, ckpt.CheckpointError):
                 raise ckpt.CheckpointError(
                     f"stopping at step {at}: {e}. Fix the cause (e.g. free disk space), then continue "
-                    f"with --resume (from step {last_saved}).") from e
+                    f"with --resume (from step {self.last_saved}).") from e
             raise
-        all_reduce_sum(failed, info)
+        all_reduce_sum(failed, self.info)
         if failed.item():
             raise ckpt.CheckpointError(f"rank 0 could not write the checkpoint of step {at}")
-        last_saved = at
+        self.last_saved = at
 
-    try:
-        if valid_data is not None and cfg.val_every and step == 0:
-            # The untrained model's loss: the baseline a falling validation curve starts from.
-            result.valid_loss = _validate(core, valid_data, cfg, device, amp_dtype, 0, metrics,
-                                          result, info)
-        with StopFlag() as stop:
-            while step < cfg.steps:
-                lr = linear_warmup_decay(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.lr * cfg.min_lr_ratio)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                if hasattr(core, "set_progress"):
-                    core.set_progress(step, cfg.steps)
-                opt.zero_grad(set_to_none=True)
-                step_loss, loss_finite, step_metrics = 0.0, True, {}
-                step_read, step_dropped, used = 0, 0, 0
-                for micro in range(cfg.grad_accum):
-                    g, batch, dropped, n_read = next(batches)
-                    for _ in range(info.world_size):
-                        shadow.next_global()
-                    step_read += n_read
-                    step_dropped += len(dropped)
-                    if len(first_dropped) < 4:
-                        first_dropped += [train_data.item_name(i) for i in dropped[:4 - len(first_dropped)]]
-                    if batch is None:
-                        if info.enabled:
-                            raise RuntimeError(f"micro-batch {g}: every file is unusable; run "
-                                               "`aviary check-data` and remove the broken files")
-                        continue  # nothing usable in this micro-batch: no gradient from it
-                    used += 1
-                    window_amount += train_data.batch_amount(batch)
-                    batch = _to_device(batch, device)
-                    # Masks and dropout of micro-batch g depend on (seed, g) only.
-                    torch.manual_seed(mix_seed(cfg.seed, g))
-                    sync = micro == cfg.grad_accum - 1 or not info.enabled
-                    with (nullcontext() if sync else model.no_sync()):
-                        with _autocast(device, amp_dtype):
-                            out = model(batch)
-                        # Mean over micro-batches (DDP averages over ranks on top).
-                        loss = out.loss.float() / cfg.grad_accum
-                        if scaler is not None:
-                            scaler.scale(loss).backward()
-                        else:
-                            loss.backward()
-                    lv = float(out.loss.detach())
-                    loss_finite &= math.isfinite(lv)
-                    step_loss += lv / cfg.grad_accum
-                    for k, v in out.metrics.items():
-                        step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+    def finish(self) -> None:
+        """End of the run: a last validation, refuse a diverged model, the final checkpoint."""
+        if self.valid_data is not None:
+            self.validate()
+        _check_final(self.core, self.result, self.counters, self.step, self.last_saved,
+                     self.valid_data is not None, self.device, self.info)
+        if self.last_saved != self.step:
+            self.checkpoint(self.step)
 
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                # Clip and measure in one pass; inf max_norm only measures.
-                gnorm = float(torch.nn.utils.clip_grad_norm_(
-                    params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-                # Every rank must take the same decision: share "was my loss finite" (and, in
-                # the same call, how many files were read and dropped).
-                shared = torch.tensor([0.0 if loss_finite else 1.0, float(step_read), float(step_dropped)],
-                                      dtype=torch.float64, device=device)
-                all_reduce_sum(shared, info)
-                bad = shared[:1]
-                counters["read_items"] += int(shared[1].item())
-                counters["skipped_items"] += int(shared[2].item())
-                err = usable_fraction_error("training", counters["read_items"], counters["skipped_items"],
-                                            len(train_data), cfg.min_usable_fraction, first_dropped)
-                if err:
-                    raise UnusableDataError(f"stopping at step {step + 1}: {err}")
-                finite = bool(bad.item() == 0) and math.isfinite(gnorm)
-                if scaler is not None:
-                    # fp16: GradScaler skips overflowing steps itself and lowers the scale;
-                    # only a non-finite loss counts as a numerical failure.
-                    scaler.step(opt)
-                    scaler.update()
-                    finite = bool(bad.item() == 0)
-                elif finite:
-                    opt.step()
-                step += 1
-                if finite:
-                    counters["nonfinite_in_a_row"] = 0
-                else:
-                    counters["nonfinite_steps"] += 1
-                    counters["nonfinite_in_a_row"] += 1
-                    log.warning("step %d: non-finite %s (loss %.4g, grad norm %.4g); update skipped "
-                                "(%d in a row, limit %d)", step, "loss" if bad.item() else "gradient",
-                                step_loss, gnorm, counters["nonfinite_in_a_row"], cfg.max_nonfinite_steps)
-                    if counters["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
-                        raise NonFiniteError(
-                            f"stopping at step {step}: {counters['nonfinite_in_a_row']} steps in a row "
-                            f"had a non-finite loss or gradient (max_nonfinite_steps="
-                            f"{cfg.max_nonfinite_steps}); last checkpoint: step {last_saved}. "
-                            "Lower train.lr, check the data (`aviary check-data`), or use fp32.")
-                if finite and used:  # skipped and empty steps stay out of the averages
-                    for k, v in {"loss": step_loss, "grad_norm": gnorm, **step_metrics}.items():
-                        window[k] = window.get(k, 0.0) + v
-                    window_steps += 1
-
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    rec = _log_record(window, window_steps, window_amount, window_t0, step, lr,
-                                      counters, train_data, info, device)
-                    rec["precision"] = precision_name
-                    metrics.write(rec)
-                    result.history.append(rec)
-                    result.train_loss = rec.get("loss", math.nan)
-                    bar.set_postfix(loss=f"{rec.get('loss', math.nan):.4f}",
-                                    **{f"{train_data.unit}/s": f"{rec['throughput']:.1f}"})
-                    if bar.disable and info.is_main:
-                        # No progress bar (not a terminal, e.g. a batch job): log a line instead.
-                        log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.1f %s/s", step,
-                                 cfg.steps, rec.get("loss", math.nan), lr, rec.get("grad_norm", math.nan),
-                                 rec["throughput"], train_data.unit)
-                    window, window_steps, window_amount = {}, 0, 0.0
-                    window_t0 = time.perf_counter()
-                bar.update(1)
-
-                if valid_data is not None and cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps:
-                    result.valid_loss = _validate(core, valid_data, cfg, device, amp_dtype, step,
-                                                  metrics, result, info)
-                # All ranks must agree to stop after the same step.
-                flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=device)
-                all_reduce_sum(flag, info)
-                if flag.item() > 0:
-                    save(step)
-                    result.interrupted = True
-                    log.warning("stopped at step %d; continue with --resume", step)
-                    break
-                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    save(step)
-
-            if not result.interrupted:
-                if valid_data is not None:
-                    result.valid_loss = _validate(core, valid_data, cfg, device, amp_dtype, step,
-                                                  metrics, result, info)
-                _check_final(core, result, counters, step, last_saved, valid_data is not None,
-                             device, info)
-                if last_saved != step:
-                    save(step)
-    finally:
-        bar.close()
-        metrics.close()
-        del batches  # shuts DataLoader workers down
-    result.step = step
-    result.model = core
-    result.nonfinite_steps = counters["nonfinite_steps"]
-    skipped = getattr(train_data, "skipped", None)
-    if skipped:
-        log.warning("%d unusable files were skipped during training (first: %s)",
-                    len(skipped), next(iter(skipped.items())))
-    return result
+    def summary(self) -> PretrainResult:
+        result = self.result
+        result.step = self.step
+        result.model = self.core
+        result.nonfinite_steps = self.counters["nonfinite_steps"]
+        skipped = getattr(self.train_data, "skipped", None)
+        if skipped:
+            log.warning("%d unusable files were skipped during training (first: %s)",
+                        len(skipped), next(iter(skipped.items())))
+        return result
 
 
 def _check_final(core: nn.Module, result: PretrainResult, counters: dict[str, int], step: int,

@@ -18,6 +18,7 @@ import os
 from typing import Any, Iterable, Mapping
 
 from aviary.config import Config, ConfigError, apply_overrides
+from aviary.models.registry import get_preset
 from aviary.train.config import TrainConfig
 
 _RECIPE_KEYS = ("preset", "model", "train")
@@ -94,8 +95,6 @@ def resolve_configs(preset: str | None, recipe: str | os.PathLike | None = None,
     Returns:
         (model pretraining config, :class:`TrainConfig`).
     """
-    from aviary.models.registry import get_preset
-
     data = read_recipe(recipe) if recipe is not None else {}
     preset = preset or data.get("preset")
     if preset is not None:

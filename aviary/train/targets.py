@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from aviary.config import Config, ConfigError, check, check_range
-from aviary.train import checkpoint as ckpt
+from aviary import storage
 from aviary.train.data import AudioTrainData
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def make_kmeans_targets(data: str | os.PathLike, out: str | os.PathLike, cfg: KM
     wanted = _settings(cfg, features.frame_shift, corpus_fingerprint(utts))
     final = out / TARGETS_FILE
     if final.is_file():
-        _refuse_other(out, ckpt.read_json(final), wanted)
+        _refuse_other(out, storage.read_json(final), wanted)
         log.info("%s: complete already", final)
         return final
     out.mkdir(parents=True, exist_ok=True)
@@ -259,11 +259,11 @@ def make_kmeans_targets(data: str | os.PathLike, out: str | os.PathLike, cfg: KM
     centroids = None
     if km_path.is_file():
         try:
-            t, meta = ckpt.load_tensors(km_path)
-            _refuse_other(out, ckpt.load_config_from_metadata(km_path, meta), wanted)
+            t, meta = storage.load_tensors(km_path)
+            _refuse_other(out, storage.load_config_from_metadata(km_path, meta), wanted)
             centroids = t["centroids"].numpy()
             log.info("%s: reusing the fitted centroids", km_path)
-        except ckpt.CheckpointError as e:
+        except storage.CheckpointError as e:
             log.warning("%s is damaged (%s): fitting again", km_path, e)
     if centroids is None:
         rng = np.random.default_rng(cfg.seed)
@@ -274,7 +274,7 @@ def make_kmeans_targets(data: str | os.PathLike, out: str | os.PathLike, cfg: KM
         log.info("fitting %d clusters on %d frames of %d-dim %s", cfg.clusters, allf.shape[0], allf.shape[1],
                  cfg.features)
         centroids = fit_kmeans(allf, cfg)
-        ckpt.save_tensors(km_path, {"centroids": torch.from_numpy(centroids)}, config=wanted)
+        storage.save_tensors(km_path, {"centroids": torch.from_numpy(centroids)}, config=wanted)
 
     shards = []
     n_shards = math.ceil(len(utts) / cfg.shard_utterances)
@@ -284,24 +284,24 @@ def make_kmeans_targets(data: str | os.PathLike, out: str | os.PathLike, cfg: KM
         ids = [u.id for u in part]
         if path.is_file():
             try:
-                _, meta = ckpt.load_tensors(path)
-                if ckpt.load_config_from_metadata(path, meta).get("ids") == ids:
-                    shards.append({"file": path.name, "sha256": ckpt.file_sha256(path), "utterances": len(ids)})
+                _, meta = storage.load_tensors(path)
+                if storage.load_config_from_metadata(path, meta).get("ids") == ids:
+                    shards.append({"file": path.name, "sha256": storage.file_sha256(path), "utterances": len(ids)})
                     continue
-            except ckpt.CheckpointError as e:
+            except storage.CheckpointError as e:
                 log.warning("%s is damaged (%s): labelling it again", path, e)
         labels, lengths = [], []
         for _, fs in _feature_batches(part, features):
             for f in fs:
                 labels.append(assign(f, centroids))
                 lengths.append(len(f))
-        ckpt.save_tensors(path, {"labels": torch.from_numpy(np.concatenate(labels)),
+        storage.save_tensors(path, {"labels": torch.from_numpy(np.concatenate(labels)),
                                  "lengths": torch.tensor(lengths, dtype=torch.long)},
                           config={"ids": ids, "corpus_sha256": wanted["corpus_sha256"]})
-        shards.append({"file": path.name, "sha256": ckpt.file_sha256(path), "utterances": len(ids)})
+        shards.append({"file": path.name, "sha256": storage.file_sha256(path), "utterances": len(ids)})
         log.info("labelled shard %d of %d", s + 1, n_shards)
-    ckpt.write_json_atomic(final, {**wanted, "clusters": cfg.clusters, "data": str(data),
-                                   "num_utterances": len(utts), "kmeans_sha256": ckpt.file_sha256(km_path),
+    storage.write_json_atomic(final, {**wanted, "clusters": cfg.clusters, "data": str(data),
+                                   "num_utterances": len(utts), "kmeans_sha256": storage.file_sha256(km_path),
                                    "shards": shards})
     return final
 
@@ -324,21 +324,21 @@ class FrameTargets:
                     if (self.path / KMEANS_FILE).is_file() else "")
             raise ConfigError(f"--targets {self.path}: no {TARGETS_FILE}{hint}; make targets with "
                               "`aviary targets kmeans --data CORPUS --out DIR`")
-        self.info = ckpt.read_json(final)
+        self.info = storage.read_json(final)
         if self.info.get("format_version") != FORMAT_VERSION:
             raise ConfigError(f"{final}: targets format {self.info.get('format_version')!r}, "
                               f"this aviary reads {FORMAT_VERSION}")
         self.clusters = int(self.info["clusters"])
         self.frame_shift = float(self.info["frame_shift"])
-        self.sha256 = ckpt.file_sha256(final)
+        self.sha256 = storage.file_sha256(final)
         self._labels: dict[str, np.ndarray] = {}
         for sh in self.info["shards"]:
             p = self.path / sh["file"]
-            if not p.is_file() or ckpt.file_sha256(p) != sh["sha256"]:
-                raise ckpt.CheckpointError(f"{p}: missing or changed since {final} was written "
+            if not p.is_file() or storage.file_sha256(p) != sh["sha256"]:
+                raise storage.CheckpointError(f"{p}: missing or changed since {final} was written "
                                            "(its SHA-256 differs); make the targets again")
-            t, meta = ckpt.load_tensors(p)
-            ids = ckpt.load_config_from_metadata(p, meta)["ids"]
+            t, meta = storage.load_tensors(p)
+            ids = storage.load_config_from_metadata(p, meta)["ids"]
             ends = np.cumsum(t["lengths"].numpy())
             lab = t["labels"].numpy()
             for uid, a, b in zip(ids, np.concatenate([[0], ends[:-1]]), ends):

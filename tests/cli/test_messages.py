@@ -15,9 +15,9 @@ import aviary
 from aviary.cli import main
 from aviary.config import ConfigError
 from aviary.data.manifest import Utterance, write_corpus
-from aviary.models.bundle import save_bundle
+from aviary.hub import save_bundle
 from aviary.models.registry import build_pretrain, get_preset
-from aviary.train.checkpoint import save_tensors
+from aviary.storage import save_tensors
 
 
 @pytest.fixture()

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from aviary.features import FrontEndConfig
-from aviary.models.bundle import save_bundle
+from aviary.hub import save_bundle
 from aviary.models.encoder import EncoderConfig
 from aviary.models.mam import MAMConfig
 from aviary.models.registry import build_pretrain
 from aviary.objectives.masking import MaskingConfig
-from aviary.train.checkpoint import FORMAT_VERSION, save_tensors
+from aviary.storage import FORMAT_VERSION, save_tensors
 
 HERE = Path(__file__).resolve().parent
 

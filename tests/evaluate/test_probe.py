@@ -214,7 +214,7 @@ def test_step_budget_and_lr_chosen_on_valid(cache, corpus):
     every grid value for its share of the budget and continues the best one."""
     splits = load_splits(corpus, "speaker")
     cfg = ProbeConfig(task="speaker", head="mlp1", layer="1", hidden=16, steps=60, eval_every=10, patience=100,
-                      lr_grid=(1e-4, 1e-2), lr_trial_fraction=0.25, batch_utterances=64)
+                      lr_grid=(1e-4, 1e-2), lr_extend=0, lr_trial_fraction=0.25, batch_utterances=64)
     rec = run_probe(cfg, splits, cache=cache)
     assert rec["solver"] == "adam" and rec["steps"] == 60 and rec["steps_run"] == 60
     assert rec["lr_auto"] is True and [t["lr"] for t in rec["lr_trials"]] == [1e-4, 1e-2]
@@ -228,12 +228,24 @@ def test_step_budget_and_lr_chosen_on_valid(cache, corpus):
     assert fixed["lr"] == 3e-3 and fixed["lr_auto"] is False and fixed["lr_trials"] is None
 
 
+def test_lr_grid_is_extended_while_its_largest_value_wins(cache, corpus):
+    splits = load_splits(corpus, "speaker")
+    cfg = ProbeConfig(task="speaker", head="mlp1", layer="1", hidden=16, steps=60, eval_every=10, patience=100,
+                      lr_grid=(1e-5, 1e-4), lr_extend=2, lr_trial_fraction=0.25, batch_utterances=64)
+    rec = run_probe(cfg, splits, cache=cache)
+    lrs = [t["lr"] for t in rec["lr_trials"]]
+    # 15 steps at 1e-5 / 1e-4 barely move a fresh head: the top keeps winning, so two more are tried.
+    assert lrs == pytest.approx([1e-5, 1e-4, 3e-4, 9e-4])
+    assert rec["lr"] == pytest.approx(9e-4)
+    assert rec["epochs"] == 60 + 3 * 15  # one batch per epoch; the three losing trials count
+
+
 def test_finetune_chooses_head_lr_on_valid(corpus):
     splits = load_splits(corpus, "speaker")
     up = OracleUpstream()
     info = describe_upstream(up, "oracle").to_dict()
     rec = run_probe(ProbeConfig(task="speaker", head="linear", layer="2", finetune=True, steps=8, eval_every=4,
-                                lr_grid=(1e-3, 3e-2), upstream_lr=1e-3, batch_seconds=8.0), splits,
+                                lr_grid=(1e-3, 3e-2), lr_extend=0, upstream_lr=1e-3, batch_seconds=8.0), splits,
                     upstream=up, upstream_info=info)
     assert rec["mode"] == "finetune" and rec["solver"] == "adam" and len(rec["lr_trials"]) == 2
     assert rec["lr"] in (1e-3, 3e-2) and rec["upstream_lr"] == 1e-3

@@ -154,7 +154,7 @@ def test_finetune_sweep_starts_each_probe_from_the_same_weights(corpus, tmp_path
 
 def test_sweep_from_a_run_directory(corpus, tmp_path):
     from aviary.models.registry import get_family, get_preset
-    from aviary.train.checkpoint import save_tensors
+    from aviary.storage import save_tensors
 
     cfg = get_preset("mockingjay-tiny")
     torch.manual_seed(0)
@@ -230,7 +230,7 @@ def test_cli_lr_auto_or_number(corpus, oracle_cache, tmp_path):
     out = tmp_path / "c"
     base = ["probe", "--cache", str(oracle_cache), "--data", str(corpus), "--task", "speaker", "--head", "mlp1",
             "--layers", "1", "--hidden", "8", "--steps", "10", "--out", str(out)]
-    assert main(base + ["--lr", "auto", "--lr-grid", "1e-3,1e-2"]) == 0
+    assert main(base + ["--lr", "auto", "--lr-grid", "1e-3,1e-2", "--lr-extend", "0"]) == 0
     assert main(base + ["--lr", "0.003", "--seed", "1"]) == 0
     recs = sorted(load_records(out), key=lambda r: r["seed"])
     assert recs[0]["lr_auto"] is True and len(recs[0]["lr_trials"]) == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from aviary.config import apply_overrides
-from aviary.models.bundle import save_bundle
+from aviary.hub import save_bundle
 from aviary.models.registry import get_family, get_preset
 
 TINY_VQ = ["channels=16", "gumbel_hidden=16", "num_vars=8", "aggregator_kernels=[2,3]", "prediction_steps=2",

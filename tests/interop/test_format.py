@@ -13,9 +13,9 @@ import torch
 
 import aviary
 from aviary.cli import main as cli_main
-from aviary.models.bundle import describe, format_description, match_preset, save_bundle
+from aviary.hub import match_preset, save_bundle
 from aviary.models.registry import build_pretrain, get_preset
-from aviary.train.checkpoint import FORMAT_VERSION, CheckpointError, load_tensors, save_checkpoint
+from aviary.storage import FORMAT_VERSION, CheckpointError, load_tensors
 
 DATA = Path(__file__).resolve().parent.parent / "data_files"
 BUNDLES = sorted(p for p in DATA.glob("tiny-*-v*.safetensors") if not p.name.endswith(".expected.safetensors"))
@@ -73,25 +73,6 @@ def test_bundle_round_trip_and_upstream_only_bundle(tmp_path):
     assert stored["step"] == 5 and stored["format_version"] == FORMAT_VERSION and meta["aviary.format_version"] == str(FORMAT_VERSION)
 
 
-def test_info_describes_a_training_run(tmp_path, capsys):
-    cfg = get_preset("aalbert-tiny")
-    model = build_pretrain(cfg)
-    run = tmp_path / "run"
-    config = {"model": cfg.to_dict(), "train": {"steps": 400}, "step": 200, "format_version": FORMAT_VERSION}
-    save_checkpoint(run, 200, model.state_dict(), config, {}, {"step": 200})
-    (run / "run.json").write_text(json.dumps({"model": cfg.to_dict(), "data": "corpora/synth-100", "git_commit": "abc123"}))
-    d = describe(run)
-    assert d["preset"] == "aalbert-tiny" and d["family"] == "mam" and d["variant"] == "aalbert"
-    assert d["step"] == 200 and d["train_steps"] == 400 and d["data"] == "corpora/synth-100"
-    from aviary.models.registry import count_parameters
-    assert d["parameters_upstream"] == count_parameters(model.upstream)
-    assert cli_main(["info", str(run)]) == 0
-    out = capsys.readouterr().out
-    for needle in ("aalbert-tiny", "200 steps of 400", "corpora/synth-100", "logmel", "linear", "(shared)", "R=3"):
-        assert needle in out, needle
-    assert "closest" in format_description({**d, "preset": None, "closest_preset": "x", "differs_from_preset": ["a"]})
-
-
 def test_preset_matching_names_differences():
     cfg = get_preset("tera-small").to_dict()
     assert match_preset(cfg) == ("tera-small", [])
@@ -103,7 +84,7 @@ def test_preset_matching_names_differences():
 def test_newer_format_version_is_refused(tmp_path):
     cfg = get_preset("mockingjay-tiny")
     model = build_pretrain(cfg)
-    from aviary.train.checkpoint import save_tensors
+    from aviary.storage import save_tensors
     save_tensors(tmp_path / "future.safetensors", model.state_dict(), config={"model": cfg.to_dict()},
                  metadata={"aviary.format_version": str(FORMAT_VERSION + 1)})
     with pytest.raises(CheckpointError, match="newer aviary"):

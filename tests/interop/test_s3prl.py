@@ -25,7 +25,7 @@ from aviary.models.encoder import EncoderConfig
 from aviary.models.mam import MAMConfig
 from aviary.models.registry import build_pretrain
 from aviary.features import FrontEndConfig
-from aviary.train.checkpoint import FORMAT_VERSION, save_tensors
+from aviary.storage import FORMAT_VERSION, save_tensors
 
 H, HEADS, FFN = 32, 4, 64
 
@@ -243,11 +243,11 @@ def test_import_cli_writes_a_loadable_run_dir(tmp_path):
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     # The head came along: the pretraining model in the run dir holds s3prl's SpecHead.
-    from aviary.train.checkpoint import load_tensors
+    from aviary.storage import load_tensors
     t, _ = load_tensors(run / "model.safetensors")
     assert torch.equal(t["head.out.weight"], ck["SpecHead"]["output.weight"])
     assert cli_main(["import", "s3prl", str(path), "--out", str(run)]) == 2  # refuses to overwrite
-    from aviary.models.bundle import describe
+    from aviary.hub import describe
     for src in (run, f"s3prl:{path}", path):
         d = describe(src)
         assert d["step"] == 1234 and d["variant"] == "mockingjay" and d["source"]["toolkit"] == "s3prl"

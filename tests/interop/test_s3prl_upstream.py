@@ -141,7 +141,7 @@ def test_package_is_self_contained_and_takes_any_checkpoint(packages, tmp_path):
 
 def test_expert_never_unpickles(packages, tmp_path):
     """A torch.save file given as -k is refused by name and its pickle is not run."""
-    from aviary.train.checkpoint import CheckpointError
+    from aviary.storage import CheckpointError
 
     marker = tmp_path / "pwned"
 

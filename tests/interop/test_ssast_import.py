@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import aviary.models.upstream as upstream_mod
+from aviary import hub
 from aviary.interop.ssast import SSASTImportError, import_ssast_checkpoint, load_ssast_checkpoint
 
 
@@ -129,7 +129,7 @@ def test_import_writes_loadable_run_dir(tmp_path):
     torch.save(sd, ckpt)
     weights = import_ssast_checkpoint(ckpt, tmp_path / "run")
     assert weights == tmp_path / "run" / "model.safetensors"
-    up = upstream_mod.load(tmp_path / "run")
+    up = hub.load(tmp_path / "run")
     wav = torch.randn(1, 400 + 160 * 31) * 0.1  # exactly p_input_tdim = 32 fbank frames
     with torch.no_grad():
         feats, _ = up.frontend(wav)

@@ -6,7 +6,7 @@ import aviary
 from aviary.config import ConfigError
 from aviary.models.mam import MAMConfig, MAMUpstream
 from aviary.models.registry import build_pretrain, count_parameters, get_preset
-from aviary.train.checkpoint import save_tensors
+from aviary.storage import save_tensors
 
 # Two OpenMP threads on a CPU shared with other jobs spin-wait badly (60x slower matmuls
 # measured); one thread keeps these tiny tests fast.
@@ -135,7 +135,7 @@ def test_load_round_trip(tmp_path):
 def test_safetensors_whose_header_size_looks_like_pickle_or_zip_loads(tmp_path, low_bytes):
     """The header size is the first 8 bytes of a safetensors file; one starting 0x80 (pickle's
     magic) or "PK" (zip's) must still load (it once failed as 'a torch/pickle file')."""
-    from aviary.train.checkpoint import torch_file_kind
+    from aviary.storage import torch_file_kind
 
     cfg = get_preset("aalbert-tiny")
     model = build_pretrain(cfg)

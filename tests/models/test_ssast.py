@@ -235,13 +235,13 @@ def test_with_fbank_stats():
 
 
 def test_pretrain_checkpoint_round_trip(tmp_path):
-    import aviary.models.upstream as upstream_mod
-    from aviary.train.checkpoint import save_tensors
+    from aviary import hub
+    from aviary.storage import save_tensors
 
     cfg = tiny_config("frame")
     model = get_family("ssast").build_pretrain(cfg).eval()
     save_tensors(tmp_path / "model.safetensors", model.state_dict(), config={"model": cfg.to_dict()})
-    loaded = upstream_mod.load(tmp_path)
+    loaded = hub.load(tmp_path)
     wav = torch.randn(1, 12000) * 0.1
     with torch.no_grad():
         a, _ = model.upstream.extract(wav)

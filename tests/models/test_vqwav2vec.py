@@ -6,10 +6,11 @@ import torch
 
 import aviary
 from aviary.config import ConfigError
+from aviary.models.conv import conv_output_lengths
 from aviary.models.quantizers import GumbelQuantizer, KMeansQuantizer
 from aviary.models.registry import PRESETS, build_pretrain, count_parameters, get_family, get_preset, list_presets
-from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecUpstream, conv_output_lengths
-from aviary.train.checkpoint import save_tensors
+from aviary.models.vqwav2vec import VqWav2VecConfig, VqWav2VecUpstream
+from aviary.storage import save_tensors
 
 VQ_PRESETS = [n for n in list_presets() if n.startswith("vq-wav2vec")]
 
@@ -355,7 +356,7 @@ def test_too_short_rows_do_not_break_a_batch():
 
 
 def test_masked_group_norm_matches_group_norm():
-    from aviary.models.vqwav2vec import MaskedGroupNorm
+    from aviary.models.conv import MaskedGroupNorm
     torch.manual_seed(0)
     for groups in (1, 4):
         norm = MaskedGroupNorm(groups, 8)

@@ -10,7 +10,7 @@ import torch
 
 import tiny
 from aviary.config import apply_overrides
-from aviary.train.checkpoint import save_tensors
+from aviary.storage import save_tensors
 from aviary.train.config import TrainConfig
 from aviary.train.loop import pretrain
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tiny
+from aviary import storage
 from aviary.train import checkpoint as ckpt
 from aviary.train.config import TrainConfig
 from aviary.train.loop import pretrain
@@ -28,14 +29,15 @@ def _losses(run_dir):
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    # This tree's aviary, not whichever one the venv has installed.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parents[1])])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc_per_node", "2", str(HERE / "ddp_worker.py"), str(tmp_path / "ddp"),
            *[f"{k}={v}" for k, v in ARGS.items()], "grad_accum=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    w0 = ckpt.load_tensors(tmp_path / "ddp/rank0.safetensors")[0]
-    w1 = ckpt.load_tensors(tmp_path / "ddp/rank1.safetensors")[0]
+    w0 = storage.load_tensors(tmp_path / "ddp/rank0.safetensors")[0]
+    w1 = storage.load_tensors(tmp_path / "ddp/rank1.safetensors")[0]
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k  # both ranks end with identical weights
 

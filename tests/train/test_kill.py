@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from aviary import storage
 from aviary.train import checkpoint as ckpt
 
 OVERRIDES = ["train.checkpoint_every=2", "train.precision=fp32", "train.log_every=1",
@@ -52,7 +53,7 @@ def test_sigkill_and_resume_is_bitwise(sine_corpus, tmp_path):
     with open(tmp_path / "ref-stderr.txt", "wb") as log:
         assert _launch(sine_corpus, tmp_path / "ref", log).wait(timeout=300) == 0, \
             (tmp_path / "ref-stderr.txt").read_text()[-3000:]
-    ref = ckpt.load_tensors(tmp_path / "ref/model.safetensors")[0]
+    ref = storage.load_tensors(tmp_path / "ref/model.safetensors")[0]
 
     out = tmp_path / "killed"
     rng = random.Random(1234)
@@ -75,7 +76,7 @@ def test_sigkill_and_resume_is_bitwise(sine_corpus, tmp_path):
         p = _launch(sine_corpus, out, log)
         assert p.wait(timeout=300) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
 
-    got = ckpt.load_tensors(out / "model.safetensors")[0]
+    got = storage.load_tensors(out / "model.safetensors")[0]
     assert got.keys() == ref.keys()
     for k in ref:
         assert torch.equal(got[k], ref[k]), k

@@ -13,6 +13,7 @@ import torch
 
 import tiny
 from aviary.config import ConfigError
+from aviary import storage
 from aviary.train import checkpoint as ckpt
 from aviary.train.config import TrainConfig
 from aviary.train.loop import NonFiniteError, UnusableDataError, param_groups, pretrain
@@ -31,7 +32,7 @@ def run(out, resume=False, data=None, **kw):
 
 
 def weights(path):
-    return ckpt.load_tensors(path)[0]
+    return storage.load_tensors(path)[0]
 
 
 def assert_bitwise(a, b):
@@ -178,7 +179,7 @@ def test_no_usable_checkpoint_is_an_error(tmp_path):
     d = tmp_path / "checkpoints/step-00000004"
     d.mkdir(parents=True)
     (d / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ckpt.CheckpointError, match="none of the 1 checkpoints is usable"):
+    with pytest.raises(storage.CheckpointError, match="none of the 1 checkpoints is usable"):
         ckpt.latest_good_checkpoint(tmp_path)
 
 
@@ -211,7 +212,7 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
         return f
 
     monkeypatch.setattr(os, "fdopen", fdopen)
-    with pytest.raises(ckpt.CheckpointError, match="disk full") as e:
+    with pytest.raises(storage.CheckpointError, match="disk full") as e:
         run(out)
     assert "step-00000008" in str(e.value) and "earlier checkpoints are intact" in str(e.value)
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [4]

@@ -13,7 +13,7 @@ import aviary
 from aviary.config import ConfigError
 from aviary.data.manifest import load_manifest
 from aviary.models.registry import get_preset
-from aviary.train import checkpoint as ckpt
+from aviary import storage
 from aviary.train.loop import pretrain
 from aviary.train.recipe import resolve_configs
 from aviary.train.targets import (FrameTargets, KMeansTargetsConfig, MfccFeatures, TargetTrainData, assign,
@@ -60,7 +60,7 @@ def test_kmeans_targets_at_r3_line_up_with_the_encoder_frames(sine_corpus, mfcc_
     from aviary.features import FrontEndConfig, build_frontend
 
     data = TargetTrainData(utts, t, sine_corpus, max_batch_seconds=4, crop_seconds=0.5)
-    km = ckpt.load_tensors(mfcc_targets / "kmeans.safetensors")[0]["centroids"].numpy()
+    km = storage.load_tensors(mfcc_targets / "kmeans.safetensors")[0]["centroids"].numpy()
     feats = MfccFeatures(3)
     feats.frontend = build_frontend(FrontEndConfig(kind="logmel", n_mels=40))
 
@@ -92,7 +92,7 @@ def test_kmeans_targets_at_r3_line_up_with_the_encoder_frames(sine_corpus, mfcc_
 def test_a_killed_kmeans_run_continues_and_equals_an_uninterrupted_one(sine_corpus, mfcc_targets, tmp_path,
                                                                         monkeypatch):
     out = tmp_path / "killed"
-    real = ckpt.save_tensors
+    real = storage.save_tensors
     calls = {"n": 0}
 
     def dies_on_the_third_file(path, *a, **kw):
@@ -101,20 +101,20 @@ def test_a_killed_kmeans_run_continues_and_equals_an_uninterrupted_one(sine_corp
             raise KeyboardInterrupt
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(ckpt, "save_tensors", dies_on_the_third_file)
+    monkeypatch.setattr(storage, "save_tensors", dies_on_the_third_file)
     with pytest.raises(KeyboardInterrupt):
         make_kmeans_targets(sine_corpus, out, KMeansTargetsConfig(**_KM))
     assert (out / "shard-00000.safetensors").is_file() and not (out / "targets.json").exists()
     with pytest.raises(ConfigError, match="unfinished run"):
         FrameTargets(out)
-    monkeypatch.setattr(ckpt, "save_tensors", real)
+    monkeypatch.setattr(storage, "save_tensors", real)
     make_kmeans_targets(sine_corpus, out, KMeansTargetsConfig(**_KM))
     # The same centroids and labels as an uninterrupted run (file bytes may differ: safetensors
     # writes its metadata in no fixed order).
     a, b = json.loads((out / "targets.json").read_text()), json.loads((mfcc_targets / "targets.json").read_text())
     assert [s["utterances"] for s in a["shards"]] == [s["utterances"] for s in b["shards"]] == [6, 6, 6, 2]
     for f in ["kmeans.safetensors"] + [s["file"] for s in a["shards"]]:
-        (ta, ma), (tb, mb) = ckpt.load_tensors(out / f), ckpt.load_tensors(mfcc_targets / f)
+        (ta, ma), (tb, mb) = storage.load_tensors(out / f), storage.load_tensors(mfcc_targets / f)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta) and ma == mb, f
     # Other settings into the same directory are refused, naming it.
     with pytest.raises(ConfigError, match=r"killed: holds targets of other settings.*clusters"):
@@ -124,7 +124,7 @@ def test_a_killed_kmeans_run_continues_and_equals_an_uninterrupted_one(sine_corp
     raw = bytearray(shard.read_bytes())
     raw[-3] ^= 1
     shard.write_bytes(bytes(raw))
-    with pytest.raises(ckpt.CheckpointError, match="shard-00001.safetensors: missing or changed"):
+    with pytest.raises(storage.CheckpointError, match="shard-00001.safetensors: missing or changed"):
         FrameTargets(out)
 
 
@@ -135,7 +135,7 @@ def test_hubert_pretrains_on_its_targets_and_loads(sine_corpus, mfcc_targets, tm
     up = aviary.load(str(tmp_path / "run"))
     stored = up.checkpoint_meta["model"]
     assert stored["objective"]["num_clusters"] == 8  # from the targets
-    assert stored["objective"]["targets_sha256"] == ckpt.file_sha256(mfcc_targets / "targets.json")
+    assert stored["objective"]["targets_sha256"] == storage.file_sha256(mfcc_targets / "targets.json")
     valid = [r for r in res.history if r.get("split") == "valid"][-1]
     assert {"ce", "acc", "unigram_ce"} <= set(valid)
     with torch.no_grad():
@@ -194,8 +194,8 @@ def test_bestrq_pretrains_with_corpus_stats_and_its_quantiser_survives_save_load
     m, t = resolve_configs("bestrq-cpu", overrides=_TRAIN)
     res = pretrain(m, t, sine_corpus, tmp_path / "run")
     assert res.step == 2 and math.isfinite(res.valid_loss)
-    tensors, meta = ckpt.load_tensors(tmp_path / "run" / "model.safetensors")
-    stored = ckpt.load_config_from_metadata(tmp_path / "run" / "model.safetensors", meta)["model"]
+    tensors, meta = storage.load_tensors(tmp_path / "run" / "model.safetensors")
+    stored = storage.load_config_from_metadata(tmp_path / "run" / "model.safetensors", meta)["model"]
     assert stored["input"]["cmvn"] == "global" and stored["input"]["cmvn_mean"] != [0.0] * 80  # measured
     # The quantiser is never trained: the stored buffers are bit for bit those of a fresh model
     # of the same quantizer_seed, whatever the run's seed, and load back into a model unchanged.
@@ -214,7 +214,7 @@ def test_bestrq_pretrains_with_corpus_stats_and_its_quantiser_survives_save_load
     # ... and resuming keeps them.
     m2, t2 = resolve_configs("bestrq-cpu", overrides=_TRAIN[1:] + ["steps=3"])
     pretrain(m2, t2, sine_corpus, tmp_path / "run", resume=True)
-    again, _ = ckpt.load_tensors(tmp_path / "run" / "model.safetensors")
+    again, _ = storage.load_tensors(tmp_path / "run" / "model.safetensors")
     assert not torch.equal(again["objective.head.weight"], tensors["objective.head.weight"])
     assert torch.equal(again["objective.quantizer.codebooks"], tensors["objective.quantizer.codebooks"])
     assert torch.equal(again["objective.quantizer.projection"], tensors["objective.quantizer.projection"])

@@ -50,6 +50,8 @@ from aviary.config import Config, check, check_range
 from aviary.data.alignment import merge_repeats
 from aviary.data.manifest import Utterance, write_corpus
 from aviary.data.phones import PHONES, espeak_to_phone
+from aviary.data.synth.espeak import engine
+from aviary.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +290,6 @@ class _Worker:
 
     def __init__(self, cfg: SynthConfig, babble: np.ndarray | None = None,
                  colour: dict[str, np.ndarray] | None = None) -> None:
-        from aviary.data.synth.espeak import engine
-
         self.cfg = cfg
         self.tts = engine()
         self.grammar = Grammar()
@@ -421,8 +421,6 @@ def _init_worker(cfg_dict: dict, babble: np.ndarray | None, colour: dict[str, np
 
 
 def _babble_job(cfg_dict: dict) -> tuple[np.ndarray, float]:
-    from aviary.data.synth.espeak import engine
-
     cpu0 = time.process_time()
     b = make_babble(SynthConfig.from_dict(cfg_dict), engine(), Grammar())
     return b, time.process_time() - cpu0
@@ -502,17 +500,17 @@ def synthesize_corpus(out: str | Path, cfg: SynthConfig = SynthConfig(), progres
             utts.append(Utterance(sample_rate=SAMPLE_RATE, **{k: v for k, v in r.items()}))
             lines.append(f"{r['id']} {r['text'] or ''}".rstrip())
             counts.update(s for s, _, _ in r["phones"])
-        (out / spk.id / "1" / f"{spk.id}-1.trans.txt").write_text("\n".join(lines) + "\n")
+        write_text_atomic(out / spk.id / "1" / f"{spk.id}-1.trans.txt", "\n".join(lines) + "\n")
     hours = sum(u.duration for u in utts) / 3600
     phone_counts = {p: int(counts.get(p, 0)) for p in PHONES}
     missing = [p for p, c in phone_counts.items() if c == 0]
     if missing and not cfg.words:
         log.warning("phones never produced: %s", missing)
-    (out / "conditions.jsonl").write_text("\n".join(conditions) + "\n")
-    (out / "speakers.json").write_text(json.dumps(
+    write_text_atomic(out / "conditions.jsonl", "\n".join(conditions) + "\n")
+    write_text_atomic(out / "speakers.json", json.dumps(
         [dict(dataclasses.asdict(s), voice=s.voice) for s in speakers], indent=1) + "\n")
-    (out / "phone_counts.json").write_text(json.dumps(phone_counts, indent=1) + "\n")
-    (out / "synth_config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / "phone_counts.json", json.dumps(phone_counts, indent=1) + "\n")
+    write_text_atomic(out / "synth_config.json", json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
     kind = "keyword-spotting clips" if cfg.words else "read sentences"
     readme = "\n".join([
         f"Synthetic English speech corpus ({kind}) made by `aviary synth` with espeak-ng.",

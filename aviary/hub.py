@@ -1,12 +1,18 @@
-"""aviary's own checkpoint format, seen from the outside: save a bundle, describe any checkpoint.
+"""Checkpoints in, upstreams out: :func:`load`, :func:`describe` (``aviary info``), :func:`save_bundle`.
+
+The layer above ``models/`` and ``interop/``: it reads aviary's own weights files (format:
+:mod:`aviary.storage`; run directories: :mod:`aviary.train.checkpoint`) and other toolkits'
+checkpoints (through :mod:`aviary.interop`), and builds the model from the config stored in
+the file alone (:func:`aviary.models.registry.build_upstream_from_config`)::
+
+    model = aviary.load("runs/aalbert-3l")            # run dir, bundle file, or "s3prl:CKPT"
+    hidden_states, lengths = model.extract(wavs, wav_lengths)
 
 A *bundle* is one ``.safetensors`` file: the pretraining model's tensors plus, in the
 safetensors metadata, ``aviary.format_version``, ``aviary.sha256`` and ``aviary.config``
-(JSON ``{"model": <pretraining config>, "train": <train config or null>, "step": N,
-"format_version": V, ...}``). A run directory's ``model.safetensors`` is such a bundle, so
-:func:`aviary.load` needs nothing else (see :mod:`aviary.train.checkpoint` for the writer and
-the atomic / checksum guarantees). Format versions only go up; every older version keeps
-loading, which ``tests/interop/test_format.py`` checks against a checked-in checkpoint.
+(:func:`aviary.storage.checkpoint_config`). A run directory's ``model.safetensors`` is such a
+bundle, so :func:`load` needs nothing else. Format versions only go up; every older version
+keeps loading, which ``tests/interop/test_format.py`` checks against a checked-in checkpoint.
 """
 from __future__ import annotations
 
@@ -17,15 +23,60 @@ from typing import Any, Mapping
 
 import torch
 
+from aviary import storage
 from aviary.config import Config
+from aviary.interop.s3prl import load_s3prl_upstream, read_s3prl_checkpoint
+from aviary.models.registry import build_upstream_from_config, count_parameters, get_preset, list_presets
+from aviary.models.upstream import UPSTREAM_PREFIX, Upstream, upstream_state
+from aviary.storage import CheckpointError
+from aviary.train.checkpoint import RUN_JSON, find_weights
 
 log = logging.getLogger(__name__)
+
+S3PRL_PREFIX = "s3prl:"
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any) -> Upstream:
+    """Load a pretrained upstream.
+
+    Args:
+        path: a run directory (its ``model.safetensors`` or newest checkpoint), a
+            single-file bundle (``.safetensors`` with the config in its metadata), or
+            ``"s3prl:CKPT"`` to import an s3prl Mockingjay / TERA / AALBERT checkpoint.
+        device: where to put the model.
+
+    Returns:
+        The :class:`~aviary.models.upstream.Upstream` in eval mode, with ``checkpoint_path``
+        and ``checkpoint_meta`` (the stored config) set.
+
+    Raises:
+        CheckpointError: unreadable, corrupted or refused (pickle) files, naming the file.
+    """
+    spath = str(path)
+    if spath.startswith(S3PRL_PREFIX):
+        return load_s3prl_upstream(spath[len(S3PRL_PREFIX):], **kwargs).to(device).eval()
+    wpath = find_weights(spath)
+    if storage.torch_file_kind(wpath) is not None:
+        # A torch.save zip or a raw pickle: another toolkit's file, never unpickled here.
+        raise CheckpointError(f"{wpath}: a torch/pickle file, not an aviary safetensors checkpoint; "
+                              f"for s3prl checkpoints use aviary.load('s3prl:{wpath}') or `aviary import s3prl`")
+    tensors, meta = storage.load_tensors(wpath)
+    stored = storage.load_config_from_metadata(wpath, meta)
+    _cfg, upstream = build_upstream_from_config(stored, source=wpath)
+    missing, unexpected = upstream.load_state_dict(upstream_state(tensors), strict=False)
+    if missing:
+        raise CheckpointError(f"{wpath}: weights missing for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    if unexpected and not any(k.startswith(UPSTREAM_PREFIX) for k in tensors):
+        log.warning("%s: ignoring %d unexpected tensors (e.g. %s)", wpath, len(unexpected), unexpected[:3])
+    upstream.checkpoint_path = str(wpath)
+    upstream.checkpoint_meta = stored
+    return upstream.to(device).eval()
 
 
 def save_bundle(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], model_config: Config | Mapping[str, Any],
                 *, step: int | None = None, train: Config | Mapping[str, Any] | None = None,
                 extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a single-file bundle that :func:`aviary.load` and ``aviary info`` understand.
+    """Write a single-file bundle that :func:`load` and ``aviary info`` understand.
 
     Args:
         path: destination ``.safetensors`` file (written atomically).
@@ -38,15 +89,8 @@ def save_bundle(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], mo
     Returns:
         ``path``.
     """
-    from aviary.train import checkpoint as ckpt
-
-    def plain(c: Any) -> Any:
-        return c.to_dict() if isinstance(c, Config) else (dict(c) if c is not None else None)
-
-    config = {"model": plain(model_config), "train": plain(train), "step": step,
-              "format_version": ckpt.FORMAT_VERSION, **(extra or {})}
     path = Path(path)
-    ckpt.save_tensors(path, tensors, config=config)
+    storage.save_tensors(path, tensors, config=storage.checkpoint_config(model_config, train, step, **(extra or {})))
     return path
 
 
@@ -68,8 +112,6 @@ def match_preset(model_config: Mapping[str, Any]) -> tuple[str | None, list[str]
         the same family and its differing dotted keys otherwise, ``(None, [])`` when the
         family has no presets.
     """
-    from aviary.models.registry import get_preset, list_presets
-
     mine = _leaves(model_config)
     best: tuple[str | None, list[str]] = (None, [])
     for name in list_presets():
@@ -128,38 +170,30 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError / S3prlError: unreadable, corrupted or refused files, naming the file.
     """
-    from aviary.models.registry import config_from_dict, count_parameters, get_family
-    from aviary.models.upstream import _find_weights
-    from aviary.train import checkpoint as ckpt
-
     spath = str(path)
     source_kind = "aviary"
-    if spath.startswith("s3prl:") or ckpt.torch_file_kind(spath) == "zip":
+    if spath.startswith(S3PRL_PREFIX) or storage.torch_file_kind(spath) == "zip":
         # torch.save's zip container: another toolkit's checkpoint.
-        from aviary.interop.s3prl import read_s3prl_checkpoint
-
-        file = Path(spath[len("s3prl:"):] if spath.startswith("s3prl:") else spath)
-        cfg, tensors, info = read_s3prl_checkpoint(file)
-        stored = {"model": cfg.to_dict(), "step": info["step"], "source": info["source"]}
+        file = Path(spath[len(S3PRL_PREFIX):] if spath.startswith(S3PRL_PREFIX) else spath)
+        s3cfg, tensors, info = read_s3prl_checkpoint(file)
+        stored = {"model": s3cfg.to_dict(), "step": info["step"], "source": info["source"]}
         weights, version, run_json = file, None, {"data": info["data"]}
         source_kind = "s3prl"
     else:
-        weights = _find_weights(Path(spath))
-        tensors, meta = ckpt.load_tensors(weights)
-        stored = ckpt.load_config_from_metadata(weights, meta)
-        version = ckpt.format_version(weights, meta)
+        weights = find_weights(spath)
+        tensors, meta = storage.load_tensors(weights)
+        stored = storage.load_config_from_metadata(weights, meta)
+        version = storage.format_version(weights, meta)
         run_json = {}
-        for cand in (weights.parent / "run.json", weights.parent.parent.parent / "run.json"):
+        for cand in (weights.parent / RUN_JSON, weights.parent.parent.parent / RUN_JSON):
             if cand.is_file():
                 try:
-                    run_json = ckpt.read_json(cand)
-                except ckpt.CheckpointError as e:
+                    run_json = storage.read_json(cand)
+                except CheckpointError as e:
                     log.warning("%s", e)
                 break
     model_cfg = stored.get("model", stored)
-    cfg = config_from_dict(model_cfg, source=weights)
-    family = get_family(cfg.family)
-    upstream = family.build_upstream(cfg)
+    cfg, upstream = build_upstream_from_config(stored, source=weights)
     preset, diff = match_preset(model_cfg)
     train = stored.get("train") or run_json.get("train") or {}
     d: dict[str, Any] = {

@@ -8,7 +8,7 @@ import torch
 from aviary.cli import main
 from aviary.data import Utterance, write_manifest
 from aviary.models.registry import get_family, get_preset
-from aviary.train.checkpoint import save_tensors
+from aviary.storage import save_tensors
 
 
 def test_analyze_attention_cli(tmp_path, capsys):
