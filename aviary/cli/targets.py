@@ -45,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = KMeansTargetsConfig(features=args.features, clusters=args.clusters,
                               downsample=(args.downsample or 1) if args.features == "mfcc" else 0,
                               seed=args.seed, fit_frames=args.fit_frames)
-    make_kmeans_targets(args.data, args.out, cfg, progress=True)
+    upstream = None
+    if args.features != "mfcc":
+        import aviary
+
+        upstream = aviary.load(args.features.rpartition(":")[0])
+    make_kmeans_targets(args.data, args.out, cfg, upstream=upstream, progress=True)
     log.info("wrote %s", json.dumps(targets_summary(args.out)))
     return 0
 

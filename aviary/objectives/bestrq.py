@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import check_range
+from aviary.lengths import valid_mask
 from aviary.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
 from aviary.objectives.masking import bernoulli_span_mask
 
@@ -64,7 +65,7 @@ def draw_mask(batch: dict[str, Any], lengths: torch.Tensor, T: int, start_prob: 
     if mask.shape != (lengths.shape[0], T):
         raise ValueError(f"batch['mask'] must be ({lengths.shape[0]}, {T}) at the encoder rate, "
                          f"got {tuple(mask.shape)}")
-    return mask.bool() & (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None])
+    return mask.bool() & valid_mask(lengths, T)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aviary.config import check_range
+from aviary.lengths import padding_mask
 from aviary.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
 from aviary.objectives.bestrq import FrameUpstream, draw_mask, encoder_input
 
@@ -125,8 +126,7 @@ def align_targets(targets: torch.Tensor, lengths: torch.Tensor, T: int) -> torch
         raise ValueError(f"targets must be (B={lengths.shape[0]}, T), got shape {tuple(targets.shape)}")
     Tt = targets.shape[1]
     out = F.pad(targets, (0, max(0, T - Tt)), value=IGNORE)[:, :T] if Tt != T else targets
-    pad = torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None]
-    return out.masked_fill(pad, IGNORE)
+    return out.masked_fill(padding_mask(lengths, T), IGNORE)
 
 
 class Hubert(Objective):

@@ -137,17 +137,19 @@ class MfccFeatures:
 
 
 class LayerFeatures:
-    """Hidden state ``layer`` of an aviary checkpoint, at the checkpoint's frame rate."""
+    """Hidden state ``layer`` of a loaded upstream, at the upstream's frame rate.
 
-    def __init__(self, checkpoint: str, layer: int) -> None:
-        import aviary
+    The upstream is loaded by the caller (``aviary.load``: the CLI), so this module stays
+    below the loading layer.
+    """
 
-        self.upstream = aviary.load(checkpoint)
-        if layer >= self.upstream.num_hidden_states:
-            raise ConfigError(f"--features {checkpoint}:{layer}: the model has hidden states 0.."
-                              f"{self.upstream.num_hidden_states - 1}")
+    def __init__(self, upstream: Any, layer: int, name: str = "the model") -> None:
+        if layer >= upstream.num_hidden_states:
+            raise ConfigError(f"--features {name}:{layer}: the model has hidden states 0.."
+                              f"{upstream.num_hidden_states - 1}")
+        self.upstream = upstream
         self.layer = layer
-        self.frame_shift = float(self.upstream.frame_shift)
+        self.frame_shift = float(upstream.frame_shift)
 
     @torch.no_grad()
     def __call__(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,11 +157,14 @@ class LayerFeatures:
         return hs[self.layer].float(), out_len
 
 
-def build_features(cfg: KMeansTargetsConfig) -> MfccFeatures | LayerFeatures:
+def build_features(cfg: KMeansTargetsConfig, upstream: Any = None) -> MfccFeatures | LayerFeatures:
+    """The feature stream of ``cfg``; ``upstream`` is the loaded ``CHECKPOINT`` of a layer spec."""
     if cfg.features == "mfcc":
         return MfccFeatures(cfg.downsample)
     path, layer = _layer_spec(cfg.features)
-    return LayerFeatures(path, layer)
+    if upstream is None:
+        raise ConfigError(f"--features {cfg.features}: pass the loaded upstream of {path} (aviary.load)")
+    return LayerFeatures(upstream, layer, path)
 
 
 def corpus_fingerprint(utts: Sequence[Any]) -> str:
@@ -223,7 +228,7 @@ def assign(feats: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def make_kmeans_targets(data: str | os.PathLike, out: str | os.PathLike, cfg: KMeansTargetsConfig,
-                        progress: bool = False) -> Path:
+                        upstream: Any = None, progress: bool = False) -> Path:
     """Fit k-means on a corpus's training split and label every utterance (resumable).
 
     Args:
@@ -231,6 +236,7 @@ def make_kmeans_targets(data: str | os.PathLike, out: str | os.PathLike, cfg: KM
             ``manifest.jsonl`` labelled) or a manifest file (fit on and label all of it).
         out: the targets directory (see the module docstring).
         cfg: settings.
+        upstream: for ``features="CHECKPOINT:LAYER"``, that checkpoint loaded (``aviary.load``).
         progress: show a progress bar.
 
     Returns:
@@ -246,7 +252,7 @@ def make_kmeans_targets(data: str | os.PathLike, out: str | os.PathLike, cfg: KM
     if not utts:
         raise ConfigError(f"{data}: the corpus holds no utterance")
     fit_utts = load_manifest(dp, "train") if dp.is_dir() and (dp / "train.jsonl").is_file() else utts
-    features = build_features(cfg)
+    features = build_features(cfg, upstream)
     wanted = _settings(cfg, features.frame_shift, corpus_fingerprint(utts))
     final = out / TARGETS_FILE
     if final.is_file():

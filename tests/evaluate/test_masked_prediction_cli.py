@@ -25,6 +25,11 @@ def test_targets_pretrain_extract_probe(corpus, tmp_path, preset):
         extra = ["--targets", str(targets)]
     assert main(["pretrain", "--model", preset, "--data", str(corpus), "--out", str(run), "--steps", "2",
                  *extra, *TINY, *FAST]) == 0
+    if preset.startswith("hubert"):  # iteration 1: the k-means of a layer of the trained model
+        assert main(["targets", "kmeans", "--features", f"{run}:1", "--clusters", "4", "--data", str(corpus),
+                     "--out", str(tmp_path / "it1")]) == 0
+        assert main(["targets", "kmeans", "--features", f"{run}:1", "--downsample", "3", "--clusters", "4",
+                     "--data", str(corpus), "--out", str(tmp_path / "it1b")]) == 2  # its own frame rate
     up = aviary.load(run)
     assert up.num_hidden_states == 3 and up.frame_shift == pytest.approx(0.03)
     cache = tmp_path / "cache"

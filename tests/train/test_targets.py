@@ -180,14 +180,15 @@ def test_layer_targets_from_a_checkpoint(sine_corpus, mfcc_targets, tmp_path):
     m, t = resolve_configs("hubert-cpu", overrides=_TRAIN + [f"model.objective.targets={mfcc_targets}", "steps=1"])
     pretrain(m, t, sine_corpus, tmp_path / "it0")
     it1 = tmp_path / "it1"
+    it0 = aviary.load(str(tmp_path / "it0"))
     make_kmeans_targets(sine_corpus, it1, KMeansTargetsConfig(**{**_KM, "features": f"{tmp_path / 'it0'}:2",
-                                                                 "downsample": 0}))
+                                                                 "downsample": 0}), upstream=it0)
     a, b = FrameTargets(it1), FrameTargets(mfcc_targets)
     assert a.frame_shift == pytest.approx(b.frame_shift)
     assert all(len(a.labels(u.id)) == len(b.labels(u.id)) for u in load_manifest(sine_corpus))
     with pytest.raises(ConfigError, match="hidden states 0..6"):
         make_kmeans_targets(sine_corpus, tmp_path / "bad", KMeansTargetsConfig(
-            **{**_KM, "features": f"{tmp_path / 'it0'}:9", "downsample": 0}))
+            **{**_KM, "features": f"{tmp_path / 'it0'}:9", "downsample": 0}), upstream=it0)
 
 
 def test_bestrq_pretrains_with_corpus_stats_and_its_quantiser_survives_save_load(sine_corpus, tmp_path):
