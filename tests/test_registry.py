@@ -41,7 +41,11 @@ def _batch(family, cfg, seconds, B=2):
     wavs = torch.randn(B, n, generator=g) * 0.1
     lengths = torch.tensor([n] + [int(n * 0.8)] * (B - 1))
     wavs[1:, int(n * 0.8):] = 0
-    return {"wavs": wavs, "wav_lengths": lengths}
+    batch = {"wavs": wavs, "wav_lengths": lengths}
+    if hasattr(getattr(cfg, "objective", None), "targets"):
+        # HuBERT-style: frame cluster ids (at least as many as the encoder has frames).
+        batch["targets"] = torch.randint(0, cfg.objective.num_clusters, (B, int(100 * seconds) + 1), generator=g)
+    return batch
 
 
 def test_every_family_has_presets():

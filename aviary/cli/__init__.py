@@ -21,7 +21,7 @@ Run = Callable[[argparse.Namespace], "int | None"]
 VERBS: dict[str, tuple[str, AddArgs, Run]] = {}
 
 # Modules of this package that register verbs, in the order `aviary --help` lists them.
-_MODULES = ["data", "models", "pretrain", "evaluate", "analysis", "interop", "tokens"]
+_MODULES = ["data", "models", "pretrain", "evaluate", "analysis", "interop", "tokens", "targets"]
 
 
 def register(name: str, help: str, add_arguments: AddArgs, run: Run) -> None:

@@ -17,6 +17,7 @@ examples:
   aviary pretrain --model aalbert-3l --data corpora/synth/train.jsonl --out runs/aa3 \\
       train.lr=4e-4 train.grad_accum=4 model.encoder.dropout=0.0
   aviary pretrain --out runs/mj-small --resume            # continue after a crash or Ctrl-C
+  aviary pretrain --model hubert-cpu --data corpora/synth --targets targets/mfcc --out runs/hubert
   torchrun --nproc_per_node 2 -m aviary pretrain ...      # DistributedDataParallel
 
 Overrides are model.KEY=VALUE or train.KEY=VALUE (bare KEY=VALUE when KEY is unambiguous).
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "manifest file; optional with --resume")
     p.add_argument("--out", metavar="RUN_DIR", required=True,
                    help="run directory: checkpoints, metrics.jsonl, tb/, model.safetensors")
+    p.add_argument("--targets", metavar="DIR",
+                   help="frame targets of the corpus (`aviary targets kmeans`), for the hubert-* presets "
+                        "(sets model.objective.targets)")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (sets train.steps)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="sets train.precision (default auto: bf16 on CUDA or a CPU with AMX / AVX512-BF16, "
@@ -82,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         if data is None:
             raise ConfigError(f"{run_json}: not found, so the run's corpus is unknown; pass --data CORPUS")
     overrides = list(args.overrides) + ([f"train.precision={args.precision}"] if args.precision else [])
+    if args.targets:
+        overrides.append(f"model.objective.targets={Path(args.targets).resolve()}")
     model_cfg, train_cfg = resolve_configs(args.model, args.config, overrides, args.steps, base=base)
     if data is None:
         raise ConfigError("no training data: pass --data CORPUS (a corpus directory or manifest)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -208,8 +208,18 @@ def build_objective(cfg: MAMConfig, upstream: MAMUpstream) -> Objective:
                                 None if target_is_input_slice else build_frontend(cfg.target))
 
 
+def with_input_stats(cfg: MAMConfig, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> MAMConfig:
+    """``cfg`` with its input's per-dimension corpus mean / std measured, when the input uses
+    global CMVN (BEST-RQ's presets); any other config is returned as it is, reading nothing."""
+    if cfg.input.cmvn != "global":
+        return cfg
+    from aviary.features.frontend import compute_global_stats
+
+    return cfg.replace(input=compute_global_stats(cfg.input, batches).to_dict())
+
+
 register_family(Family(name="mam", config_cls=MAMConfig, build_upstream=MAMUpstream,
-                       build_objective=build_objective, batch_kind="audio"))
+                       build_objective=build_objective, batch_kind="audio", fit_corpus_stats=with_input_stats))
 
 
 # Presets. Mockingjay BASE / LARGE, AALBERT 3L/6L/12L and TERA base follow REFERENCE.md

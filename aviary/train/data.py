@@ -211,12 +211,16 @@ class AudioTrainData(TrainData):
     def epoch_batches(self, epoch: int, seed: int) -> list[list[int]]:
         return duration_batches(self.durations, self.max_batch_seconds, seed, epoch)
 
+    def crop_offset(self, u: Any, seed: int) -> float:
+        """Where the crop of utterance ``u`` starts (seconds; 0 when it is not cropped)."""
+        if u.duration <= self.crop_seconds:
+            return 0.0
+        # Random crop (s3prl crops sequence_length frames at a random start).
+        return float(np.random.default_rng(seed).uniform(0.0, u.duration - self.crop_seconds))
+
     def load_item(self, index: int, seed: int) -> dict[str, Any] | None:
         u = self.utts[index]
-        offset = 0.0
-        if u.duration > self.crop_seconds:
-            # Random crop (s3prl crops sequence_length frames at a random start).
-            offset = float(np.random.default_rng(seed).uniform(0.0, u.duration - self.crop_seconds))
+        offset = self.crop_offset(u, seed)
         try:
             wav = load_audio(u.audio, self.sample_rate, self.normalize_db, offset=offset,
                              duration=self.crop_seconds)
@@ -248,12 +252,17 @@ def build_train_data(batch_kind: str, data_path: str | Path, split: str | None,
     """The :class:`TrainData` of one split of ``data_path`` for a model family.
 
     Args:
-        batch_kind: the family's ``batch_kind`` (``"audio"`` or ``"tokens"``).
+        batch_kind: the family's ``batch_kind`` (``"audio"`` or ``"tokens"``); audio for an
+            objective trained on frame targets (its config has ``targets``: HuBERT) carries them.
         data_path: corpus directory or manifest file.
         split: ``"train"``, ``"valid"``, ... or ``None`` for the whole manifest.
         train_cfg: the :class:`~aviary.train.config.TrainConfig`.
         model_cfg: the model's pretraining config (token families read their vocabulary).
     """
+    if batch_kind == "audio" and hasattr(getattr(model_cfg, "objective", None), "targets"):
+        from aviary.train.targets import build_target_train_data
+
+        return build_target_train_data(data_path, split, train_cfg, model_cfg)
     if batch_kind == "audio":
         utts = load_manifest(data_path, split)
         # No level normalisation here: the model's front-end owns it (normalize_db).

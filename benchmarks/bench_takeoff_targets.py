@@ -1,0 +1,184 @@
+"""Benchmark: do BEST-RQ and HuBERT-style targets leave their unigram level on a CPU budget?
+
+The masked-prediction twin of ``bench_takeoff`` (which covers the reconstruction recipes):
+``bestrq-cpu`` and ``hubert-cpu`` pretrain with exactly the demo's settings
+(``analysis.demo.train_config``: 600 steps, peak lr 5e-4, 16 s batches of 4 s crops) on the
+demo's corpus; ``hubert-cpu`` first gets MFCC k-means targets (K = 100, R = 3) made by
+``aviary.train.targets.with_mfcc_targets``. A model that has not learned predicts how often
+each code / cluster occurs: its cross-entropy on the masked frames is the entropy of their
+histogram. The loop logs that per validation batch (``unigram_ce``, biased low: ~200 masked
+frames per batch); :func:`unigram_level` measures it over the whole validation split (the
+cross-entropy of its codes under the training split's frequencies). Reported per run: the
+validation curve of ``ce`` and ``acc``, the final ``ce`` over both levels (took off at <= 0.85 of
+the corpus level, the MAM recipes' threshold) and the linear phone probe of the best layer (the
+demo's probe).
+
+    .venv/bin/python -m benchmarks.bench_takeoff_targets --corpus CORPUS --seeds 0
+
+Runs are kept in ``--work``; a finished run is read back. Results:
+``benchmarks/results/takeoff-targets.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import write_result
+
+log = logging.getLogger("bench_takeoff_targets")
+
+RECIPES = ("bestrq-cpu", "hubert-cpu")
+TAKEOFF = 0.85  # final ce / unigram_ce
+
+
+def unigram_level(recipe: str, run_dir: Path, corpus: Path, targets: Path | None,
+                  max_utterances: int = 600) -> dict[str, float]:
+    """The plateau over the whole validation split: the cross-entropy of the validation frames'
+    codes / clusters under their frequencies on the training split (what a model that ignores
+    the audio learns), and the validation entropy itself. The loop's per-batch ``unigram_ce``
+    is the entropy of one batch's ~200 masked frames, biased low (more so for 512 codes)."""
+    import numpy as np
+
+    from aviary.data.manifest import load_manifest
+
+    train = load_manifest(corpus, "train")[:max_utterances]
+    valid = load_manifest(corpus, "valid")
+    if targets is not None:
+        from aviary.train.targets import FrameTargets
+
+        t = FrameTargets(targets)
+        codes = {split: np.concatenate([t.labels(u.id) for u in utts]) for split, utts in
+                 (("train", train), ("valid", valid))}
+        K = t.clusters
+    else:
+        from aviary.audio import load_audio
+        from aviary.data.dataset import collate_audio
+        from aviary.models.registry import build_pretrain, config_from_dict
+        from aviary import storage
+
+        tensors, meta = storage.load_tensors(run_dir / "model.safetensors")
+        model = build_pretrain(config_from_dict(storage.load_config_from_metadata(run_dir / "model.safetensors",
+                                                                                      meta)["model"]))
+        model.load_state_dict(tensors)
+        K = model.config.objective.codebook_size
+        codes = {}
+        for split, utts in (("train", train), ("valid", valid)):
+            out = []
+            for i in range(0, len(utts), 16):
+                b = collate_audio([{"id": u.id, "speaker": u.speaker,
+                                    "wav": torch.from_numpy(load_audio(u.audio, 16000))} for u in utts[i:i + 16]])
+                feats, flen = model.upstream.features(b["wavs"], b["wav_lengths"])
+                stacked, slen = model.upstream.encoder.stack(feats, flen)
+                c = model.objective.quantizer(stacked)[..., 0]  # (B, T') first codebook
+                out += [c[k, :int(slen[k])].numpy() for k in range(c.shape[0])]
+            codes[split] = np.concatenate(out)
+    p_train = (np.bincount(codes["train"], minlength=K) + 0.5) / (len(codes["train"]) + 0.5 * K)
+    p_valid = np.bincount(codes["valid"], minlength=K) / len(codes["valid"])
+    nz = p_valid > 0
+    return {"unigram_ce_valid_under_train": float(-np.log(p_train[codes["valid"]]).mean()),
+            # accuracy of always answering the training split's most frequent code
+            "unigram_acc_valid": float((codes["valid"] == p_train.argmax()).mean()),
+            "valid_entropy": float(-(p_valid[nz] * np.log(p_valid[nz])).sum()),
+            "codes_used_valid": int(nz.sum()), "codes": K}
+
+
+def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, steps: int | None,
+            probe: bool, overrides: list[str] | None = None, tag: str = "") -> dict[str, Any]:
+    from aviary.analysis.demo import DemoConfig, train_config
+    from aviary.models.registry import count_parameters, get_family, get_preset
+    from aviary.train.loop import pretrain
+    from aviary.train.targets import with_mfcc_targets
+    from benchmarks.bench_takeoff import best_layer_probe
+
+    from aviary.config import apply_overrides
+
+    name = f"{recipe}{tag}-s{seed}-{precision}"
+    run_dir = work / "runs" / name
+    done = work / "runs" / f"{name}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    # HuBERT: MFCC k-means targets (K = 100) at the encoder's frame rate, made once.
+    mcfg = apply_overrides(get_preset(recipe), overrides or [])
+    mcfg = with_mfcc_targets(mcfg, corpus, work / f"targets-mfcc-k100-{recipe}")
+    tdir = Path(mcfg.objective.targets) if getattr(mcfg.objective, "targets", "") else None
+    demo = DemoConfig(preset=recipe, seed=seed, precision=precision, **({"steps": steps} if steps else {}))
+    tcfg = train_config(demo)
+    t0 = time.perf_counter()
+    result = pretrain(mcfg, tcfg, corpus, run_dir, resume=True)
+    seconds = time.perf_counter() - t0
+    if result.interrupted:
+        raise KeyboardInterrupt(name)
+    valid = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"split": "valid"' in line]
+    curve = [{"step": r["step"], "ce": r["ce"], "acc": r["acc"], "unigram_ce": r["unigram_ce"],
+              "ratio": r["ce"] / r["unigram_ce"]} for r in valid]
+    final = curve[-1]
+    level = unigram_level(recipe, run_dir, corpus, tdir)
+    rec: dict[str, Any] = {
+        "recipe": recipe, "overrides": overrides or [], "seed": seed, "precision": precision, "steps": result.step,
+        "pretrain_seconds": round(seconds, 1), "curve": curve, "final_ce": final["ce"],
+        "final_ratio": final["ratio"], "unigram": level,
+        "final_ratio_corpus": final["ce"] / level["unigram_ce_valid_under_train"],
+        "took_off": final["ce"] / level["unigram_ce_valid_under_train"] <= TAKEOFF,
+        "params": count_parameters(get_family(mcfg.family).build_upstream(mcfg)),
+        "targets": str(tdir) if tdir else None,
+    }
+    if probe:
+        t1 = time.perf_counter()
+        rec["probe"] = best_layer_probe(run_dir, corpus, work / "probes", precision)
+        rec["probe_seconds"] = round(time.perf_counter() - t1, 1)
+    done.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    from aviary.precision import resolve_precision
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--steps", type=int, default=None, help="override the demo's budget (smoke runs)")
+    p.add_argument("--corpus", default=None, help="corpus directory (default: the demo's, made in --work)")
+    p.add_argument("--work", default="takeoff_work")
+    p.add_argument("--no-probe", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-name", default="takeoff-targets")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="model config overrides for a variant (e.g. objective.span=1); name its runs with --tag")
+    p.add_argument("--tag", default="", help="suffix of the variant's run names")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.corpus:
+        corpus = Path(args.corpus)
+    else:
+        from aviary.analysis.demo import DemoConfig, ensure_corpus
+        corpus = ensure_corpus(DemoConfig(), work / "corpus")
+    runs = []
+    for recipe in args.recipes:
+        for seed in args.seeds:
+            rec = run_one(recipe, seed, precision, corpus, work, args.steps, not args.no_probe, args.set, args.tag)
+            runs.append(rec)
+            pr = rec.get("probe", {})
+            log.info("%s seed %d %s: final ce %.3f = %.3f x unigram (%s), best layer %s %.1f %%", recipe, seed,
+                     precision, rec["final_ce"], rec["final_ratio_corpus"], "took off" if rec["took_off"] else "NOT LEARNED",
+                     pr.get("best_layer"), 100 * pr.get("test_acc", float("nan")))
+            write_result(args.out_name, {"takeoff_ratio": TAKEOFF, "runs": runs, "corpus": str(corpus),
+                                         "threads": torch.get_num_threads()})
+    return 0 if all(r["took_off"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
