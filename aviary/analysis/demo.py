@@ -61,7 +61,7 @@ class DemoConfig(Config):
     utterances_per_speaker: int = 50
     corpus_seed: int = 0
     # The AALBERT architecture with the changes a few-hundred-step budget needs (ALiBi, mel
-    # target, C = 1, zero-init head; each measured, see models/mam.py `_cpu_budget`);
+    # target, C = 1, zero-init head; each measured, see models/mam_presets.py `_cpu_budget`);
     # Mockingjay = the same with unshared layers. With the papers' recipe (`aalbert-small`)
     # the masked frames never learn to attend to their neighbours within this budget and
     # every layer past the input projection is worse than the input for phones.
@@ -71,7 +71,7 @@ class DemoConfig(Config):
     # norm ~5 to 30-60 within 100 steps (the residual they are added to is LayerNorm'd to
     # norm 16), an FFN output went constant over time, and its layer collapsed every frame to
     # one vector: the gradient below vanished and the model stayed at the utterance mean, for
-    # one seed in three (issue 14; models/mam.py `_cpu_budget`). At 5e-4 those norms stay 3-5.
+    # one seed in three (issue 14; models/mam_presets.py `_cpu_budget`). At 5e-4 those norms stay 3-5.
     lr: float = 5e-4
     warmup_fraction: float = 0.1
     max_batch_seconds: float = 16.0  # audio per step

@@ -48,7 +48,7 @@ class EncoderConfig(Config):
     ln_eps: float = 1e-12  # BERT's value; the Mockingjay code inherits it
     share_layers: bool = False  # True = Audio ALBERT
     # "alibi" adds a fixed distance penalty to the attention scores (layers.alibi_bias) on top
-    # of the sinusoidal positions; see the CPU presets in models/mam.py for why.
+    # of the sinusoidal positions; see the CPU presets in models/mam_presets.py for why.
     position_bias: Literal["none", "alibi"] = "none"
     alibi_first_slope: float = 0.0  # head 0's slope; 0 = Press et al.'s 2^(-8 / num_heads)
     downsample: int = 1  # R: consecutive frames stacked into one encoder frame

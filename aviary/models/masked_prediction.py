@@ -9,7 +9,7 @@ exactly like Mockingjay / Audio ALBERT.
 ``bestrq-base`` / ``hubert-base`` are the papers' settings on a 768/12-layer encoder (BEST-RQ:
 4 stacked 10 ms frames, 8192 x 16 codebook, 400 ms noise spans from 1 % of the frames; HuBERT:
 20 ms frames, K = 100 MFCC clusters, 256-dim cosine head, tau 0.1, spans of 10 from 8 %);
-``*-cpu`` put the same objectives on the demo's CPU encoder (``models/mam.py``,
+``*-cpu`` put the same objectives on the demo's CPU encoder (``models/mam_presets.py``,
 ``_cpu_budget``: 256/6L, R = 3, ALiBi with head 0's slope 1, no attention dropout).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ _CPU = dict(hidden_size=256, num_layers=6, num_heads=4, ffn_size=1024, attn_drop
 # "Take-off: masked prediction"): with 3-frame spans from 13 % of the frames bestrq-cpu ended
 # at 0.895 of its unigram cross-entropy and hubert-cpu at 0.945 (not learned, > 0.85); with
 # single frames bestrq-cpu reached 0.814. The same lesson as the reconstruction recipes' C = 1
-# (models/mam.py, _cpu_budget).
+# (models/mam_presets.py, _cpu_budget).
 _CPU_MASK = dict(mask_prob=0.35, span=1)
 
 
