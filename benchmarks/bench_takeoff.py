@@ -215,6 +215,16 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def work_and_corpus(work_dir: str, corpus_dir: str | None) -> tuple[Path, Path]:
+    """The work directory (made) and the corpus: ``corpus_dir``, or the demo's default made in it."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if corpus_dir:
+        return work, Path(corpus_dir)
+    from aviary.analysis.demo import DemoConfig, ensure_corpus
+    return work, ensure_corpus(DemoConfig(), work / "corpus")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         from aviary.precision import cpu_supports_bf16
@@ -240,13 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions = args.precisions or (["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"])
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    if args.corpus:
-        corpus = Path(args.corpus)
-    else:
-        from aviary.analysis.demo import DemoConfig, ensure_corpus
-        corpus = ensure_corpus(DemoConfig(), work / "corpus")
+    work, corpus = work_and_corpus(args.work, args.corpus)
     runs = []
     for recipe in args.recipes:
         for precision in precisions:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.bench_takeoff import work_and_corpus
 from benchmarks.common import write_result
 
 log = logging.getLogger("bench_takeoff_targets")
@@ -159,13 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = resolve_precision(args.precision, torch.device("cpu"))
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    if args.corpus:
-        corpus = Path(args.corpus)
-    else:
-        from aviary.analysis.demo import DemoConfig, ensure_corpus
-        corpus = ensure_corpus(DemoConfig(), work / "corpus")
+    work, corpus = work_and_corpus(args.work, args.corpus)
     runs = []
     for recipe in args.recipes:
         for seed in args.seeds:

@@ -73,6 +73,16 @@ def precision_arg(args: argparse.Namespace) -> str:
     return legacy
 
 
+def _runtime_args(p: argparse.ArgumentParser, skipped: str) -> None:
+    """--skip-bad, --device, --threads (extract and probe)."""
+    p.add_argument("--skip-bad", action="store_true",
+                   help=f"leave out files whose audio does not load ({skipped}) instead of stopping at the first")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 can be "
+                        "several times faster)")
+
+
 def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="UPSTREAM", help=_UPSTREAM_HELP)
     p.add_argument("--data", required=True, metavar="CORPUS", help="corpus directory or manifest file")
@@ -86,13 +96,7 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-seconds", type=float, default=600.0, help="audio seconds per shard (unit of resumption)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed of random:PRESET")
     p.add_argument("--name", help="display name (default: the run directory's name or the baseline's)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave out files whose audio does not load (counted, listed in CACHE/index.json) "
-                        "instead of stopping at the first")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 can be "
-                        "several times faster)")
+    _runtime_args(p, "counted, listed in CACHE/index.json")
 
 
 def _set_threads(n: int | None) -> None:
@@ -155,13 +159,7 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                           "results.jsonl is not redone in another precision)")
     p.add_argument("--random-seed", type=int, default=0, help="initialisation seed of random:PRESET")
     p.add_argument("--name", help="display name of the upstream in the results")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave out files whose audio does not load (counted per split in every record as "
-                        "skipped_files) instead of stopping at the first")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 can be "
-                        "several times faster)")
+    _runtime_args(p, "counted per split in every record as skipped_files")
 
 
 def _probe_run(args: argparse.Namespace) -> int:
