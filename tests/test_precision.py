@@ -173,27 +173,8 @@ def test_extract_precision_explicit_and_legacy_alias(cpu, sine_corpus, tmp_path,
                  "--precision", "fp16"]) == 2
 
 
-def _tiny_aalbert(tmp_path):
-    from aviary.data import Utterance, write_manifest
-    from aviary.models.registry import get_family, get_preset
-    from aviary.storage import save_tensors
-
-    torch.manual_seed(0)
-    cfg = get_preset("aalbert-tiny")
-    model = get_family(cfg.family).build_pretrain(cfg)
-    save_tensors(tmp_path / "model.safetensors", model.state_dict(), config={"model": cfg.to_dict(), "step": 0})
-    rng = np.random.default_rng(0)
-    utts = []
-    for i, secs in enumerate((1.0, 1.3)):
-        path = tmp_path / f"u{i}.wav"
-        sf.write(path, (0.1 * rng.standard_normal(int(16000 * secs))).astype(np.float32), 16000)
-        utts.append(Utterance(id=f"u{i}", audio=str(path), duration=secs, sample_rate=16000, speaker="s"))
-    write_manifest(tmp_path / "m.jsonl", utts)
-    return tmp_path / "model.safetensors", tmp_path / "m.jsonl"
-
-
-def test_analyze_attention_records_resolved_precision(cpu, tmp_path):
-    ckpt, manifest = _tiny_aalbert(tmp_path)
+def test_analyze_attention_records_resolved_precision(cpu, tmp_path, tiny_aalbert):
+    ckpt, manifest = tiny_aalbert()
     args = ["analyze", "attention", "--checkpoint", str(ckpt), "--data", str(manifest)]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     d = json.loads((tmp_path / "a" / "attention_jsd.json").read_text())
