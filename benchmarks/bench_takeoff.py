@@ -145,11 +145,24 @@ def from_demo(demo: Path, recipe: str, seed: int, precision: str) -> dict[str, A
     return rec
 
 
+def pretrain_run(mcfg: Any, tcfg: Any, corpus: Path, run_dir: Path) -> tuple[Any, float, list[dict[str, Any]]]:
+    """Pretrain (resuming) into ``run_dir``; (result, seconds, the validation records)."""
+    from aviary.train.loop import pretrain
+
+    t0 = time.perf_counter()
+    result = pretrain(mcfg, tcfg, corpus, run_dir, resume=True)
+    seconds = time.perf_counter() - t0
+    if result.interrupted:
+        raise KeyboardInterrupt(run_dir.name)
+    valid = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"split": "valid"' in line]
+    return result, seconds, valid
+
+
 def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, steps: int | None,
             probe: bool) -> dict[str, Any]:
     """Pretrain one (recipe, seed, precision) and measure it; a finished run is read back."""
     from aviary.models.registry import get_family
-    from aviary.train.loop import pretrain
 
     name = f"{recipe}-s{seed}-{precision}"
     run_dir = work / "runs" / name
@@ -163,13 +176,7 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
             done.write_text(json.dumps(rec, indent=1))
         return rec
     mcfg, tcfg = train_settings(recipe, seed, precision, steps)
-    t0 = time.perf_counter()
-    result = pretrain(mcfg, tcfg, corpus, run_dir, resume=True)
-    seconds = time.perf_counter() - t0
-    if result.interrupted:
-        raise KeyboardInterrupt(name)
-    valid = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"split": "valid"' in line]
+    result, seconds, valid = pretrain_run(mcfg, tcfg, corpus, run_dir)
     curve = [{"step": r["step"], "loss": r["loss"], "plateau_ratio": plateau_ratio(recipe, r),
               **({"l1_utt_mean": r["l1_utt_mean"]} if "l1_utt_mean" in r else {}),
               **({"acc": r["acc"], "chance_acc": r["chance_acc"]} if "chance_acc" in r else {})}

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_takeoff import work_and_corpus
+from benchmarks.bench_takeoff import pretrain_run, work_and_corpus
 from benchmarks.common import write_result
 
 log = logging.getLogger("bench_takeoff_targets")
@@ -93,7 +93,6 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
             probe: bool, overrides: list[str] | None = None, tag: str = "") -> dict[str, Any]:
     from aviary.analysis.demo import DemoConfig, train_config
     from aviary.models.registry import count_parameters, get_family, get_preset
-    from aviary.train.loop import pretrain
     from aviary.train.targets import with_mfcc_targets
     from benchmarks.bench_takeoff import best_layer_probe
 
@@ -110,13 +109,7 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
     tdir = Path(mcfg.objective.targets) if getattr(mcfg.objective, "targets", "") else None
     demo = DemoConfig(preset=recipe, seed=seed, precision=precision, **({"steps": steps} if steps else {}))
     tcfg = train_config(demo)
-    t0 = time.perf_counter()
-    result = pretrain(mcfg, tcfg, corpus, run_dir, resume=True)
-    seconds = time.perf_counter() - t0
-    if result.interrupted:
-        raise KeyboardInterrupt(name)
-    valid = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"split": "valid"' in line]
+    result, seconds, valid = pretrain_run(mcfg, tcfg, corpus, run_dir)
     curve = [{"step": r["step"], "ce": r["ce"], "acc": r["acc"], "unigram_ce": r["unigram_ce"],
               "ratio": r["ce"] / r["unigram_ce"]} for r in valid]
     final = curve[-1]
