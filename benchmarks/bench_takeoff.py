@@ -159,6 +159,17 @@ def pretrain_run(mcfg: Any, tcfg: Any, corpus: Path, run_dir: Path) -> tuple[Any
     return result, seconds, valid
 
 
+def finish_record(rec: dict[str, Any], probe: bool, run_dir: Path, corpus: Path, work: Path, precision: str,
+                  done: Path) -> dict[str, Any]:
+    """Add the best layer's linear phone probe (when ``probe``), write ``done``, return ``rec``."""
+    if probe:
+        t1 = time.perf_counter()
+        rec["probe"] = best_layer_probe(run_dir, corpus, work / "probes", precision)
+        rec["probe_seconds"] = round(time.perf_counter() - t1, 1)
+    done.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
 def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, steps: int | None,
             probe: bool) -> dict[str, Any]:
     """Pretrain one (recipe, seed, precision) and measure it; a finished run is read back."""
@@ -188,12 +199,7 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
         "final_plateau_ratio": final["plateau_ratio"], "took_off": took_off(recipe, final["plateau_ratio"]),
         "params": sum(p.numel() for p in get_family(mcfg.family).build_upstream(mcfg).parameters()),
     }
-    if probe:
-        t1 = time.perf_counter()
-        rec["probe"] = best_layer_probe(run_dir, corpus, work / "probes", precision)
-        rec["probe_seconds"] = round(time.perf_counter() - t1, 1)
-    done.write_text(json.dumps(rec, indent=1))
-    return rec
+    return finish_record(rec, probe, run_dir, corpus, work, precision, done)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

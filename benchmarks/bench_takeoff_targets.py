@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.bench_takeoff import pretrain_run, work_and_corpus
+from benchmarks.bench_takeoff import finish_record, pretrain_run, work_and_corpus
 from benchmarks.common import write_result
 
 log = logging.getLogger("bench_takeoff_targets")
@@ -94,7 +93,6 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
     from aviary.analysis.demo import DemoConfig, train_config
     from aviary.models.registry import count_parameters, get_family, get_preset
     from aviary.train.targets import with_mfcc_targets
-    from benchmarks.bench_takeoff import best_layer_probe
 
     from aviary.config import apply_overrides
 
@@ -123,12 +121,7 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
         "params": count_parameters(get_family(mcfg.family).build_upstream(mcfg)),
         "targets": str(tdir) if tdir else None,
     }
-    if probe:
-        t1 = time.perf_counter()
-        rec["probe"] = best_layer_probe(run_dir, corpus, work / "probes", precision)
-        rec["probe_seconds"] = round(time.perf_counter() - t1, 1)
-    done.write_text(json.dumps(rec, indent=1))
-    return rec
+    return finish_record(rec, probe, run_dir, corpus, work, precision, done)
 
 
 def main(argv: list[str] | None = None) -> int:
