@@ -262,9 +262,6 @@ def solve_linear(train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Te
     if weighted:
         best = _path((x.mean(0), y), (valid[0].mean(0), valid[1]), num_classes, grid, max_iter, tol, history_size,
                      patience)
-    else:
-        best = _path((x, y), valid, num_classes, grid, max_iter, tol, history_size, patience)
-    if weighted:
         params = [best.weight.clone().requires_grad_(True), best.bias.clone().requires_grad_(True),
                   torch.zeros(x.shape[0], dtype=torch.float32, device=x.device, requires_grad=True)]
         iters, conv, gmax, loss = _solve_one(x, y, params, best.l2, max_iter, tol, history_size, layer_l2)
@@ -276,8 +273,9 @@ def solve_linear(train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Te
                               l2=best.l2, iterations=iters, converged=conv, grad_norm=gmax, loss=loss,
                               iterations_total=best.iterations_total + iters, valid_acc=vacc, valid_loss=vloss,
                               path=best.path)
-    H = x.shape[-1]
-    best.rank = H
+    else:
+        best = _path((x, y), valid, num_classes, grid, max_iter, tol, history_size, patience)
+    best.rank = P.shape[1]
     # Back to the caller's features: V (z) + b = V P^T (x - m) + b.
     best.weight = best.weight @ P.t()
     best.bias = best.bias - best.weight @ m
