@@ -26,6 +26,18 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
 
 
+def _tol(s: str) -> float | str:
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is neither 'auto' nor a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"tolerance {s!r} must be > 0")
+    return v
+
+
 def _lr(s: str) -> float | str:
     if s.strip().lower() == "auto":
         return "auto"
@@ -143,7 +155,8 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                         "on a step budget; adam: AdamW for every head")
     p.add_argument("--l2-grid", type=_floats, default=None,
                    help="L2 strengths tried by the linear solver, chosen on valid (default 1e-1,...,1e-6)")
-    p.add_argument("--tol", type=float, default=None, help="solver convergence: max |gradient| (default 1e-4)")
+    p.add_argument("--tol", type=_tol, default=None,
+                   help="solver convergence: max |gradient|, or 'auto' (default): 0.1 / sqrt(training examples)")
     p.add_argument("--max-iter", type=int, default=None, help="L-BFGS iterations per L2 value (default 100)")
     p.add_argument("--lr", type=_lr, default=None,
                    help="AdamW head learning rate, or 'auto' (default): chosen on valid from --lr-grid")
@@ -170,7 +183,8 @@ def _probe_run(args: argparse.Namespace) -> int:
     if args.upstream is None and args.cache is None:
         raise ValueError("give --upstream, --cache, or both")
     pairs = (("hidden", args.hidden), ("upstream_lr", args.upstream_lr), ("steps", args.steps),
-             ("patience", args.patience), ("solver", args.solver), ("tol", args.tol), ("max_iter", args.max_iter),
+             ("patience", args.patience), ("solver", args.solver),
+             ("tol", None if args.tol == "auto" else args.tol), ("max_iter", args.max_iter),
              ("eval_every", args.eval_every),
              ("l2_grid", tuple(args.l2_grid) if args.l2_grid else None),
              ("lr_grid", tuple(args.lr_grid) if args.lr_grid else None), ("lr_extend", args.lr_extend))

@@ -25,6 +25,16 @@ so a probe's accuracy depends on what the features span, not on how they are sca
 A solve has *converged* when the largest gradient entry is at most ``tol``; the path stops
 early once ``patience`` weaker values in a row did not beat the best validation accuracy.
 
+How tight (``tol=None``, the default: :func:`auto_tol`): the gradient is a mean over the ``n``
+training examples of (softmax residual) x (whitened feature), terms of unit scale, so the
+gradient *of the population objective* at the sample's optimum is itself of order
+``1 / sqrt(n)``: optimising further moves the probe less than another sample of the same
+corpus would. ``tol = 0.1 / sqrt(n)`` (at most 1e-3) stops at a tenth of that noise. Measured
+on the demo's phone layers (78k frames, 40 classes; tol 3.6e-4): 77-99 L-BFGS iterations per
+path against 184-194 at tol 1e-4, and valid accuracy within 0.07 points of a tol 1e-5 solve
+(602 iterations); the L2 values between which the solves cannot tell apart any more also stop
+costing iterations (the warm start is already within the noise).
+
 The weighted-sum probe (``N`` layers, ``sum_n softmax(a)_n x_n`` then the linear map): every
 layer is whitened by the plain average's ``m, P`` (exact: the softmax weights sum to 1, so
 mixing whitened layers = whitening the mix); the L2 path runs on the plain average (``a = 0``:
@@ -54,6 +64,15 @@ log = logging.getLogger(__name__)
 DEFAULT_L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_EIG_FLOOR = 1e-6
 DEFAULT_LAYER_L2 = 1e-3
+AUTO_TOL_SCALE = 0.1
+AUTO_TOL_MAX = 1e-3
+
+
+def auto_tol(n: int) -> float:
+    """The gradient tolerance for ``n`` training examples: a tenth of the gradient's sampling
+    noise, ``0.1 / sqrt(n)``, at most 1e-3 (module docstring, "How tight")."""
+    return min(AUTO_TOL_MAX, AUTO_TOL_SCALE / math.sqrt(max(int(n), 1)))
+
 
 
 @dataclass
@@ -61,6 +80,7 @@ class LinearSolution:
     """Outcome of :func:`solve_linear` (weights act on standardised features).
 
     Attributes:
+        tol: the gradient tolerance the solves used (resolved from ``tol=None``).
         weight: ``(C, H)``; bias ``(C,)`` (on the solver's input features, not the whitened
             ones); layer_logits ``(N,)`` for the weighted sum, else None.
         l2: the chosen L2 strength; iterations / converged / grad_norm / loss: its solve.
@@ -83,6 +103,7 @@ class LinearSolution:
     valid_loss: float
     path: list[dict[str, Any]] = field(default_factory=list)
     rank: int = 0
+    tol: float = 0.0
 
 
 def standardize_stats(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +243,7 @@ def _path(train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Tensor, t
 
 def solve_linear(train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Tensor, torch.Tensor],
                  num_classes: int, *, weighted: bool = False, l2_grid: Sequence[float] = DEFAULT_L2_GRID,
-                 max_iter: int = 200, tol: float = 1e-4, patience: int = 2,
+                 max_iter: int = 200, tol: float | None = None, patience: int = 2,
                  history_size: int = 20, eig_floor: float = DEFAULT_EIG_FLOOR,
                  layer_l2: float = DEFAULT_LAYER_L2) -> LinearSolution:
     """Fit the linear (or weighted-sum + linear) probe along an L2 path; choose ``l2`` on valid.
@@ -234,7 +255,7 @@ def solve_linear(train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Te
         weighted: learn softmax layer weights over the ``N`` stacked layers as well.
         l2_grid: L2 strengths (tried from the largest to the smallest).
         max_iter: L-BFGS iterations at most per ``l2``.
-        tol: convergence = max |gradient| <= tol.
+        tol: convergence = max |gradient| <= tol; None: :func:`auto_tol` of the training examples.
         patience: stop the path after this many ``l2`` values in a row without a better valid accuracy.
         history_size: L-BFGS memory.
         eig_floor: whitening drops directions of variance at most this fraction of the largest.
@@ -252,6 +273,9 @@ def solve_linear(train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Te
         raise ValueError("linear solve: no training examples")
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise ValueError(f"linear solve: labels must lie in [0, {num_classes}), got {int(y.min())}..{int(y.max())}")
+    tol = auto_tol(len(y)) if tol is None else float(tol)
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
     grid = sorted({float(v) for v in l2_grid}, reverse=True)
     if not grid or min(grid) < 0:
         raise ValueError(f"l2_grid must be non-empty and >= 0, got {list(l2_grid)}")
@@ -276,6 +300,7 @@ def solve_linear(train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Te
     else:
         best = _path((x, y), valid, num_classes, grid, max_iter, tol, history_size, patience)
     best.rank = P.shape[1]
+    best.tol = tol
     # Back to the caller's features: V (z) + b = V P^T (x - m) + b.
     best.weight = best.weight @ P.t()
     best.bias = best.bias - best.weight @ m

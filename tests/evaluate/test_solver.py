@@ -178,3 +178,51 @@ def test_warm_started_path_reaches_each_cold_start_optimum():
     for p in path:
         cold = solve_linear((x, y), (x, y), c, l2_grid=[p["l2"]], tol=tol, max_iter=300)
         assert p["valid_loss"] == pytest.approx(cold.valid_loss, abs=2e-3), p["l2"]
+
+
+def test_auto_tolerance_is_a_tenth_of_the_gradient_noise():
+    from aviary.evaluate.solver import auto_tol
+
+    assert auto_tol(1_000_000) == pytest.approx(1e-4)
+    assert auto_tol(40_000) == pytest.approx(5e-4)
+    assert auto_tol(100) == 1e-3 and auto_tol(0) == 1e-3  # capped: small problems are cheap anyway
+    x, y = _blobs(40_000, d=8, c=4, sep=0.5)
+    xv, yv = _blobs(2000, d=8, c=4, sep=0.5, seed=1)
+    sol = solve_linear((x, y), (xv, yv), 4, l2_grid=[1e-2, 1e-4])
+    assert sol.tol == pytest.approx(5e-4)
+    assert all(p["converged"] and p["grad_norm"] <= 5e-4 for p in sol.path)
+    with pytest.raises(ValueError, match="tol"):
+        solve_linear((x, y), (xv, yv), 4, tol=0.0)
+
+
+def test_auto_tolerance_moves_the_probe_less_than_another_sample_would():
+    # What the auto tolerance promises: stopping there changes the probe's logits by much less
+    # than drawing another training sample of the same size does (the optimisation error is
+    # small against the estimation error), at a fraction of a tight solve's iterations.
+    g = torch.Generator().manual_seed(0)
+    d, c, n = 32, 8, 20_000
+    mix = torch.randn(d, d, generator=g) * torch.logspace(0, -2, d)  # correlated, badly scaled
+    w_true = torch.randn(c, d, generator=g)
+
+    def sample(m, seed):
+        gs = torch.Generator().manual_seed(seed)
+        z = torch.randn(m, d, generator=gs)
+        logits = z @ w_true.t() * 0.7 + torch.randn(m, c, generator=gs)
+        return z @ mix, logits.argmax(1)
+
+    a, b, v = sample(n, 1), sample(n, 2), sample(4000, 3)
+    kw = dict(l2_grid=[1e-3], max_iter=2000)
+    auto = solve_linear(a, v, c, **kw)
+    tight = solve_linear(a, v, c, tol=1e-6, **kw)
+    other = solve_linear(b, v, c, tol=1e-6, **kw)
+
+    def logits(s):
+        return v[0] @ s.weight.t() + s.bias
+
+    def rms(t):
+        return float(t.pow(2).mean().sqrt())
+
+    optimisation = rms(logits(auto) - logits(tight))
+    estimation = rms(logits(other) - logits(tight))
+    assert optimisation < 0.3 * estimation, (optimisation, estimation)
+    assert auto.iterations_total < 0.7 * tight.iterations_total
