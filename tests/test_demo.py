@@ -52,6 +52,39 @@ def test_paired_models_differ_only_in_sharing():
     assert mj == aa
 
 
+def test_optional_models_share_mockingjays_encoder():
+    # models=...,bestrq,hubert: the masked-prediction objectives on exactly Mockingjay's encoder
+    # (shape, unshared layers, ALiBi, R), each with its own front-end and objective.
+    cfgs = model_configs(DemoConfig(models=("mockingjay", "aalbert", "bestrq", "hubert")))
+    assert list(cfgs) == ["mockingjay", "aalbert", "bestrq", "hubert"]
+    for name in ("bestrq", "hubert"):
+        assert cfgs[name].encoder == cfgs["mockingjay"].encoder
+        assert cfgs[name].variant == name and type(cfgs[name].objective).__name__.lower().startswith(name)
+    assert set(model_configs(DemoConfig())) == {"mockingjay", "aalbert"}
+    for bad in (("aalbert", "bestrq"), ("mockingjay", "aalbert", "wav2vec"), ("mockingjay", "aalbert", "aalbert")):
+        with pytest.raises(ValueError, match="models"):
+            DemoConfig(models=bad).validate()
+
+
+@pytest.mark.slow
+def test_micro_demo_with_masked_prediction_models(tmp_path):
+    cfg = DemoConfig.quick().replace(speakers=4, utterances_per_speaker=6, steps=4, phone_heads=["linear"],
+                                     speaker_heads=[], baselines=[], random_init=False, probe_steps=2,
+                                     jsd_utterances=2, val_batches=1, hubert_clusters=8,
+                                     models=["mockingjay", "aalbert", "bestrq", "hubert"])
+    out = tmp_path / "demo"
+    summary = run_demo(out, cfg)
+    assert set(summary["models"]) == {"mockingjay", "aalbert", "bestrq", "hubert"}
+    for name in ("bestrq", "hubert"):
+        m = summary["models"][name]
+        assert m["plateau"].startswith("the code-frequency") and m["plateau_loss"] > 0 and m["learned"] is not None
+        layers = {r["layer"] for r in summary["probes"] if r["upstream"] == name}
+        assert layers >= {0, 1, "weighted"}, (name, layers)
+    assert (out / "runs" / "targets-mfcc").is_dir()  # HuBERT's k-means targets, made once
+    rows = {r["upstream"]: r for r in summary["key_results"]}
+    assert rows["bestrq"]["phone_linear"] is not None and rows["hubert"]["role"] in ("pretrained", "not learned")
+
+
 @pytest.mark.slow
 def test_micro_demo_and_resume(tmp_path):
     cfg = DemoConfig.quick().replace(speakers=4, utterances_per_speaker=6, steps=4, phone_heads=["linear"],

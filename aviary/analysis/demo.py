@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 MOCKINGJAY = "mockingjay"
 AALBERT = "aalbert"
 RANDOM_INIT = "random-init"
+BESTRQ = "bestrq"
+HUBERT = "hubert"
+#: Models the demo can pretrain: the study's pair, and (``models=...``) the masked-prediction
+#: objectives that followed them, on the same encoder shape and budget (issue 20).
+MODELS = (MOCKINGJAY, AALBERT, BESTRQ, HUBERT)
+#: The objective preset each optional model takes (its encoder is replaced by the study's).
+EXTRA_PRESETS = {BESTRQ: "bestrq-cpu", HUBERT: "hubert-cpu"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,11 @@ class DemoConfig(Config):
     # utterance-mean predictor's on the same frames; otherwise the report says so first and
     # draws no comparison from it.
     learned_ratio: float = 0.85
+    # Which models to pretrain: mockingjay and aalbert always; bestrq / hubert optional
+    # (BEST-RQ / HuBERT-style MFCC k-means targets: their `*-cpu` objective on the same encoder
+    # as Mockingjay, unshared, same budget), probed the same way.
+    models: tuple[str, ...] = (MOCKINGJAY, AALBERT)
+    hubert_clusters: int = 100  # k-means clusters of the HuBERT model's MFCC targets
     phone_heads: tuple[str, ...] = ("linear", "mlp1")
     speaker_heads: tuple[str, ...] = ("linear",)
     baselines: tuple[str, ...] = ("logmel", "fbank")
@@ -127,6 +139,10 @@ class DemoConfig(Config):
         check_range("val_batches", self.val_batches, 0)
         check_range("jsd_utterances", self.jsd_utterances, 1)
         check(len(self.phone_heads) > 0, "phone_heads", self.phone_heads, "at least one head")
+        check(all(m in MODELS for m in self.models) and len(set(self.models)) == len(self.models)
+              and {MOCKINGJAY, AALBERT} <= set(self.models), "models", self.models,
+              f"mockingjay and aalbert, optionally {BESTRQ} and {HUBERT}, each once")
+        check_range("hubert_clusters", self.hubert_clusters, 2)
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -138,11 +154,13 @@ class DemoConfig(Config):
 
 
 def model_configs(cfg: DemoConfig) -> dict[str, Config]:
-    """The two pretraining configs: ``aalbert`` (the preset) and ``mockingjay`` (unshared).
+    """The pretraining configs: ``aalbert`` (the preset), ``mockingjay`` (unshared) and the
+    optional ``cfg.models``.
 
     Returns:
-        ``{"mockingjay": cfg, "aalbert": cfg}`` differing only in ``encoder.share_layers``
-        (and the informational ``variant``).
+        ``{"mockingjay": cfg, "aalbert": cfg, ...}``: the pair differs only in
+        ``encoder.share_layers`` (and the informational ``variant``); ``bestrq`` / ``hubert``
+        are their ``*-cpu`` presets' objective and front-end on Mockingjay's encoder config.
     """
     from aviary.models.registry import get_preset
 
@@ -152,7 +170,11 @@ def model_configs(cfg: DemoConfig) -> dict[str, Config]:
         raise ValueError(f"preset {cfg.preset!r} is not a masked acoustic model (no encoder.share_layers)")
     aalbert = base.replace(variant="aalbert", encoder=enc.replace(share_layers=True).to_dict())
     mockingjay = base.replace(variant="mockingjay", encoder=enc.replace(share_layers=False).to_dict())
-    return {MOCKINGJAY: mockingjay, AALBERT: aalbert}
+    out: dict[str, Config] = {MOCKINGJAY: mockingjay, AALBERT: aalbert}
+    for name in cfg.models:
+        if name in EXTRA_PRESETS:
+            out[name] = get_preset(EXTRA_PRESETS[name]).replace(encoder=mockingjay.encoder.to_dict())
+    return out
 
 
 def train_config(cfg: DemoConfig, seed: int | None = None):
@@ -247,12 +269,29 @@ def _read_metrics(run_dir: Path) -> tuple[float | None, dict[str, Any] | None]:
     return train, valid
 
 
+def plateau(valid: dict[str, Any] | None) -> tuple[float | None, float | None, str]:
+    """(final validation loss, the plateau's loss on the same batches, what the plateau is)
+    from the last validation record; losses None when the record has no plateau level.
+
+    The plateau: for reconstruction, the L1 of predicting each utterance's mean frame
+    (``l1_utt_mean``); for masked prediction of codes (BEST-RQ, HuBERT), the cross-entropy of
+    predicting the codes' frequencies (``unigram_ce``, measured on the same validation batches:
+    biased low on ~200 masked frames a batch, so the ratio errs towards "not learned").
+    """
+    if valid and valid.get("l1_utt_mean"):
+        return float(valid["loss"]), float(valid["l1_utt_mean"]), "the utterance-mean predictor's L1"
+    if valid and valid.get("unigram_ce") and valid.get("ce") is not None:
+        return float(valid["ce"]), float(valid["unigram_ce"]), "the code-frequency (unigram) cross-entropy"
+    return None, None, "-"
+
+
 def learned(valid: dict[str, Any] | None, ratio: float) -> tuple[bool | None, float | None]:
-    """(did the model leave the plateau, its final L1 / the utterance-mean predictor's L1)
-    from the last validation record; ``(None, None)`` when the record has no plateau level."""
-    if not valid or not valid.get("l1_utt_mean"):
+    """(did the model leave the plateau, its final loss / the plateau's: :func:`plateau`);
+    ``(None, None)`` when the record has no plateau level."""
+    final, level, _ = plateau(valid)
+    if final is None or not level:
         return None, None
-    r = float(valid["loss"]) / float(valid["l1_utt_mean"])
+    r = final / level
     return r <= ratio, r
 
 
@@ -268,6 +307,13 @@ def pretrain_models(cfg: DemoConfig, corpus: Path, runs: Path, state: _State) ->
         tcfg = train_config(cfg, seed)
         name = base + suffix
         run_dir = runs / name
+        if base == HUBERT:
+            # HuBERT's iteration 0: MFCC k-means ids at the encoder's frame rate, made once per
+            # corpus (resumable) and shared by every seed.
+            from aviary.train.targets import with_mfcc_targets
+
+            mcfg = with_mfcc_targets(mcfg, corpus, runs / "targets-mfcc", clusters=cfg.hubert_clusters,
+                                     seed=cfg.corpus_seed)
         done_before = max((step for step, _ in list_checkpoints(run_dir)), default=0)
         t0 = time.perf_counter()
         result = pretrain(mcfg, tcfg, corpus, run_dir, resume=True)
@@ -289,22 +335,25 @@ def pretrain_models(cfg: DemoConfig, corpus: Path, runs: Path, state: _State) ->
         run_json = run_dir / "run.json"
         run_precision = json.loads(run_json.read_text()).get("precision") if run_json.is_file() else None
         psum = parameter_summary(get_family(mcfg.family).build_pretrain(mcfg))
-        out[name] = {"preset": cfg.preset, "run_dir": str(run_dir), "shared": bool(mcfg.encoder.share_layers),
-                     "config_note": f"{cfg.preset}, share_layers={mcfg.encoder.share_layers}",
+        final, level, what = plateau(valid)
+        preset = EXTRA_PRESETS.get(base, cfg.preset)
+        out[name] = {"preset": preset, "run_dir": str(run_dir), "shared": bool(mcfg.encoder.share_layers),
+                     "config_note": f"{preset}" + (f" on {cfg.preset}'s encoder" if base in EXTRA_PRESETS else "")
+                                    + f", share_layers={mcfg.encoder.share_layers}",
                      "base": base, "seed": seed,
                      "params": psum["upstream"], "head_params": psum["head"], "param_table": psum["rows"],
                      "pretrain_steps": int(result.step), "pretrain_seconds": round(seconds, 1),
                      "final_train_loss": train_loss, "final_valid_loss": valid_loss,
                      "utt_mean_valid_loss": None if valid is None else valid.get("l1_utt_mean"),
+                     "plateau": what, "plateau_loss": level, "final_plateau_loss": final,
                      "plateau_ratio": ratio, "learned": ok,
                      "precision": run_precision}
-        log.info("pretrained %s: %d steps, %.0f s, train loss %s, valid loss %s (%s of the utterance-mean "
-                 "predictor's)", name, result.step, seconds, train_loss, valid_loss,
-                 "-" if ratio is None else f"{100 * ratio:.1f} %")
+        log.info("pretrained %s: %d steps, %.0f s, train loss %s, valid loss %s (%s of %s)", name, result.step,
+                 seconds, train_loss, valid_loss, "-" if ratio is None else f"{100 * ratio:.1f} %", what)
         if ok is False:
-            log.warning("%s DID NOT LEARN: its final validation L1 %.4f is %.1f %% of the utterance-mean "
-                        "predictor's %.4f (learned: <= %.0f %%); no comparison is drawn from it", name,
-                        valid_loss, 100 * ratio, valid["l1_utt_mean"], 100 * cfg.learned_ratio)
+            log.warning("%s DID NOT LEARN: its final validation loss %.4f is %.1f %% of %s, %.4f (learned: "
+                        "<= %.0f %%); no comparison is drawn from it", name, final, 100 * ratio, what, level,
+                        100 * cfg.learned_ratio)
     return out
 
 
@@ -336,7 +385,7 @@ def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[
     overrides, extract = probe_overrides(cfg)
     upstreams: list[tuple[str, Any, int]] = []
     for seed, suffix in seed_runs(cfg):
-        upstreams += [(MOCKINGJAY + suffix, None, seed), (AALBERT + suffix, None, seed)]
+        upstreams += [(m + suffix, None, seed) for m in cfg.models]
         if cfg.random_init:
             upstreams.append((RANDOM_INIT + suffix, None, seed))
     for b in cfg.baselines:

@@ -226,9 +226,12 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
     # First, in plain words: a model that stayed on the plateau has learned nothing to compare.
     for name, m in models.items():
         if m.get("learned") is False:
-            out.append(f"{name} did not learn: its final validation L1 ({m['final_valid_loss']:.4f}) is "
-                       f"{100 * m['plateau_ratio']:.1f} % of the utterance-mean predictor's "
-                       f"({m['utt_mean_valid_loss']:.4f}) on the same frames (a model that learned is at most "
+            final = m.get("final_plateau_loss", m["final_valid_loss"])
+            level = m.get("plateau_loss", m.get("utt_mean_valid_loss"))
+            what = m.get("plateau", "the utterance-mean predictor's L1")
+            out.append(f"{name} did not learn: its final validation loss ({final:.4f}) is "
+                       f"{100 * m['plateau_ratio']:.1f} % of {what} "
+                       f"({level:.4f}) on the same frames (a model that learned is at most "
                        f"{100 * m.get('learned_ratio', 0.85):.0f} %). Its probes are listed, but no comparison "
                        "is drawn from it.")
     pretrained = [r for r in rows.values() if r["role"] == ROLE_PRETRAINED and r.get("phone_linear") is not None]
@@ -428,7 +431,7 @@ def _model_row(name: str, m: dict[str, Any]) -> list[Any]:
             _fmt_params(m.get("params", 0)), _fmt_params(m.get("head_params", 0)),
             m.get("pretrain_steps", "-"), f"{m.get('pretrain_seconds', 0):.0f}",
             _fmt_loss(m.get("final_train_loss")), _fmt_loss(m.get("final_valid_loss")),
-            _fmt_loss(m.get("utt_mean_valid_loss")),
+            _fmt_loss(m.get("plateau_loss", m.get("utt_mean_valid_loss"))),
             {True: "yes", False: "NO (on the plateau)", None: "-"}[m.get("learned")]]
 
 
@@ -438,7 +441,7 @@ def _models_section(summary: dict[str, Any], figures: dict[str, Any]) -> list[st
     parts = ["<h2>Models</h2>",
              _table(["model", "preset / config", "layers shared", "upstream params", "+ head",
                      "pretrain steps", "pretrain seconds", "final train loss", "final valid loss",
-                     "utterance-mean predictor", "learned"],
+                     "plateau (utterance-mean L1 / unigram CE)", "learned"],
                     [_model_row(n, m) for n, m in models.items()])]
     for n, m in models.items():
         rows = m.get("param_table") or []

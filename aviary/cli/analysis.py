@@ -80,8 +80,9 @@ def _demo_run(args: argparse.Namespace) -> int:
     for name, m in summary["models"].items():
         if m.get("learned") is False:
             # Said first: every comparison below leaves this model out.
-            print(f"WARNING: {name} did not learn (final validation L1 {m['final_valid_loss']:.4f} = "
-                  f"{100 * m['plateau_ratio']:.1f} % of the utterance-mean predictor's; learned: <= "
+            print(f"WARNING: {name} did not learn (final validation loss "
+                  f"{m.get('final_plateau_loss', m['final_valid_loss']):.4f} = {100 * m['plateau_ratio']:.1f} % "
+                  f"of {m.get('plateau', 'the utterance-mean predictor L1')}; learned: <= "
                   f"{100 * m['learned_ratio']:.0f} %); no comparison is drawn from it.")
     print("Key results: test accuracy (%) of frozen probes; (layer) = best layer on validation")
     print(format_key_results(summary["key_results"]))
