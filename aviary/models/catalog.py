@@ -84,21 +84,30 @@ def user_cache_path() -> Path:
     return Path(base) / "aviary" / "models.json"
 
 
-def _read(path: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
+def _read(path: Path, stamp: dict[str, Any], shipped: bool) -> dict[str, Any] | None:
+    # Other sources' catalog (a developer's edit, another torch): the registry's turn, quietly.
+    # A damaged one: also the registry's turn, and a shipped one is worth a warning.
     try:
         cat = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    ok = (isinstance(cat, dict) and cat.get("stamp") == stamp and isinstance(cat.get("presets"), list)
-          and isinstance(cat.get("families"), list))
-    return cat if ok else None
+        problem = None if isinstance(cat, dict) else "not a JSON object"
+    except FileNotFoundError:
+        cat, problem = None, "missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        cat, problem = None, f"unreadable ({e})"
+    if problem is None and cat.get("stamp") == stamp:
+        if isinstance(cat.get("presets"), list) and isinstance(cat.get("families"), list):
+            return cat
+        problem = "no 'presets' / 'families' lists"
+    if problem is not None:
+        (log.warning if shipped else log.debug)("%s: %s; listing the presets through the registry", path, problem)
+    return None
 
 
 def matching_catalog() -> dict[str, Any] | None:
     """The shipped catalog or the user's cached one when its stamp is the installed sources', else None."""
     stamp = source_stamp()
-    for path in (CATALOG_PATH, user_cache_path()):
-        cat = _read(path, stamp)
+    for path, shipped in ((CATALOG_PATH, True), (user_cache_path(), False)):
+        cat = _read(path, stamp, shipped)
         if cat is not None:
             log.debug("preset listing from %s", path)
             return cat

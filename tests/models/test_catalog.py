@@ -60,7 +60,7 @@ def test_any_change_to_those_sources_changes_the_stamp(package_copy):
     assert catalog.source_stamp(package_copy) == added
 
 
-def test_a_missing_damaged_or_foreign_catalog_is_not_used(tmp_path, monkeypatch):
+def test_a_missing_damaged_or_foreign_catalog_is_not_used(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     good = json.loads(catalog.CATALOG_PATH.read_text())
     for name, text in [("missing", None), ("garbage", "{not json"), ("list", "[]"),
@@ -71,7 +71,10 @@ def test_a_missing_damaged_or_foreign_catalog_is_not_used(tmp_path, monkeypatch)
         if text is not None:
             path.write_text(text)
         monkeypatch.setattr(catalog, "CATALOG_PATH", path)
+        caplog.clear()
         assert catalog.matching_catalog() is None, name
+        # Another stamp is normal after an edit; a damaged shipped catalog is named.
+        assert (str(path) in caplog.text) == (name in ("missing", "garbage", "list", "no-presets")), name
 
 
 def test_the_user_cache_is_used_only_for_its_own_stamp(tmp_path, monkeypatch):
