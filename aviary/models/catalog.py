@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from aviary.config import ConfigError
+from aviary.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,6 @@ def _dumps(cat: dict[str, Any]) -> str:
 
 def write_user_cache(cat: dict[str, Any]) -> None:
     """Store ``cat`` as the user's cached catalog; a cache that cannot be written is only logged."""
-    from aviary.storage import write_text_atomic
-
     path = user_cache_path()
     try:
         write_text_atomic(path, _dumps(cat))
@@ -164,8 +163,6 @@ def check_family(cat: dict[str, Any], name: str) -> None:
 
 def main() -> None:
     """``python -m aviary.models.catalog``: write ``catalog.json`` from the registry."""
-    from aviary.storage import write_text_atomic
-
     cat = build_catalog()
     write_text_atomic(CATALOG_PATH, _dumps(cat))
     print(f"{CATALOG_PATH}: {len(cat['presets'])} presets, sources {cat['stamp']['sources'][:12]}, "
