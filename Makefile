@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= demo_out
 
-.PHONY: venv demo demo-quick test test-slow test-s3prl s3prl-venv bench bench-s3prl bench-takeoff clean
+.PHONY: venv demo demo-quick test test-slow catalog test-s3prl s3prl-venv bench bench-s3prl bench-takeoff clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --timeout 3600
+
+# aviary/models/catalog.json, what `aviary models` lists without importing torch: regenerate it
+# after changing a preset, a model or anything below models/ (tests/models/test_catalog.py says so).
+catalog: $(STAMP)
+	$(BIN)/python -m aviary.models.catalog
 
 # s3prl 0.4.18 in its own venv (.s3prl-venv, or S3PRL_VENV=...), built once: torch==2.13.0 first,
 # s3prl without its declared dependencies, a torchaudio stub (benchmarks/s3prl_env.py).

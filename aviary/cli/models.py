@@ -14,14 +14,13 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from aviary.models.registry import describe_preset, get_family, list_presets
+    # The catalog, not the registry: it lists without importing torch when the sources match it.
+    from aviary.models.catalog import check_family, preset_catalog
 
-    names = list_presets()
+    cat = preset_catalog()
     if args.family:
-        get_family(args.family)  # unknown family: ConfigError naming the known ones
-    table = {n: describe_preset(n) for n in names}
-    if args.family:
-        table = {n: d for n, d in table.items() if d["family"] == args.family}
+        check_family(cat, args.family)  # unknown family: ConfigError naming the known ones
+    table = {n: d for n, d in cat["presets"] if not args.family or d["family"] == args.family}
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
