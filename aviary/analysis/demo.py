@@ -14,6 +14,11 @@
 4. **analysis**: layer-pair attention JSD, parameter tables, a reconstruction figure;
 5. **report**: ``OUT/summary.json`` and ``OUT/report.html``.
 
+``models=mockingjay,aalbert,bestrq,hubert`` adds the masked-prediction objectives that followed
+(BEST-RQ; HuBERT-style MFCC k-means targets, made once in ``runs/targets-mfcc``) on exactly
+Mockingjay's encoder config and budget, probed like the pair (stage 3); the learning curve,
+attention JSD and reconstruction figure stay the pair's.
+
 Every stage reuses finished work: the corpus when its settings match, the pretraining runs
 through ``pretrain(..., resume=True)`` (a finished run returns at once), probes by their
 record keys in ``OUT/probes/results.jsonl``, the feature caches and the attention analysis
@@ -24,6 +29,7 @@ Layout of ``OUT``::
     corpus/            synthetic corpus (manifest.jsonl, splits, flac)
     runs/mockingjay/   run directories (DEVELOPING.md layout)
     runs/aalbert/
+    runs/bestrq/ runs/hubert/ runs/targets-mfcc/   with models=...,bestrq,hubert
     probes/            results.jsonl, feature caches, accuracy_vs_layer.png, ...
     analysis/          attention_jsd.json, attention_jsd.png, reconstruction.png
     demo_state.json    stage timings (pretraining seconds survive a resumed run)
