@@ -18,7 +18,8 @@ covariance has condition number ~1.5e7): on the raw standardised features L-BFGS
 full 100 iterations at every ``l2`` and still moved valid accuracy by points, and with a
 gradient tolerance of 1e-3 a warm-started weaker ``l2`` was declared converged after 0-1
 iterations, so one layer in three got a real solve and "spiked" 2-3 points above its
-neighbours. Whitened, every solve converges (max |gradient| <= 1e-4) in 20-70 iterations.
+neighbours. Whitened, every solve converges (max |gradient| <= 1e-4) in 20-70 iterations
+(and at the default tolerance below in fewer).
 It also makes the probe invariant to any invertible linear map of the features: the penalty
 ``||V||^2 = W C W^T`` (``C`` the covariance) is the variance of the logits the weights produce,
 so a probe's accuracy depends on what the features span, not on how they are scaled or mixed.
