@@ -226,12 +226,13 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
     # First, in plain words: a model that stayed on the plateau has learned nothing to compare.
     for name, m in models.items():
         if m.get("learned") is False:
-            final = m.get("final_plateau_loss", m["final_valid_loss"])
-            level = m.get("plateau_loss", m.get("utt_mean_valid_loss"))
-            what = m.get("plateau", "the utterance-mean predictor's L1")
-            out.append(f"{name} did not learn: its final validation loss ({final:.4f}) is "
-                       f"{100 * m['plateau_ratio']:.1f} % of {what} "
-                       f"({level:.4f}) on the same frames (a model that learned is at most "
+            if m.get("utt_mean_valid_loss") is not None:  # reconstruction: L1 against the utterance mean
+                loss = (f"final validation L1 ({m['final_valid_loss']:.4f}) is {100 * m['plateau_ratio']:.1f} % "
+                        f"of the utterance-mean predictor's ({m['utt_mean_valid_loss']:.4f})")
+            else:  # masked prediction of codes: cross-entropy against the codes' frequencies
+                loss = (f"final validation cross-entropy ({m['final_plateau_loss']:.4f}) is "
+                        f"{100 * m['plateau_ratio']:.1f} % of {m['plateau']} ({m['plateau_loss']:.4f})")
+            out.append(f"{name} did not learn: its {loss} on the same frames (a model that learned is at most "
                        f"{100 * m.get('learned_ratio', 0.85):.0f} %). Its probes are listed, but no comparison "
                        "is drawn from it.")
     pretrained = [r for r in rows.values() if r["role"] == ROLE_PRETRAINED and r.get("phone_linear") is not None]

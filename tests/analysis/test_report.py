@@ -124,6 +124,19 @@ def test_a_model_that_did_not_learn_is_said_first_and_compared_with_nothing():
     assert "(aa, 66.0 %) beats the best spectrogram baseline (logmel, 49.0 %) by +17.0 points" in text
 
 
+def test_a_masked_prediction_model_that_did_not_learn_names_its_own_plateau():
+    # BEST-RQ / HuBERT: the plateau is the code-frequency cross-entropy, not an L1.
+    summary = {"key_results": key_results(_records()),
+               "models": {"hubert": {"shared": False, "learned": False, "final_valid_loss": 4.02,
+                                     "utt_mean_valid_loss": None, "final_plateau_loss": 4.02,
+                                     "plateau_loss": 4.50, "plateau_ratio": 4.02 / 4.50, "learned_ratio": 0.85,
+                                     "plateau": "the code-frequency (unigram) cross-entropy"}}}
+    first = findings(summary)[0]
+    assert first.startswith("hubert did not learn: its final validation cross-entropy (4.0200) is 89.3 % of "
+                            "the code-frequency (unigram) cross-entropy (4.5000)"), first
+    assert "L1" not in first
+
+
 def test_seeds_are_averaged_with_their_spread():
     from aviary.analysis.demo import base_name
     from aviary.analysis.report import aggregate_seeds
