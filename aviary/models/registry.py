@@ -113,8 +113,14 @@ def _load_all() -> None:
 
 
 def list_presets() -> list[str]:
+    """Every preset, in a canonical order: by defining module (in :func:`family_modules`' order),
+    then as each module registers them; presets registered elsewhere follow, as registered.
+    Not plain registration order: that depends on which module a process happened to import first."""
     _load_all()
-    return list(PRESETS)
+    rank = {m: i for i, m in enumerate(family_modules())}
+    names = list(PRESETS)
+    pos = {n: i for i, n in enumerate(names)}
+    return sorted(names, key=lambda n: (rank.get(getattr(PRESETS[n], "__module__", None), len(rank)), pos[n]))
 
 
 def get_preset(name: str) -> Config:

@@ -94,3 +94,17 @@ def test_an_unwritable_cache_is_not_an_error(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # a file where the directory should be
     catalog.write_user_cache(json.loads(catalog.CATALOG_PATH.read_text()))
+
+
+def test_preset_order_does_not_depend_on_what_was_imported_first():
+    # The listing (and the catalog made from it) must not change with a process's import
+    # history: under the full test suite another module's presets registered first.
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]; "
+            "from aviary.models.registry import list_presets; print(','.join(list_presets()))")
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    first = subprocess.run([sys.executable, "-c", code, "aviary.models.vqwav2vec", "aviary.models.token_bert"],
+                           capture_output=True, text=True, check=True).stdout
+    assert plain == first and plain.count(",") > 10
