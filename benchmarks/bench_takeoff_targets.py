@@ -92,7 +92,7 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
             probe: bool, overrides: list[str] | None = None, tag: str = "") -> dict[str, Any]:
     from aviary.analysis.demo import DemoConfig, train_config
     from aviary.models.registry import count_parameters, get_family, get_preset
-    from aviary.train.targets import with_mfcc_targets
+    from aviary.train.targets import FrameTargets, with_mfcc_targets
 
     from aviary.config import apply_overrides
 
@@ -101,9 +101,13 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
     done = work / "runs" / f"{name}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    # HuBERT: MFCC k-means targets (K = 100) at the encoder's frame rate, made once.
+    # HuBERT: MFCC k-means targets (the preset's K and normalisation) at the encoder's frame
+    # rate, made once per setting.
     mcfg = apply_overrides(get_preset(recipe), overrides or [])
-    mcfg = with_mfcc_targets(mcfg, corpus, work / f"targets-mfcc-k100-{recipe}")
+    obj = mcfg.objective
+    if hasattr(obj, "targets"):
+        mcfg = with_mfcc_targets(mcfg, corpus,
+                                 work / f"targets-mfcc-k{obj.num_clusters}-{obj.mfcc_normalize}-r{mcfg.encoder.downsample}")
     tdir = Path(mcfg.objective.targets) if getattr(mcfg.objective, "targets", "") else None
     demo = DemoConfig(preset=recipe, seed=seed, precision=precision, **({"steps": steps} if steps else {}))
     tcfg = train_config(demo)
@@ -121,6 +125,10 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
         "params": count_parameters(get_family(mcfg.family).build_upstream(mcfg)),
         "targets": str(tdir) if tdir else None,
     }
+    if tdir:
+        kcfg = FrameTargets(tdir).info["config"]
+        rec["targets_kmeans"] = {k: kcfg.get(k, "none" if k == "normalize" else None)
+                                 for k in ("features", "clusters", "normalize", "fit_frames")}
     return finish_record(rec, probe, run_dir, corpus, work, precision, done)
 
 

@@ -67,4 +67,4 @@ def hubert_base() -> MAMConfig:
 
 @register_preset("hubert-cpu", "HuBERT-style targets for a CPU budget: the demo's 256/6L ALiBi encoder, R=3, K=100")
 def hubert_cpu() -> MAMConfig:
-    return _model("hubert", "utterance", _CPU, HubertConfig(**_CPU_MASK))
+    return _model("hubert", "utterance", _CPU, HubertConfig(**_CPU_MASK, mfcc_normalize="utterance"))
