@@ -300,6 +300,10 @@ def test_hubert_cpu_targets_are_normalised_and_the_papers_are_not(sine_corpus, t
 
     assert get_preset("hubert-cpu").objective.mfcc_normalize == "utterance"
     assert get_preset("hubert-base").objective.mfcc_normalize == "none"
+    # ... and the cosine temperature: the paper's 0.1 for base, 0.05 at the CPU budget (the
+    # uniform-initialised cluster embeddings barely turn in 600 steps; masked_prediction.py).
+    assert get_preset("hubert-base").objective.temperature == 0.1
+    assert get_preset("hubert-cpu").objective.temperature == 0.05
     cpu = FrameTargets(with_mfcc_targets(get_preset("hubert-cpu"), sine_corpus, tmp_path / "cpu",
                                          clusters=8).objective.targets)
     base = FrameTargets(with_mfcc_targets(get_preset("hubert-base"), sine_corpus, tmp_path / "base",
