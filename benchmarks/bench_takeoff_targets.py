@@ -3,8 +3,9 @@
 The masked-prediction twin of ``bench_takeoff`` (which covers the reconstruction recipes):
 ``bestrq-cpu`` and ``hubert-cpu`` pretrain with exactly the demo's settings
 (``analysis.demo.train_config``: 600 steps, peak lr 5e-4, 16 s batches of 4 s crops) on the
-demo's corpus; ``hubert-cpu`` first gets MFCC k-means targets (K = 100, R = 3) made by
-``aviary.train.targets.with_mfcc_targets``. A model that has not learned predicts how often
+demo's corpus; ``hubert-cpu`` first gets MFCC k-means targets made by
+``aviary.train.targets.with_mfcc_targets`` with the preset's settings (K = 100, R = 3,
+per-utterance CMVN'd MFCC; ``--set objective.mfcc_normalize=none`` for the paper's raw MFCC). A model that has not learned predicts how often
 each code / cluster occurs: its cross-entropy on the masked frames is the entropy of their
 histogram. The loop logs that per validation batch (``unigram_ce``, biased low: ~200 masked
 frames per batch); :func:`unigram_level` measures it over the whole validation split (the
@@ -16,7 +17,8 @@ demo's probe).
     .venv/bin/python -m benchmarks.bench_takeoff_targets --corpus CORPUS --seeds 0
 
 Runs are kept in ``--work``; a finished run is read back. Results:
-``benchmarks/results/takeoff-targets.json``.
+``benchmarks/results/takeoff-targets.json`` (earlier presets: ``takeoff-targets-span3.json``,
+``takeoff-targets-span1.json``).
 """
 from __future__ import annotations
 
