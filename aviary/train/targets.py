@@ -458,6 +458,12 @@ class TargetTrainData(AudioTrainData):
             raise ConfigError(f"--targets {self.targets.path} are at {self.targets.frame_shift * 1000:g} ms frames, "
                               f"the model's encoder frames are {shift * 1000:g} ms (R={model_cfg.encoder.downsample}); "
                               "make targets with a matching --downsample")
+        kcfg = self.targets.info.get("config", {})
+        made, meant = kcfg.get("normalize", "none"), getattr(model_cfg.objective, "mfcc_normalize", None)
+        if kcfg.get("features") == "mfcc" and meant is not None and made != meant:
+            log.warning("--targets %s: MFCC clustered with normalize=%r, but this model's iteration-0 targets "
+                        "are meant to be %r (objective.mfcc_normalize); training on them anyway (make them with "
+                        "`aviary targets kmeans --normalize %s`)", self.targets.path, made, meant, meant)
         obj = model_cfg.objective.replace(num_clusters=self.targets.clusters, targets_sha256=self.targets.sha256)
         return model_cfg.replace(objective=obj.to_dict())
 

@@ -324,3 +324,19 @@ def test_cli_targets_normalize(sine_corpus, tmp_path):
     assert main(["targets", "kmeans", "--clusters", "6", "--downsample", "3", "--normalize", "utterance",
                  "--data", str(sine_corpus), "--out", str(out)]) == 0
     assert FrameTargets(out).info["config"]["normalize"] == "utterance"
+
+
+def test_training_on_targets_of_the_other_normalisation_warns(sine_corpus, mfcc_targets, tmp_path, caplog):
+    # hubert-cpu's targets are meant to be CMVN'd; raw ones (the CLI's default) train, with a warning.
+    utts = load_manifest(sine_corpus)
+    data = TargetTrainData(utts, FrameTargets(mfcc_targets), sine_corpus, max_batch_seconds=4, crop_seconds=0.5)
+    with caplog.at_level("WARNING"):
+        data.configure_model(get_preset("hubert-cpu"))
+    assert "normalize='none'" in caplog.text and "--normalize utterance" in caplog.text
+    caplog.clear()
+    cmvn = tmp_path / "cmvn"
+    make_kmeans_targets(sine_corpus, cmvn, KMeansTargetsConfig(**_KM, normalize="utterance"))
+    with caplog.at_level("WARNING"):
+        TargetTrainData(utts, FrameTargets(cmvn), sine_corpus, max_batch_seconds=4,
+                        crop_seconds=0.5).configure_model(get_preset("hubert-cpu"))
+    assert "normalize" not in caplog.text
