@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 _EPILOG = """\
 examples:
-  aviary targets kmeans --features mfcc --clusters 100 --downsample 3 --normalize utterance \
+  aviary targets kmeans --features mfcc --clusters 100 --downsample 3 --normalize utterance \\
       --data corpora/synth --out targets/mfcc
   aviary pretrain --model hubert-cpu --data corpora/synth --targets targets/mfcc --out runs/hubert-it0
   aviary targets kmeans --features runs/hubert-it0:4 --clusters 500 --data corpora/synth --out targets/it1
