@@ -3,8 +3,9 @@
 The masked-prediction twin of ``bench_takeoff`` (which covers the reconstruction recipes):
 ``bestrq-cpu`` and ``hubert-cpu`` pretrain with exactly the demo's settings
 (``analysis.demo.train_config``: 600 steps, peak lr 5e-4, 16 s batches of 4 s crops) on the
-demo's corpus; ``hubert-cpu`` first gets MFCC k-means targets (K = 100, R = 3) made by
-``aviary.train.targets.with_mfcc_targets``. A model that has not learned predicts how often
+demo's corpus; ``hubert-cpu`` first gets MFCC k-means targets made by
+``aviary.train.targets.with_mfcc_targets`` with the preset's settings (K = 100, R = 3,
+per-utterance CMVN'd MFCC; ``--set objective.mfcc_normalize=none`` for the paper's raw MFCC). A model that has not learned predicts how often
 each code / cluster occurs: its cross-entropy on the masked frames is the entropy of their
 histogram. The loop logs that per validation batch (``unigram_ce``, biased low: ~200 masked
 frames per batch); :func:`unigram_level` measures it over the whole validation split (the
@@ -16,7 +17,8 @@ demo's probe).
     .venv/bin/python -m benchmarks.bench_takeoff_targets --corpus CORPUS --seeds 0
 
 Runs are kept in ``--work``; a finished run is read back. Results:
-``benchmarks/results/takeoff-targets.json``.
+``benchmarks/results/takeoff-targets.json`` (earlier presets: ``takeoff-targets-span3.json``,
+``takeoff-targets-span1.json``).
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
             probe: bool, overrides: list[str] | None = None, tag: str = "") -> dict[str, Any]:
     from aviary.analysis.demo import DemoConfig, train_config
     from aviary.models.registry import count_parameters, get_family, get_preset
-    from aviary.train.targets import with_mfcc_targets
+    from aviary.train.targets import FrameTargets, with_mfcc_targets
 
     from aviary.config import apply_overrides
 
@@ -101,9 +103,13 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
     done = work / "runs" / f"{name}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    # HuBERT: MFCC k-means targets (K = 100) at the encoder's frame rate, made once.
+    # HuBERT: MFCC k-means targets (the preset's K and normalisation) at the encoder's frame
+    # rate, made once per setting.
     mcfg = apply_overrides(get_preset(recipe), overrides or [])
-    mcfg = with_mfcc_targets(mcfg, corpus, work / f"targets-mfcc-k100-{recipe}")
+    obj = mcfg.objective
+    if hasattr(obj, "targets"):
+        mcfg = with_mfcc_targets(mcfg, corpus,
+                                 work / f"targets-mfcc-k{obj.num_clusters}-{obj.mfcc_normalize}-r{mcfg.encoder.downsample}")
     tdir = Path(mcfg.objective.targets) if getattr(mcfg.objective, "targets", "") else None
     demo = DemoConfig(preset=recipe, seed=seed, precision=precision, **({"steps": steps} if steps else {}))
     tcfg = train_config(demo)
@@ -121,6 +127,10 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
         "params": count_parameters(get_family(mcfg.family).build_upstream(mcfg)),
         "targets": str(tdir) if tdir else None,
     }
+    if tdir:
+        kcfg = FrameTargets(tdir).info["config"]
+        rec["targets_kmeans"] = {k: kcfg.get(k, "none" if k == "normalize" else None)
+                                 for k in ("features", "clusters", "normalize", "fit_frames")}
     return finish_record(rec, probe, run_dir, corpus, work, precision, done)
 
 

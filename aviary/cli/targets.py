@@ -11,11 +11,14 @@ log = logging.getLogger(__name__)
 
 _EPILOG = """\
 examples:
-  aviary targets kmeans --features mfcc --clusters 100 --downsample 3 --data corpora/synth --out targets/mfcc
+  aviary targets kmeans --features mfcc --clusters 100 --downsample 3 --normalize utterance \\
+      --data corpora/synth --out targets/mfcc
   aviary pretrain --model hubert-cpu --data corpora/synth --targets targets/mfcc --out runs/hubert-it0
   aviary targets kmeans --features runs/hubert-it0:4 --clusters 500 --data corpora/synth --out targets/it1
 Targets are at the encoder's frame rate: --downsample R (10 ms frames per target) must be the
-model's R for mfcc; a checkpoint's layer is at that model's rate. Run the same command again to
+model's R for mfcc; a checkpoint's layer is at that model's rate. --normalize utterance
+(per-utterance CMVN of the MFCC before k-means) is what hubert-cpu's targets use (noisy
+corpora); the default, none, is the paper's (fairseq) recipe. Run the same command again to
 continue a killed run (the fitted centroids and finished shards are kept).
 """
 
@@ -34,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mfcc: 10 ms frames per target frame, the encoder's R (default 1)")
     k.add_argument("--seed", type=int, default=0, help="k-means seed")
     k.add_argument("--fit-frames", type=int, default=200_000, help="at most this many frames are clustered")
+    k.add_argument("--normalize", choices=("none", "utterance"), default="none",
+                   help="mfcc: per-utterance CMVN of the MFCC before k-means ('utterance', hubert-cpu's "
+                        "setting) or none (the paper's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--downsample is for --features mfcc; a checkpoint's layer is at its own frame rate")
     cfg = KMeansTargetsConfig(features=args.features, clusters=args.clusters,
                               downsample=(args.downsample or 1) if args.features == "mfcc" else 0,
-                              seed=args.seed, fit_frames=args.fit_frames)
+                              seed=args.seed, fit_frames=args.fit_frames, normalize=args.normalize)
     upstream = None
     if args.features != "mfcc":
         import aviary

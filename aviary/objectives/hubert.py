@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aviary.config import check_range
+from aviary.config import check, check_range
 from aviary.lengths import padding_mask
 from aviary.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
 from aviary.objectives.bestrq import FrameUpstream, draw_mask, encoder_input
@@ -50,6 +50,11 @@ class HubertConfig(ObjectiveConfig):
         mask_prob, span: every encoder frame starts a ``span``-frame span with probability
             ``mask_prob`` (paper: p = 0.08 and 10 frames at 20 ms; about half of the frames end
             up masked).
+        mfcc_normalize: how this preset's iteration-0 MFCC targets are made by
+            :func:`aviary.train.targets.with_mfcc_targets` (the demo, the benchmarks):
+            ``"none"`` (the paper / fairseq) or ``"utterance"`` (per-utterance CMVN before
+            k-means; see ``KMeansTargetsConfig.normalize``). ``aviary targets kmeans`` takes it
+            as ``--normalize``. Not used by training itself.
         targets: the targets directory (``aviary targets kmeans --out DIR``), set by
             ``aviary pretrain --targets DIR``; the training data then carries them
             (:mod:`aviary.train.targets`). Empty in presets.
@@ -63,6 +68,7 @@ class HubertConfig(ObjectiveConfig):
     temperature: float = 0.1
     mask_prob: float = 0.08
     span: int = 10
+    mfcc_normalize: str = "none"
     targets: str = ""
     targets_sha256: str = ""
 
@@ -72,6 +78,8 @@ class HubertConfig(ObjectiveConfig):
         check_range("temperature", self.temperature, 0.0, lo_open=True)
         check_range("mask_prob", self.mask_prob, 0.0, 1.0, lo_open=True)
         check_range("span", self.span, 1)
+        check(self.mfcc_normalize in ("none", "utterance"), "mfcc_normalize", self.mfcc_normalize,
+              "'none' or 'utterance'")
 
     def build(self, upstream: FrameUpstream) -> "Hubert":
         return Hubert(self, upstream.frontend.dim * upstream.encoder.downsample, upstream.hidden_size)

@@ -5,6 +5,7 @@ the cluster ids: iteration 0 clusters MFCC (39-dim: 13 coefficients + deltas + d
 iteration 1 a layer of the iteration-0 model. ``aviary targets kmeans`` does both:
 
     --features mfcc            MFCC, R consecutive 10 ms frames concatenated per target frame
+                               (``--normalize utterance``: each utterance's MFCC CMVN'd first)
     --features CKPT:LAYER      hidden state LAYER of an aviary model (its own frame rate)
 
 Targets sit at the ENCODER's frame rate: target frame k covers exactly the R front-end frames
@@ -46,6 +47,8 @@ TARGETS_FILE = "targets.json"
 KMEANS_FILE = "kmeans.safetensors"
 FORMAT_VERSION = 1
 IGNORE = -100  # as aviary.objectives.hubert.IGNORE (train/ may not need the objective)
+#: MFCC normalisations before k-means (see KMeansTargetsConfig.normalize).
+NORMALIZE = ("none", "utterance")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,12 @@ class KMeansTargetsConfig(Config):
         n_init: k-means++ initialisations tried (fairseq: 20).
         max_iter: passes over the fit frames (fairseq: 100).
         shard_utterances: utterances per labels file.
+        normalize: ``mfcc`` only: ``"none"`` (fairseq's HuBERT recipe, made for clean
+            LibriSpeech) or ``"utterance"``: every utterance's 39-dim MFCC is mean- and
+            variance-normalised over its own frames before stacking and clustering, as the
+            encoder's input is (``cmvn="utterance"``), so the clusters follow the frame, not the
+            utterance's noise floor and channel. Measured on the demo's noisy corpus
+            (``benchmarks/bench_hubert_targets.py``, BENCHMARKS.md "Take-off: masked prediction").
     """
 
     features: str = "mfcc"
@@ -75,6 +84,7 @@ class KMeansTargetsConfig(Config):
     n_init: int = 20
     max_iter: int = 100
     shard_utterances: int = 256
+    normalize: str = "none"
 
     def validate(self) -> None:
         check(self.features == "mfcc" or _layer_spec(self.features) is not None, "features", self.features,
@@ -87,6 +97,9 @@ class KMeansTargetsConfig(Config):
         check_range("n_init", self.n_init, 1)
         check_range("max_iter", self.max_iter, 1)
         check_range("shard_utterances", self.shard_utterances, 1)
+        check(self.normalize in NORMALIZE, "normalize", self.normalize, " or ".join(map(repr, NORMALIZE)))
+        check(self.normalize == "none" or self.features == "mfcc", "normalize", self.normalize,
+              "'none' for a checkpoint's layer (only MFCC targets are normalised)")
 
 
 def _layer_spec(spec: str) -> tuple[str, int] | None:
@@ -113,26 +126,34 @@ class MfccFeatures:
 
     ``__call__(wavs (B, N), lengths (B,)) -> (feats (B, T', 39 R), lengths (B,))`` with
     ``T' = ceil(T / R)``, exactly as the encoder stacks its input frames (``stack_frames``).
-    No CMVN: a crop's frames must equal the same frames of the whole utterance.
+    ``normalize="utterance"``: each row's 39-dim frames are mean- and variance-normalised over
+    its own valid frames before stacking (targets are made from whole utterances); ``"none"``:
+    a crop's frames equal the same frames of the whole utterance.
     """
 
-    def __init__(self, downsample: int) -> None:
+    def __init__(self, downsample: int, normalize: str = "none") -> None:
         from aviary.features import FrontEndConfig, build_frontend
 
         self.frontend = build_frontend(FrontEndConfig(kind="logmel", n_mels=40, normalize_db=-25.0))
+        if normalize not in NORMALIZE:
+            raise ConfigError(f"normalize: {normalize!r}, expected " + " or ".join(map(repr, NORMALIZE)))
         self.R = downsample
+        self.normalize = normalize
         self.dct = dct_matrix(40, 13)
         self.frame_shift = self.frontend.frame_shift * downsample
 
     @torch.no_grad()
     def __call__(self, wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from aviary.features.spectral import deltas
+        from aviary.features.spectral import deltas, masked_mean_std
         from aviary.models.encoder import stack_frames
 
         logmel, flen = self.frontend(wavs, lengths)  # (B, T, 40)
         c = logmel @ self.dct  # (B, T, 13)
         d1 = deltas(c, flen)
         feats = torch.cat([c, d1, deltas(d1, flen)], dim=-1)  # (B, T, 39)
+        if self.normalize == "utterance":
+            mean, std = masked_mean_std(feats, flen, unbiased=True)
+            feats = (feats - mean) / (std + 1e-5)
         return stack_frames(feats, flen, self.R)
 
 
@@ -160,7 +181,7 @@ class LayerFeatures:
 def build_features(cfg: KMeansTargetsConfig, upstream: Any = None) -> MfccFeatures | LayerFeatures:
     """The feature stream of ``cfg``; ``upstream`` is the loaded ``CHECKPOINT`` of a layer spec."""
     if cfg.features == "mfcc":
-        return MfccFeatures(cfg.downsample)
+        return MfccFeatures(cfg.downsample, cfg.normalize)
     path, layer = _layer_spec(cfg.features)
     if upstream is None:
         raise ConfigError(f"--features {cfg.features}: pass the loaded upstream of {path} (aviary.load)")
@@ -198,6 +219,8 @@ def _settings(cfg: KMeansTargetsConfig, frame_shift: float, fingerprint: str) ->
 
 
 def _refuse_other(out: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    # Targets written before a setting existed hold its default (``normalize``: "none").
+    stored = {**stored, "config": {**KMeansTargetsConfig().to_dict(), **(stored.get("config") or {})}}
     diff = [k for k in ("config", "frame_shift", "corpus_sha256") if stored.get(k) != wanted.get(k)]
     if diff:
         detail = "; ".join(f"{k}: stored {stored.get(k)!r}, now {wanted.get(k)!r}" for k in diff)
@@ -435,6 +458,12 @@ class TargetTrainData(AudioTrainData):
             raise ConfigError(f"--targets {self.targets.path} are at {self.targets.frame_shift * 1000:g} ms frames, "
                               f"the model's encoder frames are {shift * 1000:g} ms (R={model_cfg.encoder.downsample}); "
                               "make targets with a matching --downsample")
+        kcfg = self.targets.info.get("config", {})
+        made, meant = kcfg.get("normalize", "none"), getattr(model_cfg.objective, "mfcc_normalize", None)
+        if kcfg.get("features") == "mfcc" and meant is not None and made != meant:
+            log.warning("--targets %s: MFCC clustered with normalize=%r, but this model's iteration-0 targets "
+                        "are meant to be %r (objective.mfcc_normalize); training on them anyway (make them with "
+                        "`aviary targets kmeans --normalize %s`)", self.targets.path, made, meant, meant)
         obj = model_cfg.objective.replace(num_clusters=self.targets.clusters, targets_sha256=self.targets.sha256)
         return model_cfg.replace(objective=obj.to_dict())
 
@@ -454,17 +483,24 @@ def build_target_train_data(data_path: str | Path, split: str | None, train_cfg:
                            crop_seconds=train_cfg.crop_seconds, min_seconds=train_cfg.min_seconds)
 
 
-def with_mfcc_targets(model_cfg: Any, data: str | os.PathLike, out: str | os.PathLike, clusters: int = 100,
-                      seed: int = 0) -> Any:
+def with_mfcc_targets(model_cfg: Any, data: str | os.PathLike, out: str | os.PathLike, clusters: int | None = None,
+                      seed: int = 0, normalize: str | None = None) -> Any:
     """``model_cfg`` trained on MFCC k-means targets of ``data`` at its encoder's frame rate
     (HuBERT's iteration 0), made in ``out`` unless they are there already; configs whose
     objective takes no targets are returned as they are. What the demo and the benchmarks call.
+
+    ``clusters`` and ``normalize`` default to the objective's ``num_clusters`` and
+    ``mfcc_normalize`` (``hubert-cpu``: K = 100, per-utterance CMVN; ``hubert-base``: K = 100,
+    none, as published).
     """
     obj = getattr(model_cfg, "objective", None)
     if not hasattr(obj, "targets"):
         return model_cfg
     R = round(model_frame_shift(model_cfg) / (model_cfg.input.hop_length / model_cfg.input.sample_rate))
-    make_kmeans_targets(data, out, KMeansTargetsConfig(features="mfcc", clusters=clusters, downsample=R, seed=seed))
+    clusters = obj.num_clusters if clusters is None else clusters
+    normalize = getattr(obj, "mfcc_normalize", "none") if normalize is None else normalize
+    make_kmeans_targets(data, out, KMeansTargetsConfig(features="mfcc", clusters=clusters, downsample=R, seed=seed,
+                                                       normalize=normalize))
     return model_cfg.replace(objective={**obj.to_dict(), "targets": str(Path(out).resolve())})
 
 
