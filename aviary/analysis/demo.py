@@ -318,8 +318,10 @@ def pretrain_models(cfg: DemoConfig, corpus: Path, runs: Path, state: _State) ->
             # corpus (resumable) and shared by every seed.
             from aviary.train.targets import with_mfcc_targets
 
-            mcfg = with_mfcc_targets(mcfg, corpus, runs / "targets-mfcc", clusters=cfg.hubert_clusters,
-                                     seed=cfg.corpus_seed)
+            # K sizes both the targets and the objective's cluster embeddings; the MFCC
+            # normalisation is the preset's (hubert-cpu: per-utterance CMVN).
+            mcfg = mcfg.replace(objective={**mcfg.objective.to_dict(), "num_clusters": cfg.hubert_clusters})
+            mcfg = with_mfcc_targets(mcfg, corpus, runs / "targets-mfcc", seed=cfg.corpus_seed)
         done_before = max((step for step, _ in list_checkpoints(run_dir)), default=0)
         t0 = time.perf_counter()
         result = pretrain(mcfg, tcfg, corpus, run_dir, resume=True)
