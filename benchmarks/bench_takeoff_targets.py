@@ -8,7 +8,7 @@ demo's corpus; ``hubert-cpu`` first gets MFCC k-means targets made by
 per-utterance CMVN'd MFCC; ``--set objective.mfcc_normalize=none`` for the paper's raw MFCC). A model that has not learned predicts how often
 each code / cluster occurs: its cross-entropy on the masked frames is the entropy of their
 histogram. The loop logs that per validation batch (``unigram_ce``, biased low: ~200 masked
-frames per batch); :func:`unigram_level` measures it over the whole validation split (the
+frames per batch); :func:`aviary.train.targets.unigram_level` measures it over the whole validation split (the
 cross-entropy of its codes under the training split's frequencies). Reported per run: the
 validation curve of ``ce`` and ``acc``, the final ``ce`` over both levels (took off at <= 0.85 of
 the corpus level, the MAM recipes' threshold) and the linear phone probe of the best layer (the
@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from aviary.train.targets import unigram_level
 from benchmarks.bench_takeoff import finish_record, pretrain_run, work_and_corpus
 from benchmarks.common import write_result
 
@@ -37,57 +38,6 @@ log = logging.getLogger("bench_takeoff_targets")
 
 RECIPES = ("bestrq-cpu", "hubert-cpu")
 TAKEOFF = 0.85  # final ce / unigram_ce
-
-
-def unigram_level(recipe: str, run_dir: Path, corpus: Path, targets: Path | None,
-                  max_utterances: int = 600) -> dict[str, float]:
-    """The plateau over the whole validation split: the cross-entropy of the validation frames'
-    codes / clusters under their frequencies on the training split (what a model that ignores
-    the audio learns), and the validation entropy itself. The loop's per-batch ``unigram_ce``
-    is the entropy of one batch's ~200 masked frames, biased low (more so for 512 codes)."""
-    import numpy as np
-
-    from aviary.data.manifest import load_manifest
-
-    train = load_manifest(corpus, "train")[:max_utterances]
-    valid = load_manifest(corpus, "valid")
-    if targets is not None:
-        from aviary.train.targets import FrameTargets
-
-        t = FrameTargets(targets)
-        codes = {split: np.concatenate([t.labels(u.id) for u in utts]) for split, utts in
-                 (("train", train), ("valid", valid))}
-        K = t.clusters
-    else:
-        from aviary.audio import load_audio
-        from aviary.data.dataset import collate_audio
-        from aviary.models.registry import build_pretrain, config_from_dict
-        from aviary import storage
-
-        tensors, meta = storage.load_tensors(run_dir / "model.safetensors")
-        model = build_pretrain(config_from_dict(storage.load_config_from_metadata(run_dir / "model.safetensors",
-                                                                                      meta)["model"]))
-        model.load_state_dict(tensors)
-        K = model.config.objective.codebook_size
-        codes = {}
-        for split, utts in (("train", train), ("valid", valid)):
-            out = []
-            for i in range(0, len(utts), 16):
-                b = collate_audio([{"id": u.id, "speaker": u.speaker,
-                                    "wav": torch.from_numpy(load_audio(u.audio, 16000))} for u in utts[i:i + 16]])
-                feats, flen = model.upstream.features(b["wavs"], b["wav_lengths"])
-                stacked, slen = model.upstream.encoder.stack(feats, flen)
-                c = model.objective.quantizer(stacked)[..., 0]  # (B, T') first codebook
-                out += [c[k, :int(slen[k])].numpy() for k in range(c.shape[0])]
-            codes[split] = np.concatenate(out)
-    p_train = (np.bincount(codes["train"], minlength=K) + 0.5) / (len(codes["train"]) + 0.5 * K)
-    p_valid = np.bincount(codes["valid"], minlength=K) / len(codes["valid"])
-    nz = p_valid > 0
-    return {"unigram_ce_valid_under_train": float(-np.log(p_train[codes["valid"]]).mean()),
-            # accuracy of always answering the training split's most frequent code
-            "unigram_acc_valid": float((codes["valid"] == p_train.argmax()).mean()),
-            "valid_entropy": float(-(p_valid[nz] * np.log(p_valid[nz])).sum()),
-            "codes_used_valid": int(nz.sum()), "codes": K}
 
 
 def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, steps: int | None,
@@ -117,7 +67,7 @@ def run_one(recipe: str, seed: int, precision: str, corpus: Path, work: Path, st
     curve = [{"step": r["step"], "ce": r["ce"], "acc": r["acc"], "unigram_ce": r["unigram_ce"],
               "ratio": r["ce"] / r["unigram_ce"]} for r in valid]
     final = curve[-1]
-    level = unigram_level(recipe, run_dir, corpus, tdir)
+    level = unigram_level(run_dir, corpus)
     rec: dict[str, Any] = {
         "recipe": recipe, "overrides": overrides or [], "seed": seed, "precision": precision, "steps": result.step,
         "pretrain_seconds": round(seconds, 1), "curve": curve, "final_ce": final["ce"],

@@ -126,6 +126,11 @@ def test_seed_runs_names_and_learning_curve_checkpoints():
     assert learned({"loss": 0.56, "l1_utt_mean": 0.79}, 0.85) == (True, 0.56 / 0.79)
     assert learned({"loss": 0.75, "l1_utt_mean": 0.79}, 0.85)[0] is False
     assert learned({"loss": 0.75}, 0.85) == (None, None)
+    # Masked prediction: judged against the split's unigram level, never the loop's per-batch
+    # entropy (biased low: a BEST-RQ run at 0.82 of the split's level read as 1.003 of it).
+    mp = {"loss": 4.06, "ce": 4.06, "unigram_ce": 4.05}
+    assert learned(mp, 0.85) == (None, None)
+    assert learned(mp, 0.85, unigram_ce=4.96) == (True, 4.06 / 4.96)
 
 
 def test_learning_curve_reads_checkpoint_and_final_records_apart():

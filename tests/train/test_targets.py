@@ -141,6 +141,20 @@ def test_hubert_pretrains_on_its_targets_and_loads(sine_corpus, mfcc_targets, tm
     with torch.no_grad():
         hs, _ = up.extract(torch.randn(8000) * 0.1)
     assert len(hs) == up.num_hidden_states == 7
+    # The plateau over the split: the valid targets' cross-entropy under the train split's
+    # frequencies (+0.5 smoothing), written out by hand from the targets themselves.
+    import numpy as np
+
+    from aviary.data.manifest import load_manifest
+    from aviary.train.targets import FrameTargets, unigram_level
+
+    ft = FrameTargets(mfcc_targets)
+    tr = np.concatenate([ft.labels(u.id) for u in load_manifest(sine_corpus, "train")])
+    va = np.concatenate([ft.labels(u.id) for u in load_manifest(sine_corpus, "valid")])
+    p = (np.bincount(tr, minlength=8) + 0.5) / (len(tr) + 4.0)
+    level = unigram_level(tmp_path / "run", sine_corpus)
+    assert level["codes"] == 8 and level["unigram_ce_valid_under_train"] == pytest.approx(-np.log(p[va]).mean())
+    assert level["unigram_acc_valid"] == pytest.approx((va == p.argmax()).mean())
 
 
 def test_targets_of_another_corpus_or_frame_rate_are_refused(sine_corpus, mfcc_targets, tmp_path):
