@@ -276,6 +276,10 @@ def findings(summary: dict[str, Any], mockingjay: str | None = None, aalbert: st
                    f"{_pct(best_r['phone_linear'])} %, so pretraining adds "
                    f"{100 * (best_p['phone_linear'] - best_r['phone_linear']):+.1f} points"
                    f"{_mark(best_p, 'phone_linear', best_r, 'phone_linear')}.")
+        others = [f"{r['upstream']} {100 * (r['phone_linear'] - best_r['phone_linear']):+.1f}"
+                  f"{_mark(r, 'phone_linear', best_r, 'phone_linear')}" for r in pretrained if r is not best_p]
+        if others:  # every model's own gain: a model can learn its objective and little about phones
+            out.append(f"Over that random-init level: {'; '.join(others)} points.")
 
     if (mockingjay in rows and aalbert in rows and rows[mockingjay].get("phone_linear")
             and rows[aalbert].get("phone_linear")
