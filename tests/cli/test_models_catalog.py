@@ -37,11 +37,24 @@ def run_cli(args, root, cache):
     return p.stdout, lines[:-1], json.loads(lines[-1])
 
 
-def in_process(args, capsys):
+def in_this_process(args, capsys):
+    """``aviary ARGS`` run by this process's ``main`` (its registry, with whatever it registered)."""
     assert "aviary.models.registry" in sys.modules  # so `main` takes the registry's path
     capsys.readouterr()
     assert main(["-q", *args]) == 0
     return capsys.readouterr().out
+
+
+def in_process(args, capsys):
+    """What the registry's path prints: in a fresh process that imports the registry first (so
+    `main` takes that path), not in this one, where other tests register presets of their own
+    (tests/train/tiny.py) that the shipped catalog rightly does not hold."""
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    code = "import sys, aviary.models.registry\nfrom aviary.cli import main\nsys.exit(main(sys.argv[1:]))"
+    p = subprocess.run([sys.executable, "-c", code, "-q", *args], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=PACKAGE.parent)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
 
 
 @pytest.mark.parametrize("args", [["models", "--json"], ["models"], ["models", "--family", "ssast", "--json"],
@@ -101,6 +114,6 @@ def test_presets_registered_in_the_process_are_listed(monkeypatch, tmp_path, cap
     registry.list_presets()
     monkeypatch.setitem(registry.PRESETS, "my-preset", lambda: registry.get_preset("aalbert-tiny"))
     monkeypatch.setitem(registry.PRESET_INFO, "my-preset", "a user's preset")
-    table = json.loads(in_process(["models", "--json"], capsys))
+    table = json.loads(in_this_process(["models", "--json"], capsys))
     assert table["my-preset"] == {**table["aalbert-tiny"], "description": "a user's preset"}
     assert not (tmp_path / "cache").exists()  # a listing with this process's own presets is never cached
