@@ -26,28 +26,23 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
 
 
-def _tol(s: str) -> float | str:
-    if s.strip().lower() == "auto":
-        return "auto"
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is neither 'auto' nor a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"tolerance {s!r} must be > 0")
-    return v
+def _auto_or_positive(what: str):
+    """An argparse type: ``auto``, or a number > 0 (``what`` names it in the error)."""
+    def parse(s: str) -> float | str:
+        if s.strip().lower() == "auto":
+            return "auto"
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is neither 'auto' nor a number") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{what} {s!r} must be > 0")
+        return v
+    return parse
 
 
-def _lr(s: str) -> float | str:
-    if s.strip().lower() == "auto":
-        return "auto"
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is neither 'auto' nor a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"learning rate {s!r} must be > 0")
-    return v
+_tol = _auto_or_positive("tolerance")
+_lr = _auto_or_positive("learning rate")
 
 
 def _words(s: str) -> list[str]:
