@@ -523,8 +523,6 @@ def unigram_level(run_dir: str | os.PathLike, corpus: str | os.PathLike, max_utt
     take-off by. Codes: the run's ``objective.targets`` when it has them, else its own frozen
     quantiser on the first codebook (``max_utterances`` training utterances at most).
     """
-    from aviary.audio import load_audio
-    from aviary.data.dataset import collate_audio
     from aviary.data.manifest import load_manifest
     from aviary.models.registry import build_pretrain, config_from_dict
     from aviary.train.checkpoint import find_weights
@@ -545,18 +543,16 @@ def unigram_level(run_dir: str | os.PathLike, corpus: str | os.PathLike, max_utt
         model.load_state_dict(tensors)
         model.eval()
         K = obj.codebook_size
-        codes = {}
-        for split, utts in (("train", train), ("valid", valid)):
-            out = []
-            for i in range(0, len(utts), 16):
-                b = collate_audio([{"id": u.id, "speaker": u.speaker, "wav": torch.from_numpy(
-                    load_audio(u.audio, int(mcfg.input.sample_rate)))} for u in utts[i:i + 16]])
-                with torch.no_grad():
-                    feats, flen = model.upstream.features(b["wavs"], b["wav_lengths"])
-                    stacked, slen = model.upstream.encoder.stack(feats, flen)
-                    c = model.objective.quantizer(stacked)[..., 0]  # (B, T') first codebook
-                out += [c[k, :int(slen[k])].numpy() for k in range(c.shape[0])]
-            codes[split] = np.concatenate(out)
+
+        @torch.no_grad()
+        def first_codes(wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            feats, flen = model.upstream.features(wavs, lengths)
+            stacked, slen = model.upstream.encoder.stack(feats, flen)
+            return model.objective.quantizer(stacked)[..., :1], slen  # (B, T', 1): the first codebook
+
+        codes = {split: np.concatenate([f[:, 0] for _, fs in _feature_batches(utts, first_codes, batch=16)
+                                        for f in fs]).astype(np.int64)
+                 for split, utts in (("train", train), ("valid", valid))}
     else:
         raise ValueError(f"{run_dir}: its objective predicts no codes (no targets, no codebook)")
     p_train = (np.bincount(codes["train"], minlength=K) + 0.5) / (len(codes["train"]) + 0.5 * K)
