@@ -158,6 +158,9 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-grid", type=_floats, default=None, help="learning rates tried by --lr auto (default 1e-3,3e-3,1e-2)")
     p.add_argument("--lr-extend", type=int, default=None,
                    help="when the grid's largest lr wins, try up to this many x 3 beyond it (default 2)")
+    p.add_argument("--lr-per", choices=("probe", "sweep"), default=None,
+                   help="--lr auto chosen by every probe (default), or once per sweep: the first probe of each "
+                        "task / head / label fraction / seed runs the trials, the others reuse its choice")
     p.add_argument("--steps", type=int, default=None, help="AdamW budget in optimiser steps (default 1000)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between valid evaluations (default steps/10)")
     p.add_argument("--upstream-lr", type=float, default=None, help="upstream learning rate when fine-tuning (default 5e-5)")
@@ -182,7 +185,8 @@ def _probe_run(args: argparse.Namespace) -> int:
              ("tol", None if args.tol == "auto" else args.tol), ("max_iter", args.max_iter),
              ("eval_every", args.eval_every),
              ("l2_grid", tuple(args.l2_grid) if args.l2_grid else None),
-             ("lr_grid", tuple(args.lr_grid) if args.lr_grid else None), ("lr_extend", args.lr_extend))
+             ("lr_grid", tuple(args.lr_grid) if args.lr_grid else None), ("lr_extend", args.lr_extend),
+             ("lr_per", args.lr_per))
     overrides = {k: v for k, v in pairs if v is not None}
     if args.lr is not None and args.lr != "auto":
         overrides["lr"] = args.lr

@@ -130,7 +130,8 @@ def _fit_note(r: dict[str, Any]) -> str:
         return (f"lbfgs l2={r['l2']:g} it={r.get('iterations_total', r.get('iterations'))}"
                 + ("" if r.get("converged") else " NOT converged"))
     if solver == "adam":
-        return f"adam lr={r['lr']:g}{' (auto)' if r.get('lr_auto') else ''} {r.get('steps_run')}/{r.get('steps')} steps"
+        how = " (auto, sweep's)" if r.get("lr_source") else " (auto)" if r.get("lr_auto") else ""
+        return f"adam lr={r['lr']:g}{how} {r.get('steps_run')}/{r.get('steps')} steps"
     return f"epochs={r['epochs']}" if r.get("epochs") is not None else "-"
 
 

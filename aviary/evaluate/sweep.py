@@ -22,9 +22,9 @@ from typing import Any, Sequence
 
 from aviary.evaluate.cache import FeatureCache, extract_to_cache, open_cache
 from aviary.evaluate.featurizers import parse_layer_spec
-from aviary.evaluate.probe import ProbeConfig, probe_key, run_probe, upgrade_legacy
+from aviary.evaluate.probe import ChosenLR, ProbeConfig, probe_key, run_probe, upgrade_legacy
 from aviary.precision import resolve_precision
-from aviary.evaluate.results import append_record, done_keys
+from aviary.evaluate.results import append_record, done_keys, load_records
 from aviary.evaluate.tasks import get_task, load_splits
 from aviary.evaluate.upstreams import FEATURE_BASELINES, RANDOM_PREFIX, describe_upstream, resolve_upstream
 from aviary.models.upstream import Upstream
@@ -212,12 +212,16 @@ def _run_probes(plan: SweepPlan, out: Path, todo: list[ProbeConfig], splits: dic
     from tqdm.auto import tqdm
 
     written = []
+    chosen = _chosen_lrs(out, name) if any(c.lr_per == "sweep" for c in todo) else {}
     bar = tqdm(todo, desc=f"probe {name}", unit="probe", disable=not plan.progress)
     for cfg in bar:
         # Every fine-tuning probe starts from the same pretrained weights.
         up_copy = copy.deepcopy(up_obj) if plan.finetune else None
+        group = _lr_group(cfg)
         rec = run_probe(cfg, splits[cfg.task], cache=feature_cache, upstream=up_copy,
-                        upstream_info=info, progress=bar)
+                        upstream_info=info, progress=bar, chosen_lr=chosen.get(group) if group else None)
+        if group and group not in chosen and rec.get("lr_trials"):
+            chosen[group] = ChosenLR(float(rec["lr"]), rec["key"])
         if plan.skip_bad:
             rec["skipped_files"] = skipped_counts[cfg.task]
         append_record(out, rec)
@@ -227,6 +231,29 @@ def _run_probes(plan: SweepPlan, out: Path, todo: list[ProbeConfig], splits: dic
         del up_copy
     bar.close()
     return written
+
+
+def _lr_group(cfg: ProbeConfig) -> tuple[Any, ...] | None:
+    """The probes that share one lr choice under ``lr_per="sweep"`` (None: not shared)."""
+    if cfg.lr_per != "sweep" or cfg.lr is not None:
+        return None
+    return cfg.task, cfg.head, cfg.mode, cfg.label_fraction, cfg.seed
+
+
+def _chosen_lrs(out: Path, name: str) -> dict[tuple[Any, ...], ChosenLR]:
+    """Choices already made by the records in ``out`` (a resumed ``lr_per="sweep"`` sweep)."""
+    chosen: dict[tuple[Any, ...], ChosenLR] = {}
+    for rec in load_records(out):
+        if rec.get("upstream") != name or not rec.get("lr_trials") or not isinstance(rec.get("config"), dict):
+            continue
+        try:
+            cfg = ProbeConfig.from_dict(upgrade_legacy(dict(rec["config"])))
+        except ValueError:  # a record of another version's settings: not a choice to reuse
+            continue
+        group = _lr_group(cfg)
+        if group and group not in chosen:
+            chosen[group] = ChosenLR(float(rec["lr"]), rec["key"])
+    return chosen
 
 
 def _drop_unusable(splits: dict[str, dict[str, list[Any]]], data: Any

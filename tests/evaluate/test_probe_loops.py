@@ -6,7 +6,9 @@ step, one scoring pass) and give the records they gave with two loops of their o
 ``AVIARY_WRITE_EXPECTED=1 pytest tests/evaluate/test_probe_loops.py``.
 Never regenerate it to make this test pass. One edit since, by hand: when the solver's default
 tolerance became ``auto`` (None), the AdamW cases' ``config.tol`` became None and the L-BFGS case
-pins the old ``tol=1e-4`` (its key gains ``|tol=0.0001``); nothing else changed. On the machine and torch version that wrote it
+pins the old ``tol=1e-4`` (its key gains ``|tol=0.0001``); nothing else changed. A second: every
+record gained ``lr_source: null`` and ``config.lr_per: "probe"`` (lr chosen once per sweep, a
+new option whose default is the old behaviour). On the machine and torch version that wrote it
 the records are compared exactly; elsewhere floats to 1e-6.
 """
 from __future__ import annotations

@@ -237,3 +237,60 @@ def test_cli_lr_auto_or_number(corpus, oracle_cache, tmp_path):
     assert recs[1]["lr"] == 0.003 and recs[1]["lr_auto"] is False
     with pytest.raises(SystemExit):
         main(base + ["--lr", "fast"])
+    # --lr-per sweep: the second layer reuses the first one's choice.
+    assert main(base + ["--layers", "0,1", "--lr-grid", "1e-3,1e-2", "--lr-extend", "0", "--lr-per", "sweep",
+                        "--seed", "2"]) == 0
+    first, second = [r for r in load_records(out) if r["seed"] == 2]
+    assert len(first["lr_trials"]) == 2 and second["lr_source"] == first["key"] and second["lr"] == first["lr"]
+
+
+def test_lr_chosen_once_per_sweep(corpus, oracle_cache, tmp_path, monkeypatch):
+    """``lr_per="sweep"``: the first AdamW probe of each (task, head, label fraction, seed) runs
+    the lr trials; the sweep's later probes of that group train at its choice (no trials) and
+    say where it came from; solved linear probes are untouched. A resumed sweep reads the
+    choice back from the records."""
+    out = tmp_path / "once"
+    grid = dict(tasks=["speaker"], heads=["linear", "mlp1"], layers="all,weighted", seeds=[0, 1],
+                overrides={"steps": 20, "hidden": 8, "lr_grid": (1e-3, 1e-2), "lr_extend": 0, "lr_per": "sweep"},
+                progress=False)
+    real = sweep_mod.run_probe
+    calls = {"n": 0}
+
+    def dying_probe(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 11:  # 8 linear probes, mlp1 layer 0 for both seeds, then killed
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "run_probe", dying_probe)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(None, corpus, out, cache=oracle_cache, **grid)
+    assert len(load_records(out)) == 10
+    monkeypatch.setattr(sweep_mod, "run_probe", real)
+    run_sweep(None, corpus, out, cache=oracle_cache, **grid)
+    recs = load_records(out)
+    assert len(recs) == 2 * 4 * 2
+    for r in recs:
+        if r["head"] == "linear":
+            assert r["solver"] == "lbfgs" and r["lr_source"] is None
+    for seed in (0, 1):
+        mlp = [r for r in recs if r["head"] == "mlp1" and r["seed"] == seed]
+        first, rest = mlp[0], mlp[1:]
+        assert first["layer"] == 0 and len(first["lr_trials"]) == 2 and first["lr_source"] is None
+        assert len(rest) == 3
+        for r in rest:
+            assert r["lr_trials"] is None and r["lr_auto"] is True
+            assert r["lr"] == first["lr"] and r["lr_source"] == first["key"]
+            assert "lr_per=sweep" in r["key"]
+    # The same probe run by itself (lr_per "probe", the default) runs its own trials.
+    alone = run_sweep(None, corpus, tmp_path / "alone", cache=oracle_cache, tasks=["speaker"], heads=["mlp1"],
+                      layers="2", overrides={"steps": 20, "hidden": 8, "lr_grid": (1e-3, 1e-2), "lr_extend": 0},
+                      progress=False)
+    assert len(alone[0]["lr_trials"]) == 2 and alone[0]["lr_source"] is None
+
+
+def test_lr_per_sweep_with_a_fixed_lr_changes_nothing(corpus, oracle_cache, tmp_path):
+    recs = run_sweep(None, corpus, tmp_path / "f", cache=oracle_cache, tasks=["speaker"], heads=["mlp1"],
+                     layers="0,1", overrides={"steps": 10, "hidden": 8, "lr": 3e-3, "lr_per": "sweep"},
+                     progress=False)
+    assert [(r["lr"], r["lr_auto"], r["lr_source"]) for r in recs] == [(3e-3, False, None)] * 2
