@@ -150,6 +150,8 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                         "on a step budget; adam: AdamW for every head")
     p.add_argument("--l2-grid", type=_floats, default=None,
                    help="L2 strengths tried by the linear solver, chosen on valid (default 1e-1,...,1e-6)")
+    p.add_argument("--l2-start", choices=("middle", "strongest"), default=None,
+                   help="where the L2 path starts: the grid's middle, going weaker first (default), or the strongest")
     p.add_argument("--tol", type=_tol, default=None,
                    help="solver convergence: max |gradient|, or 'auto' (default): 0.1 / sqrt(training examples)")
     p.add_argument("--max-iter", type=int, default=None, help="L-BFGS iterations per L2 value (default 100)")
@@ -186,7 +188,7 @@ def _probe_run(args: argparse.Namespace) -> int:
              ("eval_every", args.eval_every),
              ("l2_grid", tuple(args.l2_grid) if args.l2_grid else None),
              ("lr_grid", tuple(args.lr_grid) if args.lr_grid else None), ("lr_extend", args.lr_extend),
-             ("lr_per", args.lr_per))
+             ("lr_per", args.lr_per), ("l2_start", args.l2_start))
     overrides = {k: v for k, v in pairs if v is not None}
     if args.lr is not None and args.lr != "auto":
         overrides["lr"] = args.lr

@@ -8,7 +8,9 @@ Never regenerate it to make this test pass. One edit since, by hand: when the so
 tolerance became ``auto`` (None), the AdamW cases' ``config.tol`` became None and the L-BFGS case
 pins the old ``tol=1e-4`` (its key gains ``|tol=0.0001``); nothing else changed. A second: every
 record gained ``lr_source: null`` and ``config.lr_per: "probe"`` (lr chosen once per sweep, a
-new option whose default is the old behaviour). On the machine and torch version that wrote it
+new option whose default is the old behaviour). A third: the L2 path now starts in the middle of
+the grid by default; the L-BFGS case pins ``l2_start="strongest"`` (the old path: its key gains
+``|l2_start=strongest``, its config the field) and every record's config gained ``l2_start``. On the machine and torch version that wrote it
 the records are compared exactly; elsewhere floats to 1e-6.
 """
 from __future__ import annotations
@@ -39,7 +41,8 @@ CASES = {
                                                                solver="adam", steps=25, lr=1e-2, batch_frames=200)),
     "frozen-speaker-mlp1": ("speaker", ProbeConfig(task="speaker", head="mlp1", layer="1", hidden=16, steps=20,
                                                    eval_every=5, patience=2, lr=1e-2, batch_utterances=8)),
-    "frozen-phone-lbfgs": ("phone", ProbeConfig(task="phone", head="linear", layer="1", tol=1e-4)),
+    "frozen-phone-lbfgs": ("phone", ProbeConfig(task="phone", head="linear", layer="1", tol=1e-4,
+                                                l2_start="strongest")),
     "finetune-phone": ("phone", ProbeConfig(task="phone", head="linear", layer="2", finetune=True, steps=12,
                                             eval_every=4, lr=1e-2, upstream_lr=1e-2, batch_seconds=8.0)),
     "finetune-speaker-weighted-lrgrid": ("speaker", ProbeConfig(task="speaker", head="linear", layer="weighted",

@@ -61,15 +61,34 @@ def test_l2_is_chosen_on_validation_along_a_warm_started_path():
     yv = torch.randint(0, 2, (400,), generator=g)
     xv = torch.randn(400, 300, generator=g)
     xv[:, :5] += 0.5 * (2 * yv[:, None] - 1)
-    sol = solve_linear((x, y), (xv, yv), 2, l2_grid=[1e-6, 1e-3, 1e-1, 1.0, 1e-2], patience=10)
-    l2s = [p["l2"] for p in sol.path]
-    assert l2s == sorted(l2s, reverse=True) == [1.0, 1e-1, 1e-2, 1e-3, 1e-6]
+    grid = [1e-6, 1e-3, 1e-1, 1.0, 1e-2]
+    full = solve_linear((x, y), (xv, yv), 2, l2_grid=grid, patience=10, start=0)
+    l2s = [p["l2"] for p in full.path]
+    assert l2s == sorted(l2s, reverse=True) == [1.0, 1e-1, 1e-2, 1e-3, 1e-6]  # start 0: strongest first
+    # The default path starts in the middle (1e-2), goes weaker, and since nothing weaker won,
+    # stronger from there: the same grid, the same choice.
+    sol = solve_linear((x, y), (xv, yv), 2, l2_grid=grid, patience=10)
+    assert [p["l2"] for p in sol.path] == [1e-2, 1e-3, 1e-6, 1e-1, 1.0]
     best = max(sol.path, key=lambda p: (p["valid_acc"], -p["valid_loss"]))
-    assert sol.l2 == best["l2"] and sol.valid_acc == pytest.approx(best["valid_acc"], abs=1e-6)
+    assert sol.l2 == best["l2"] == full.l2 and sol.valid_acc == pytest.approx(best["valid_acc"], abs=1e-6)
     assert sol.l2 >= 1e-2  # regularisation helps with 30 examples in 300 dimensions
     assert sol.iterations_total == sum(p["iterations"] for p in sol.path)
     acc, _ = evaluate_linear(xv, yv, sol.weight, sol.bias)
     assert acc == pytest.approx(sol.valid_acc)
+
+
+def test_path_from_the_middle_skips_the_strong_end_when_a_weaker_l2_wins():
+    # Many examples, separable: the weak end wins. Started at the grid's middle (1e-3 of the
+    # default grid) the path never solves 1e-1 / 1e-2, chooses what the full path chooses, and
+    # costs fewer iterations (the demo's phone layers: 35-40 % fewer, same l2).
+    xa, ya = _blobs(4000, d=20, c=5, sep=1.0)
+    x, y, xv, yv = xa[:3000], ya[:3000], xa[3000:], ya[3000:]
+    full = solve_linear((x, y), (xv, yv), 5, start=0, patience=6)
+    mid = solve_linear((x, y), (xv, yv), 5, patience=6)
+    assert full.l2 < 1e-3 and mid.l2 == full.l2
+    assert max(p["l2"] for p in mid.path) == 1e-3 and mid.path[0]["l2"] == 1e-3
+    assert mid.valid_acc == pytest.approx(full.valid_acc, abs=2e-3)
+    assert mid.iterations_total < full.iterations_total
 
 
 def test_path_stops_after_patience_without_improvement():

@@ -242,6 +242,10 @@ def test_cli_lr_auto_or_number(corpus, oracle_cache, tmp_path):
                         "--seed", "2"]) == 0
     first, second = [r for r in load_records(out) if r["seed"] == 2]
     assert len(first["lr_trials"]) == 2 and second["lr_source"] == first["key"] and second["lr"] == first["lr"]
+    # --l2-start strongest: the solved probe's path begins at the grid's strongest value.
+    assert main(base + ["--head", "linear", "--l2-start", "strongest", "--seed", "3"]) == 0
+    (solved,) = [r for r in load_records(out) if r["seed"] == 3]
+    assert solved["l2_path"][0]["l2"] == 0.1 and "l2_start=strongest" in solved["key"]
 
 
 def test_lr_chosen_once_per_sweep(corpus, oracle_cache, tmp_path, monkeypatch):
