@@ -48,8 +48,9 @@ test-s3prl: s3prl-venv
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
-# aviary vs s3prl 0.4.18's own Mockingjay pretraining step and upstream forward, alternately in
-# separate processes, one thread each (benchmarks/bench_vs_s3prl.py; tens of minutes on 2 cores).
+# aviary vs s3prl 0.4.18's own Mockingjay pretraining step and Mockingjay / Audio ALBERT upstream
+# forwards, alternately in separate processes, one thread each (benchmarks/bench_vs_s3prl.py;
+# tens of minutes on 2 cores).
 bench-s3prl: s3prl-venv
 	OMP_NUM_THREADS=1 AVIARY_S3PRL_VENV=$(S3PRL_VENV) $(BIN)/python -m benchmarks.bench_vs_s3prl --threads 1
 

@@ -19,10 +19,20 @@ turns for ``--rounds`` rounds (so a slow spell of a shared CPU hits both):
 
   The two models' parameter counts are asserted equal.
 * **extraction** (no grad, all hidden states) of ``--extract-batch`` x 10 s waveforms:
-  s3prl's ``mockingjay_local`` upstream on the checkpoint ``aviary export s3prl`` writes, vs
-  ``aviary.load(bundle).extract``, fp32 both. (s3prl's upstream builds its own
-  ``OnlinePreprocessor``; the few torchaudio calls it makes, ``MelScale`` and
-  ``compute_deltas``, are provided in the worker from aviary's spectral helpers.)
+  s3prl's upstream on the checkpoint ``aviary export s3prl`` writes, vs
+  ``aviary.load(bundle).extract``, fp32 both, one pair per ``--extract-models`` entry
+  (:data:`EXTRACT_MODELS`):
+
+  - ``mockingjay``: mockingjay-base in ``mockingjay_local``;
+  - ``aalbert``: Audio ALBERT, aalbert-3l's shape (768 / 3 shared layers / 12 heads / 3072,
+    mel + delta + CMVN in) at R = 1, in ``audio_albert_local``. s3prl >= 0.4's upstreams ignore
+    ``transformer.downsample_rate``, so the R = 3 preset's export does not load there (its input
+    projection is 3x wider than the one s3prl builds); R = 1 is what s3prl's code computes.
+
+  Per model, both sides' parameter counts and numbers of hidden states are asserted equal to
+  the aviary upstream's. (s3prl's upstream builds its own ``OnlinePreprocessor``; the few
+  torchaudio calls it makes, ``MelScale`` and ``compute_deltas``, are provided in the worker
+  from aviary's spectral helpers.)
 
 Each worker also measures the fp32 and bf16 matmul peak in its own process and reports its
 model GFLOP/s (analytic matmul FLOPs, ``bench_mam.forward_flops``) against it.
@@ -48,7 +58,26 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench_vs_s3prl")
 
-PRESET = "mockingjay-base"
+PRESET = "mockingjay-base"  # the pretraining step's model
+TRAIN_MODEL = "mockingjay"  # its entry in EXTRACT_MODELS (the bundle both pretraining workers load)
+
+# Extraction pairs (``--extract-models``): name -> (aviary preset, overrides applied to it,
+# s3prl module holding the upstream's hub entries, the entry that loads a local checkpoint).
+EXTRACT_MODELS: dict[str, tuple[str, dict[str, Any], str, str]] = {
+    "mockingjay": (PRESET, {}, "s3prl.upstream.mockingjay.hubconf", "mockingjay_local"),
+    # At R = 1 (the module docstring says why), masking spans of 7 frames as in s3prl's R = 1 configs.
+    "aalbert": ("aalbert-3l", {"encoder.downsample": 1, "masking.span": 7},
+                "s3prl.upstream.audio_albert.hubconf", "audio_albert_local"),
+}
+
+
+def model_config(name: str):
+    """The aviary config of ``EXTRACT_MODELS[name]``: its preset with its overrides."""
+    from aviary.config import apply_overrides
+    from aviary.models.registry import get_preset
+
+    preset, overrides, _, _ = EXTRACT_MODELS[name]
+    return apply_overrides(get_preset(preset), overrides)
 
 
 # Shared by both venvs (aviary is on PYTHONPATH in the s3prl one)
@@ -286,17 +315,20 @@ def worker_aviary_extract(job: dict) -> dict:
             out["hs"] = up.extract(wavs, lens)[0]
 
     res = _timed(step, job["warmup"], job["steps"])
-    return {**res, "states": len(out["hs"]), "frames": int(out["hs"][-1].shape[1]) * job["batch"],
-            "last_mean_abs": float(out["hs"][-1].abs().mean())}
+    return {**res, "params": sum(p.numel() for p in up.parameters()), "states": len(out["hs"]),
+            "frames": int(out["hs"][-1].shape[1]) * job["batch"], "last_mean_abs": float(out["hs"][-1].abs().mean())}
 
 
 def worker_s3prl_extract(job: dict) -> dict:
+    """s3prl's upstream ``job["s3prl_upstream"]`` = (module, local entry) on ``job["s3prl_ckpt"]``."""
+    import importlib
+
     import torch
 
     torchaudio_shim()
-    from s3prl.upstream.mockingjay.hubconf import mockingjay_local
-
-    up = mockingjay_local(ckpt=job["s3prl_ckpt"]).eval()
+    module, entry = job["s3prl_upstream"]
+    up = getattr(importlib.import_module(module), entry)(ckpt=job["s3prl_ckpt"]).eval()
+    n_params = sum(p.numel() for p in up.transformer.model.parameters())  # shared layers counted once
     wavs = list(_wavs(job["batch"], job["samples"], seed=1))
     out: dict = {}
 
@@ -305,8 +337,8 @@ def worker_s3prl_extract(job: dict) -> dict:
             out["hs"] = up(wavs)["hidden_states"]
 
     res = _timed(step, job["warmup"], job["steps"])
-    return {**res, "states": len(out["hs"]), "frames": int(out["hs"][-1].shape[1]) * job["batch"],
-            "last_mean_abs": float(out["hs"][-1].abs().mean())}
+    return {**res, "params": n_params, "states": len(out["hs"]),
+            "frames": int(out["hs"][-1].shape[1]) * job["batch"], "last_mean_abs": float(out["hs"][-1].abs().mean())}
 
 
 WORKERS = {"aviary-train": worker_aviary_train, "s3prl-train": worker_s3prl_train,
@@ -343,8 +375,13 @@ def run_worker(job: dict) -> dict:
 # Driver (aviary's venv)
 
 
-def _prepare(work: Path, cfg) -> tuple[Path, Path, int]:
-    """A seeded mockingjay-base bundle and its s3prl export; the aviary model's parameter count."""
+def _prepare(work: Path, name: str, cfg) -> dict[str, Any]:
+    """A seeded bundle of model ``name`` (config ``cfg``) and its s3prl export.
+
+    Returns:
+        ``bundle`` (run dir), ``ckpt``, and the parameter counts of the aviary pretraining model
+        (``params``, head included) and of its upstream (``upstream_params``, what extraction runs).
+    """
     import torch
 
     from aviary.interop.s3prl import export_s3prl_checkpoint
@@ -353,10 +390,11 @@ def _prepare(work: Path, cfg) -> tuple[Path, Path, int]:
 
     torch.manual_seed(0)
     model = build_pretrain(cfg)
-    bundle = work / "run" / "model.safetensors"
+    bundle = work / name / "model.safetensors"
     save_bundle(bundle, model.state_dict(), cfg, step=0)
-    ckpt = export_s3prl_checkpoint(bundle.parent, work / "mockingjay-base.ckpt")
-    return bundle.parent, ckpt, sum(p.numel() for p in model.parameters())
+    ckpt = export_s3prl_checkpoint(bundle.parent, work / f"{name}.ckpt")
+    return {"bundle": bundle.parent, "ckpt": ckpt, "params": sum(p.numel() for p in model.parameters()),
+            "upstream_params": sum(p.numel() for p in model.upstream.parameters())}
 
 
 def _spawn(python: str, job: dict, env: dict[str, str], timeout: float) -> dict:
@@ -379,12 +417,19 @@ def _summary(runs: list[dict]) -> dict:
             "load_average_rounds": [r["load_average"] for r in runs]}
 
 
-def plan(args: argparse.Namespace, bf16: bool) -> list[tuple[str, str, str]]:
-    """(label, side, dtype) of every measurement of a round, in the order they alternate."""
-    p = [("s3prl-train-fp32", "s3prl-train", "fp32"), ("aviary-train-fp32", "aviary-train", "fp32")]
+def plan(args: argparse.Namespace, bf16: bool) -> list[tuple[str, str, str, str]]:
+    """(label, side, dtype, model) of every measurement of a round, in the order they alternate.
+
+    Pretraining is :data:`TRAIN_MODEL`'s; extraction is an s3prl / aviary pair per
+    ``args.extract_models`` entry. ``args.only`` keeps the labels containing one of its words.
+    """
+    m = TRAIN_MODEL
+    p = [("s3prl-train-fp32", "s3prl-train", "fp32", m), ("aviary-train-fp32", "aviary-train", "fp32", m)]
     if bf16:
-        p.append(("aviary-train-bf16", "aviary-train", "bf16"))
-    p += [("s3prl-extract-fp32", "s3prl-extract", "fp32"), ("aviary-extract-fp32", "aviary-extract", "fp32")]
+        p.append(("aviary-train-bf16", "aviary-train", "bf16", m))
+    for m in args.extract_models:
+        p += [(f"s3prl-extract-{m}-fp32", "s3prl-extract", "fp32", m),
+              (f"aviary-extract-{m}-fp32", "aviary-extract", "fp32", m)]
     return [x for x in p if not args.only or any(o in x[0] for o in args.only)]
 
 
@@ -398,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per process (best is kept)")
     p.add_argument("--extract-batch", type=int, default=4)
     p.add_argument("--extract-seconds", type=float, default=10.0)
+    p.add_argument("--extract-models", nargs="+", choices=list(EXTRACT_MODELS), default=list(EXTRACT_MODELS),
+                   help="extraction pairs (s3prl upstream vs aviary) to time; default all")
     p.add_argument("--venv", default=None, help="s3prl venv (default $AVIARY_S3PRL_VENV or .s3prl-venv; built once)")
     p.add_argument("--only", nargs="*", default=None, help="labels containing these words only (e.g. extract)")
     p.add_argument("--quick", action="store_true", help="toy shapes, one round: a smoke test")
@@ -408,7 +455,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     sys.path.insert(0, str(REPO))
-    from aviary.models.registry import get_preset
     from aviary.precision import cpu_supports_bf16
     from benchmarks.common import write_result
     from benchmarks.s3prl_env import ensure_s3prl_env, s3prl_env_vars
@@ -418,26 +464,31 @@ def main(argv: list[str] | None = None) -> int:
     s3prl_python = str(ensure_s3prl_env(args.venv))
     env = s3prl_env_vars({"OMP_NUM_THREADS": str(args.threads)})
     aviary_env = {**env, "PYTHONPATH": str(REPO)}
-    cfg = get_preset(PRESET)
     bf16 = cpu_supports_bf16()
     t0 = time.time()
+    steps = plan(args, bf16)
     with tempfile.TemporaryDirectory(prefix="vs-s3prl-") as tmp:
-        bundle, s3ckpt, n_params = _prepare(Path(tmp), cfg)
-        hop = cfg.input.hop_length
-        train_samples = (args.frames - 1) * hop  # centred frames: 1 + samples // hop
-        common = {"config": cfg.to_dict(), "threads": args.threads, "bundle": str(bundle),
-                  "s3prl_ckpt": str(s3ckpt), "warmup": 1, "steps": args.steps}
+        cfgs = {m: model_config(m) for m in dict.fromkeys(x[3] for x in steps)}
+        prepared = {m: _prepare(Path(tmp), m, cfg) for m, cfg in cfgs.items()}
+        common = {m: {"config": cfg.to_dict(), "bundle": str(prepared[m]["bundle"]),
+                      "s3prl_ckpt": str(prepared[m]["ckpt"]), "s3prl_upstream": EXTRACT_MODELS[m][2:],
+                      "threads": args.threads, "warmup": 1, "steps": args.steps} for m, cfg in cfgs.items()}
         runs: dict[str, list[dict]] = {}
         for r in range(args.rounds):
-            for label, side, dtype in plan(args, bf16):
+            for label, side, dtype, m in steps:
                 train = side.endswith("train")
-                job = {**common, "side": side, "dtype": dtype,
-                       "batch": args.batch if train else args.extract_batch,
-                       "samples": train_samples if train else int(16000 * args.extract_seconds)}
+                samples = ((args.frames - 1) * cfgs[m].input.hop_length  # centred frames: 1 + samples // hop
+                           if train else int(16000 * args.extract_seconds))
+                job = {**common[m], "side": side, "dtype": dtype, "samples": samples,
+                       "batch": args.batch if train else args.extract_batch}
                 python = s3prl_python if side.startswith("s3prl") else sys.executable
                 res = _spawn(python, job, env if side.startswith("s3prl") else aviary_env, timeout=3600)
-                if train and res["params"] != n_params:
-                    raise AssertionError(f"{label}: {res['params']} parameters, aviary's model has {n_params}")
+                want = prepared[m]["params" if train else "upstream_params"]
+                if res["params"] != want:
+                    raise AssertionError(f"{label}: {res['params']} parameters, aviary's model has {want}")
+                if not train and res["states"] != cfgs[m].encoder.num_layers + 1:
+                    raise AssertionError(f"{label}: {res['states']} hidden states, aviary's upstream has "
+                                         f"{cfgs[m].encoder.num_layers + 1}")
                 log.info("round %d %s: %.3f s/step, %.0f frames/s, %.1f GFLOP/s = %.0f %% of the %s matmul peak "
                          "(load %s)", r + 1, label, res["step_s"], res["frames_per_s"], res["gflop_s"],
                          100 * res["fraction_of_peak"], dtype, " ".join(res["load_average"]))
@@ -456,10 +507,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ratio("aviary-train-fp32", "s3prl-train-fp32")
     ratio("aviary-train-bf16", "s3prl-train-fp32")
-    ratio("aviary-extract-fp32", "s3prl-extract-fp32")
-    results = {"preset": PRESET, "params": n_params, "threads": args.threads, "rounds": args.rounds,
+    for m in args.extract_models:
+        ratio(f"aviary-extract-{m}-fp32", f"s3prl-extract-{m}-fp32")
+    extract_models = {m: {"preset": EXTRACT_MODELS[m][0], "overrides": EXTRACT_MODELS[m][1],
+                          "s3prl_upstream": EXTRACT_MODELS[m][3], "params": prepared[m]["upstream_params"],
+                          "hidden_states": cfgs[m].encoder.num_layers + 1}
+                      for m in args.extract_models if m in prepared}
+    results = {"preset": PRESET, "params": prepared[TRAIN_MODEL]["params"] if TRAIN_MODEL in prepared else None,
+               "threads": args.threads, "rounds": args.rounds,
                "train_shape": {"batch": args.batch, "frames": args.frames},
                "extract_shape": {"batch": args.extract_batch, "seconds": args.extract_seconds},
+               "extract_models": extract_models,
                "bf16_native": bf16, "quick": args.quick, "summary": summary,
                "speedup_aviary_over_s3prl": ratios, "runs": runs, "wall_s": time.time() - t0,
                "note": ("speedup = s3prl step time / aviary step time, from processes run alternately; "

@@ -1,4 +1,5 @@
-"""The pieces of benchmarks/bench_vs_s3prl.py and bench_mam's speed-up run, at toy sizes, without s3prl."""
+"""The pieces of benchmarks/bench_vs_s3prl.py and bench_mam's speed-up run, at toy sizes, without s3prl
+(but for the slow test of the s3prl extraction worker)."""
 import sys
 import types
 from pathlib import Path
@@ -11,7 +12,13 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import bench_vs_s3prl as vs  # noqa: E402
 from benchmarks.bench_mam import bench_speedup  # noqa: E402
+from aviary.config import apply_overrides  # noqa: E402
+from aviary.interop.s3prl import config_to_s3prl  # noqa: E402
 from aviary.models.registry import get_preset  # noqa: E402
+
+# Test-sized stand-ins of EXTRACT_MODELS (their s3prl entries, R = 1 like the benchmark's).
+TINY = {"mockingjay": get_preset("mockingjay-tiny"),
+        "aalbert": apply_overrides(get_preset("aalbert-tiny"), {"encoder.downsample": 1, "masking.span": 7})}
 
 
 def _job(tmp_path, side, **kw):
@@ -27,23 +34,65 @@ def test_aviary_train_worker_reports_throughput_against_the_peak(tmp_path):
     assert res["matmul_peak_gflop_s"]["fp32"]["wall_gflop_s"] > 0 and len(res["load_average"]) == 3
 
 
-def test_aviary_extract_worker_on_an_exported_bundle(tmp_path):
-    cfg = get_preset("mockingjay-tiny")
-    bundle, ckpt, n_params = vs._prepare(tmp_path, cfg)
-    assert ckpt.is_file() and n_params > 0
-    res = vs.run_worker(_job(tmp_path, "aviary-extract", bundle=str(bundle), samples=16000))
+@pytest.mark.parametrize("name", list(TINY))
+def test_aviary_extract_worker_on_an_exported_bundle(tmp_path, name):
+    cfg = TINY[name]
+    prep = vs._prepare(tmp_path, name, cfg)
+    assert prep["ckpt"].is_file() and prep["ckpt"].name == f"{name}.ckpt"
+    assert 0 < prep["upstream_params"] < prep["params"]
+    res = vs.run_worker({**_job(tmp_path, "aviary-extract", bundle=str(prep["bundle"]), samples=16000),
+                         "config": cfg.to_dict()})
     assert res["states"] == cfg.encoder.num_layers + 1 and res["frames"] == 2 * 101
-    assert res["gflop_s"] > 0
+    assert res["params"] == prep["upstream_params"] and res["gflop_s"] > 0
+
+
+def test_extract_models_are_what_s3prls_upstreams_compute():
+    """Every pair's aviary config exports at R = 1 (s3prl's upstreams ignore downsample_rate),
+    Audio ALBERT with shared layers, and names a ``<package>_local`` entry of ``s3prl.upstream.<package>``."""
+    assert list(vs.EXTRACT_MODELS) == ["mockingjay", "aalbert"] and vs.EXTRACT_MODELS[vs.TRAIN_MODEL][0] == vs.PRESET
+    for name, (preset, _, module, entry) in vs.EXTRACT_MODELS.items():
+        cfg = vs.model_config(name)
+        tr = config_to_s3prl(cfg)["transformer"]
+        assert tr["downsample_rate"] == 1 and tr["share_layer"] is (name == "aalbert"), name
+        assert (tr["hidden_size"], tr["num_hidden_layers"]) == (768, 3) and cfg.encoder.num_heads == 12
+        assert module == f"s3prl.upstream.{entry.removesuffix('_local')}.hubconf"
+    assert get_preset("aalbert-3l").encoder.downsample == 3  # hence the override
 
 
 def test_plan_alternates_s3prl_and_aviary_and_filters():
-    args = types.SimpleNamespace(only=None)
-    labels = [p[0] for p in vs.plan(args, bf16=True)]
-    assert labels == ["s3prl-train-fp32", "aviary-train-fp32", "aviary-train-bf16", "s3prl-extract-fp32",
-                      "aviary-extract-fp32"]
+    args = types.SimpleNamespace(only=None, extract_models=list(vs.EXTRACT_MODELS))
+    steps = vs.plan(args, bf16=True)
+    assert [p[0] for p in steps] == [
+        "s3prl-train-fp32", "aviary-train-fp32", "aviary-train-bf16",
+        "s3prl-extract-mockingjay-fp32", "aviary-extract-mockingjay-fp32",
+        "s3prl-extract-aalbert-fp32", "aviary-extract-aalbert-fp32"]
+    assert {p[3] for p in steps[:3]} == {vs.TRAIN_MODEL} and [p[3] for p in steps[5:]] == ["aalbert"] * 2
     assert "aviary-train-bf16" not in [p[0] for p in vs.plan(args, bf16=False)]
-    assert [p[0] for p in vs.plan(types.SimpleNamespace(only=["extract"]), bf16=True)] == [
-        "s3prl-extract-fp32", "aviary-extract-fp32"]
+    only = types.SimpleNamespace(only=["extract"], extract_models=["aalbert"])
+    assert [p[:2] for p in vs.plan(only, bf16=True)] == [
+        ("s3prl-extract-aalbert-fp32", "s3prl-extract"), ("aviary-extract-aalbert-fp32", "aviary-extract")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TINY))
+def test_s3prl_extract_worker_loads_the_export_in_its_upstream(tmp_path, name):
+    """s3prl's ``mockingjay_local`` / ``audio_albert_local`` (s3prl 0.4.18's venv) on the export:
+    aviary's parameter count, number of hidden states and frames, and the same last state."""
+    from benchmarks.s3prl_env import S3prlEnvError, ensure_s3prl_env, s3prl_env_vars
+
+    try:
+        python = str(ensure_s3prl_env())
+    except (S3prlEnvError, OSError) as e:
+        pytest.skip(f"no s3prl environment: {e}")
+    cfg = TINY[name]
+    prep = vs._prepare(tmp_path, name, cfg)
+    job = {**_job(tmp_path, "s3prl-extract", samples=16000), "config": cfg.to_dict(),
+           "s3prl_ckpt": str(prep["ckpt"]), "s3prl_upstream": vs.EXTRACT_MODELS[name][2:]}
+    res = vs._spawn(python, job, s3prl_env_vars(), timeout=600)
+    ref = vs.run_worker({**job, "side": "aviary-extract", "bundle": str(prep["bundle"])})
+    assert res["params"] == ref["params"] == prep["upstream_params"]
+    assert res["states"] == ref["states"] == cfg.encoder.num_layers + 1 and res["frames"] == ref["frames"]
+    assert res["last_mean_abs"] == pytest.approx(ref["last_mean_abs"], rel=1e-4)
 
 
 def test_torchaudio_shim_matches_aviarys_front_end_pieces(monkeypatch):
