@@ -67,7 +67,7 @@ def train_settings(recipe: str, seed: int, precision: str, steps: int | None):
     if recipe in MAM_RECIPES:
         demo = DemoConfig(preset=recipe, seed=seed, precision=precision, **({"steps": steps} if steps else {}))
         # Exactly the demo's settings (a demo run and a benchmark run of one seed are the same run).
-        return get_preset(recipe), train_config(demo)
+        return get_preset(recipe), train_config(demo, model="aalbert" if recipe == "aalbert-cpu" else None)
     yaml = Path(__file__).resolve().parent.parent / "configs" / f"{recipe}.yaml"
     over = [f"train.seed={seed}", f"train.precision={precision}", "train.tensorboard=false"]
     mcfg, tcfg = resolve_configs(None, str(yaml), over, steps)

@@ -122,6 +122,10 @@ def test_seed_runs_names_and_learning_curve_checkpoints():
     t = train_config(cfg.replace(steps=600, learning_curve_points=4), seed=6)
     assert t.seed == 6 and t.checkpoint_every == 150 and t.keep_last >= 5
     assert train_config(cfg.replace(learning_curve_points=0)).keep_last == 2
+    # Audio ALBERT's own peak lr; every other model (and no model named) gets lr.
+    assert train_config(cfg, model="aalbert").lr == cfg.aalbert_lr == 1e-3
+    assert train_config(cfg, model="mockingjay").lr == train_config(cfg).lr == cfg.lr == 5e-4
+    assert train_config(cfg.replace(aalbert_lr=None), model="aalbert").lr == 5e-4
     # Learned = final L1 at most learned_ratio of the utterance-mean predictor's.
     assert learned({"loss": 0.56, "l1_utt_mean": 0.79}, 0.85) == (True, 0.56 / 0.79)
     assert learned({"loss": 0.75, "l1_utt_mean": 0.79}, 0.85)[0] is False
