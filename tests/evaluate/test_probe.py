@@ -8,7 +8,7 @@ from aviary.evaluate.tasks import label_fraction_subset, load_splits
 from aviary.evaluate.upstreams import describe_upstream
 from aviary.config import ConfigError
 
-from evaluate_fakes import N_CODES, N_PHONES, OracleUpstream
+from evaluate_fakes import N_CODES, OracleUpstream
 
 FAST = dict(steps=200, patience=12, lr=1e-2, batch_frames=256, batch_utterances=8)
 

@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from aviary.evaluate.cache import open_cache
 from aviary.evaluate.probe import ProbeConfig, run_probe
