@@ -44,6 +44,7 @@ def cpu(request, monkeypatch):
     """Pretend to run on a CPU with (amx) or without (avx2) native bf16; yields what auto gives."""
     flags, expected = CPUS[request.param]
     monkeypatch.setattr(P, "cpu_flags", lambda path="/proc/cpuinfo": flags)
+    monkeypatch.setattr(P, "kernels_allow_bf16", lambda: True)  # whatever the test machine's torch allows
     return expected
 
 
@@ -62,7 +63,35 @@ def test_cpu_flags_parsed_from_cpuinfo(tmp_path):
                                           (frozenset({"amx_bf16"}), True), (frozenset(), False)])
 def test_cpu_supports_bf16(monkeypatch, flags, native):
     monkeypatch.setattr(P, "cpu_flags", lambda path="/proc/cpuinfo": flags)
+    monkeypatch.setattr(P, "kernels_allow_bf16", lambda: True)
     assert P.cpu_supports_bf16() is native
+    # Flags alone are not enough: torch held to AVX2 emulates bf16 even on an AMX CPU.
+    monkeypatch.setattr(P, "kernels_allow_bf16", lambda: False)
+    assert P.cpu_supports_bf16() is False
+
+
+@pytest.mark.parametrize("capability,isa,allowed", [
+    ("AVX512", None, True), ("AVX512", "AVX512_CORE_AMX", True), ("AVX512", "ALL", True),
+    ("AVX512", "avx2", False), ("AVX512", "AVX512_CORE", False), ("AVX2", None, False), ("DEFAULT", None, False)])
+def test_kernels_allow_bf16(monkeypatch, capability, isa, allowed):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert P.kernels_allow_bf16() is allowed
+
+
+def test_auto_is_fp32_when_torch_is_held_to_avx2():
+    """A fresh process with ATEN_CPU_CAPABILITY=avx2: auto resolves to fp32 on any CPU."""
+    import subprocess
+    import sys
+
+    code = "import aviary.precision as P; print(P.resolve_precision('auto', 'cpu'))"
+    env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "fp32"
 
 
 def test_resolve_on_cpu(cpu, caplog):
@@ -111,7 +140,7 @@ def test_legacy_autocast_names():
 def test_this_machine_picks_its_native_precision():
     """On this machine (the CPU named in /proc/cpuinfo) auto follows its own flags."""
     P.cpu_flags.cache_clear()
-    native = "amx_bf16" in P.cpu_flags() or "avx512_bf16" in P.cpu_flags()
+    native = ("amx_bf16" in P.cpu_flags() or "avx512_bf16" in P.cpu_flags()) and P.kernels_allow_bf16()
     assert P.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
 
 
