@@ -85,6 +85,24 @@ def _extract(tree: Path, upstream: str, corpus: Path, out: Path, autocast: str) 
     return time.perf_counter() - t0
 
 
+def _v1_view(cache: Path) -> Path:
+    """The cache as the baseline commit can read it: hard links to its files and an index saying
+    version 1 (version 2 added per-file checksums in ``shard.json``; the layer files are the same)."""
+    view = cache.with_name(cache.name + "-v1")
+    if (view / "index.json").is_file():
+        return view
+    for src in cache.rglob("*"):
+        dst = view / src.relative_to(cache)
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        elif src.name != "index.json":
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(src, dst)
+    index = json.loads((cache / "index.json").read_text())
+    (view / "index.json").write_text(json.dumps({**index, "version": 1}))
+    return view
+
+
 def _best(recs: list[dict], **match) -> dict:
     sel = [r for r in recs if all(r[k] == v for k, v in match.items()) and isinstance(r["layer"], int)]
     return max(sel, key=lambda r: (r["valid_acc"], -r["layer"]))
@@ -114,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         archive = subprocess.run(["git", "archive", args.baseline_commit], cwd=REPO, check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
     new_tree = REPO
-    new_ov = probe_overrides(DemoConfig())
+    new_ov = probe_overrides(DemoConfig())[0]  # (ProbeConfig overrides, extraction keywords)
     res: dict = {"baseline_commit": args.baseline_commit, "old_overrides": OLD_DEMO_OVERRIDES,
                  "new_overrides": new_ov, "threads": 1}
     res_path = None
@@ -153,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         timing: dict = {}
         for up, layers in (("pretrained", "all,weighted"), ("fbank", "all"), ("logmel", "all")):
             for which, tree, ov in (("old", old_tree, OLD_DEMO_OVERRIDES), ("new", new_tree, new_ov)):
-                spec = {"corpus": str(corpus), "cache": str(caches[up]), "out": str(work / f"timing-{which}-{up}"),
+                cache = _v1_view(caches[up]) if which == "old" else caches[up]
+                spec = {"corpus": str(corpus), "cache": str(cache), "out": str(work / f"timing-{which}-{up}"),
                         "layers": layers, "overrides": ov,
                         "sweeps": [["phone", ["linear", "mlp1"], PHONE_FRACTION], ["speaker", ["linear"], 1.0]]}
                 r = _child(tree, spec)
@@ -186,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             for lr in GRID_LRS:
                 for ep in GRID_EPOCHS:
                     ov = {**OLD_DEMO_OVERRIDES, "lr": lr, "max_epochs": ep, "patience": 4}
-                    spec = {"corpus": str(corpus), "cache": str(caches[up]),
+                    spec = {"corpus": str(corpus), "cache": str(_v1_view(caches[up])),
                             "out": str(work / f"grid-{up}-{lr:g}-{ep}"), "layers": str(layer), "overrides": ov,
                             "sweeps": [["phone", ["linear"], PHONE_FRACTION]]}
                     r = _child(old_tree, spec)
