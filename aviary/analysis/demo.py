@@ -67,7 +67,8 @@ EXTRA_PRESETS = {BESTRQ: "bestrq-cpu", HUBERT: "hubert-cpu"}
 class DemoConfig(Config):
     """Sizes and budgets of the study (``DemoConfig.quick()`` is the toy version).
 
-    The full defaults target about 15 minutes on a 2-core CPU with bf16 autocast.
+    The full defaults: 17.5 minutes on a 2-core AMX Xeon (bf16, two threads, alone;
+    BENCHMARKS.md has the stages, and an AVX2-only CPU's).
     """
 
     speakers: int = 40
