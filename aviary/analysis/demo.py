@@ -89,8 +89,8 @@ class DemoConfig(Config):
     # one seed in three (issue 14; models/mam_presets.py `_cpu_budget`). At 5e-4 those norms stay 3-5.
     lr: float = 5e-4
     # Audio ALBERT's peak lr (None: ``lr``). With the current recipe its shared layers leave the
-    # plateau at 1e-3 (seeds 0-2 in bf16; seeds 0 and 23 in fp32 on the AMX Xeon, 23 being the
-    # seed that sat at the mean at 1e-3 in fp32 on issue 14's AVX2 EPYC: here final L1 0.574,
+    # plateau at 1e-3 (seeds 0-2 in bf16 and in fp32, and fp32 seed 23 on the AMX Xeon, 23 being
+    # the seed that sat at the mean at 1e-3 in fp32 on issue 14's AVX2 EPYC: here final L1 0.574,
     # 72.5 % of the mean predictor's; not re-measured on an AVX2 machine) and read phones
     # better: best-layer linear 59.6 +- 0.1 % at 1e-3 against
     # 58.9 +- 0.2 at 5e-4 and 58.9 +- 0.3 at 7.5e-4 (seeds 0-2, bf16), 5.6 points over
