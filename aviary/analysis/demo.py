@@ -157,7 +157,9 @@ class DemoConfig(Config):
         check_range("probe_batch_frames", self.probe_batch_frames, 1)
         check_range("probe_batch_utterances", self.probe_batch_utterances, 1)
         check_range("probe_label_fraction", self.probe_label_fraction, 0.0, 1.0, lo_open=True)
-        check_choice("probe_lr_per", self.probe_lr_per, ("probe", "sweep"))
+        from aviary.evaluate.probe import LR_PER  # lazy like the module's other evaluate imports
+
+        check_choice("probe_lr_per", self.probe_lr_per, LR_PER)
         check_choice("precision", self.precision, PRECISIONS)
         check_range("val_batches", self.val_batches, 0)
         check_range("jsd_utterances", self.jsd_utterances, 1)

@@ -49,6 +49,12 @@ from aviary.precision import PRECISIONS, autocast_context, from_legacy_autocast,
 
 log = logging.getLogger(__name__)
 
+#: Where the solved probe's L2 path starts (ProbeConfig.l2_start).
+L2_STARTS = ("middle", "strongest")
+#: Where lr auto is chosen (ProbeConfig.lr_per, DemoConfig.probe_lr_per; the CLI spells its
+#: choices itself so that parsing imports no torch).
+LR_PER = ("probe", "sweep")
+
 
 @dataclass(frozen=True)
 class ProbeConfig(Config):
@@ -140,7 +146,7 @@ class ProbeConfig(Config):
         check(len(self.l2_grid) > 0 and all(v >= 0 for v in self.l2_grid), "l2_grid", self.l2_grid,
               "one or more values >= 0")
         check_range("max_iter", self.max_iter, 1, None)
-        check_choice("l2_start", self.l2_start, ("middle", "strongest"))
+        check_choice("l2_start", self.l2_start, L2_STARTS)
         if self.tol is not None:
             check_range("tol", self.tol, 0.0, None, lo_open=True)
         if self.lr is not None:
@@ -149,7 +155,7 @@ class ProbeConfig(Config):
         check(len(self.lr_grid) > 0 and all(v > 0 for v in self.lr_grid), "lr_grid", self.lr_grid,
               "one or more values > 0")
         check_range("lr_trial_fraction", self.lr_trial_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
-        check_choice("lr_per", self.lr_per, ("probe", "sweep"))
+        check_choice("lr_per", self.lr_per, LR_PER)
         check_range("steps", self.steps, 1, None)
         check_range("eval_every", self.eval_every, 0, None)
         check_range("upstream_lr", self.upstream_lr, 0.0, None, lo_open=True)
@@ -589,6 +595,11 @@ class ChosenLR:
 
     lr: float
     source: str  # the key of the probe whose trials chose it
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> "ChosenLR":
+        """The choice a probe's record holds (its ``lr``, chosen by its own trials)."""
+        return cls(float(rec["lr"]), rec["key"])
 
 
 @dataclass

@@ -13,6 +13,7 @@ where it stopped without duplicating a record.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -221,7 +222,7 @@ def _run_probes(plan: SweepPlan, out: Path, todo: list[ProbeConfig], splits: dic
         rec = run_probe(cfg, splits[cfg.task], cache=feature_cache, upstream=up_copy,
                         upstream_info=info, progress=bar, chosen_lr=chosen.get(group) if group else None)
         if group and group not in chosen and rec.get("lr_trials"):
-            chosen[group] = ChosenLR(float(rec["lr"]), rec["key"])
+            chosen[group] = ChosenLR.from_record(rec)
         if plan.skip_bad:
             rec["skipped_files"] = skipped_counts[cfg.task]
         append_record(out, rec)
@@ -233,16 +234,21 @@ def _run_probes(plan: SweepPlan, out: Path, todo: list[ProbeConfig], splits: dic
     return written
 
 
-def _lr_group(cfg: ProbeConfig) -> tuple[Any, ...] | None:
-    """The probes that share one lr choice under ``lr_per="sweep"`` (None: not shared)."""
+def _lr_group(cfg: ProbeConfig) -> str | None:
+    """The probes that share one lr choice under ``lr_per="sweep"`` (None: not shared): those
+    whose settings differ in the layer only, i.e. in a sweep the same task, head, label fraction
+    and seed (precision is not part of a probe's identity either)."""
     if cfg.lr_per != "sweep" or cfg.lr is not None:
         return None
-    return cfg.task, cfg.head, cfg.mode, cfg.label_fraction, cfg.seed
+    c = cfg.to_dict()
+    for k in ("layer", "precision"):
+        c.pop(k)
+    return json.dumps(c, sort_keys=True)
 
 
-def _chosen_lrs(out: Path, name: str) -> dict[tuple[Any, ...], ChosenLR]:
+def _chosen_lrs(out: Path, name: str) -> dict[str, ChosenLR]:
     """Choices already made by the records in ``out`` (a resumed ``lr_per="sweep"`` sweep)."""
-    chosen: dict[tuple[Any, ...], ChosenLR] = {}
+    chosen: dict[str, ChosenLR] = {}
     for rec in load_records(out):
         if rec.get("upstream") != name or not rec.get("lr_trials") or not isinstance(rec.get("config"), dict):
             continue
@@ -252,7 +258,7 @@ def _chosen_lrs(out: Path, name: str) -> dict[tuple[Any, ...], ChosenLR]:
             continue
         group = _lr_group(cfg)
         if group and group not in chosen:
-            chosen[group] = ChosenLR(float(rec["lr"]), rec["key"])
+            chosen[group] = ChosenLR.from_record(rec)
     return chosen
 
 
