@@ -14,6 +14,7 @@ uninterrupted run (bitwise on CPU; tested in ``tests/train/test_resume.py``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ import torch.nn as nn
 from aviary.config import Config, ConfigError
 from aviary.models.registry import get_family
 from aviary import storage
+from aviary.data.manifest import ALL_SPLITS, MANIFEST_NAME
 from aviary.precision import autocast_dtype, resolve_precision
 from aviary.train.compile import compile_model
 from aviary.train import checkpoint as ckpt
@@ -305,6 +307,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: TrainConfig,
                      data_desc: str, info: DistInfo, precision: str) -> None:
     """Refuse to overwrite a run by accident; write ``run.json`` (rank 0)."""
+    data_sha256 = corpus_fingerprint(data_desc) if data_desc else None
     existing = ckpt.list_checkpoints(run_dir)
     if existing and not resume:
         raise ConfigError(f"{run_dir} already holds checkpoints (newest step {existing[0][0]}); "
@@ -324,7 +327,8 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
                               "model the run was started with")
     if resume and run_json.is_file():
         stored = storage.read_json(run_json)
-        if stored.get("data") and data_desc and not _same_data(stored["data"], data_desc):
+        if stored.get("data") and data_desc and not _same_data(stored["data"], data_desc,
+                                                               stored.get("data_sha256"), data_sha256):
             raise ConfigError(f"{run_json}: the run was trained on {stored['data']!r}, --resume was given "
                               f"--data {data_desc!r}; resume on the same corpus (or omit --data), or start "
                               "a new run in another --out")
@@ -340,6 +344,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
     if info.is_main:
         storage.write_json_atomic(run_json, {
             "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": data_desc,
+            "data_sha256": data_sha256,
             "world_size": info.world_size, "git_commit": _git_commit(),
             # train.precision is the request (auto ...); this is what this machine runs.
             "precision": precision, "precision_requested": train_cfg.precision,
@@ -347,9 +352,30 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
         })
 
 
-def _same_data(a: str, b: str) -> bool:
-    """The same corpus: the same string, or the same path once resolved."""
+def corpus_fingerprint(data: str | os.PathLike) -> str | None:
+    """SHA-256 over a corpus's manifest files (a directory's ``manifest.jsonl`` and split files;
+    a manifest file itself), None when there is none to read.
+
+    Audio paths in a corpus directory's manifest are relative to it, so a corpus moved with its
+    run (a renamed demo directory) keeps its fingerprint; the audio bytes are not hashed.
+    """
+    p = Path(data)
+    files = ([p / MANIFEST_NAME] + [p / f"{s}.jsonl" for s in ALL_SPLITS]) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    found = False
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + storage.file_sha256(f).encode())
+            found = True
+    return h.hexdigest() if found else None
+
+
+def _same_data(a: str, b: str, a_sha256: str | None = None, b_sha256: str | None = None) -> bool:
+    """The same corpus: the same string, the same path once resolved, or (a moved corpus) the
+    same :func:`corpus_fingerprint` at another path."""
     if a == b:
+        return True
+    if a_sha256 and b_sha256 and a_sha256 == b_sha256:
         return True
     try:
         return Path(a).resolve() == Path(b).resolve()

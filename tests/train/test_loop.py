@@ -435,9 +435,12 @@ def test_resume_mistakes_are_refused_without_damaging_the_run(sine_corpus, tmp_p
     assert _cli_pretrain("--model", "tiny-test", "--data", str(sine_corpus), "--out", str(out),
                          "--steps", "4", "--resume") == 0
     assert json.loads((out / "run.json").read_text())["model"]["dropout"] == 0.1
-    # Another corpus on --resume: refused (was a warning about `steps` at most).
+    # Another corpus on --resume: refused (was a warning about `steps` at most). A copy with
+    # one utterance fewer in train is another corpus, although it lies in the same kind of place.
     other = tmp_path / "other"
     shutil.copytree(sine_corpus, other)
+    train_lines = (other / "train.jsonl").read_text().splitlines(keepends=True)
+    (other / "train.jsonl").write_text("".join(train_lines[:-1]))
     caplog.clear()
     assert _cli_pretrain("--data", str(other), "--out", str(out), "--steps", "6", "--resume") == 2
     assert "the run was trained on" in caplog.text and str(other) in caplog.text
@@ -450,3 +453,20 @@ def test_resume_mistakes_are_refused_without_damaging_the_run(sine_corpus, tmp_p
     caplog.clear()
     assert _cli_pretrain("--model", "tiny-test", "--data", str(sine_corpus), "--out", str(tmp_path / "afile")) == 2
     assert "afile: is a file, not a run directory" in caplog.text and "Errno" not in caplog.text
+
+
+def test_a_moved_run_resumes_on_its_moved_corpus(sine_corpus, tmp_path, caplog):
+    # run.json keeps the corpus path as it was given; after the run and its corpus move (a demo
+    # directory renamed), the same manifest at the new path is the same corpus: the run resumes.
+    home = tmp_path / "a"
+    shutil.copytree(sine_corpus, home / "corpus")
+    assert _cli_pretrain("--model", "tiny-test", "--data", str(home / "corpus"), "--out", str(home / "run"),
+                         "--steps", "2") == 0
+    stored = json.loads((home / "run" / "run.json").read_text())
+    assert stored["data"] == str(home / "corpus") and len(stored["data_sha256"]) == 64
+    moved = tmp_path / "b"
+    home.rename(moved)
+    caplog.clear()
+    assert _cli_pretrain("--model", "tiny-test", "--data", str(moved / "corpus"), "--out", str(moved / "run"),
+                         "--steps", "4", "--resume") == 0, caplog.text
+    assert json.loads((moved / "run" / "run.json").read_text())["train"]["steps"] == 4
