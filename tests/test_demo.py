@@ -99,6 +99,13 @@ def test_micro_demo_and_resume(tmp_path):
     assert (out / "runs" / "aalbert" / "model.safetensors").stat().st_mtime == mtime
     with pytest.raises(ValueError, match="other settings"):
         run_demo(out, cfg.replace(steps=5))
+    # More seeds extend it: the first seed's runs and probes are reused, the second's are added.
+    summary = run_demo(out, cfg.replace(seeds=2))
+    assert (out / "runs" / "aalbert" / "model.safetensors").stat().st_mtime == mtime
+    assert (out / "runs" / "aalbert-s1" / "model.safetensors").is_file()
+    assert {r["upstream"] for r in summary["probes"]} >= {"aalbert", "aalbert-s1", "mockingjay-s1"}
+    with pytest.raises(ValueError, match="only --seeds may grow"):
+        run_demo(out, cfg)  # fewer seeds than the directory holds
 
 
 @pytest.mark.slow

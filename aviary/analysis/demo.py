@@ -716,9 +716,15 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
     if stored_cfg is not None:
         # Demos from before issue 14 stored two autocast settings; `precision` replaced them.
         stored_cfg = {k: v for k, v in stored_cfg.items() if k not in ("probe_autocast", "extract_autocast")}
-    if stored_cfg is not None and stored_cfg != json.loads(json.dumps(cfg.to_dict())):
-        raise ValueError(f"{out} holds a demo run with other settings (see {state.path}); "
-                         "use another --out or delete it")
+    wanted = json.loads(json.dumps(cfg.to_dict()))
+    if stored_cfg is not None:
+        # More seeds extend a finished demo (its first seeds are reused as they are); fewer
+        # would leave the other seeds' records in its tables.
+        same = ({k: v for k, v in stored_cfg.items() if k != "seeds"} == {k: v for k, v in wanted.items() if k != "seeds"}
+                and int(stored_cfg.get("seeds", 1)) <= cfg.seeds)
+        if not same:
+            raise ValueError(f"{out} holds a demo run with other settings (see {state.path}); "
+                             "use another --out or delete it (only --seeds may grow)")
     state.set("config", cfg.to_dict())
     precision = resolve_precision(cfg.precision, "cpu")  # extraction, probes, analysis run on the CPU
     log.info("precision %s (requested %s) for extraction, probes and analysis", precision, cfg.precision)
