@@ -16,6 +16,7 @@ the records are compared exactly; elsewhere floats to 1e-6.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from aviary.evaluate.tasks import load_splits
 from aviary.evaluate.upstreams import describe_upstream
 
 from evaluate_fakes import OracleUpstream
-from expectations import close, machine
+from expectations import close, differences, machine
 
 EXPECTED = Path(__file__).resolve().parents[1] / "data_files" / "probe-records.expected.json"
 
@@ -80,6 +81,10 @@ def test_probe_record_is_unchanged(records, name):
     expected = json.loads(EXPECTED.read_text())
     ref, got = expected["records"][name], records[name]
     if expected["machine"] == machine():
-        assert got == ref
+        assert got == ref, differences(got, ref, 0.0)
     else:
-        assert close(got, ref)
+        # Another CPU rounds differently: L-BFGS stops at another point below its tolerance (the
+        # gradient norm it stopped at, and near-zero losses, move; accuracies, iterations and
+        # the converged flags must not), AdamW weights move by float32 rounding.
+        loose = {"grad_norm": math.inf, "valid_loss": 1e-4, "upstream_after": 1e-5}
+        assert close(got, ref, key_tol=loose), differences(got, ref, key_tol=loose)

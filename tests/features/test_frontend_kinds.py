@@ -86,7 +86,10 @@ def test_every_kind_gives_what_the_old_front_end_gave():
         if exact or not ref.is_floating_point():
             assert torch.equal(got[key], ref), key
         else:
-            torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-5, msg=key)
+            # Another CPU's FFT and log kernels: measured up to 2.3e-4 on dB values up to 16 (an
+            # AVX-512 EPYC against the AMX Xeon that wrote the file), 1.5e-5 of the scale.
+            scale = max(1.0, float(ref.abs().max()))
+            torch.testing.assert_close(got[key], ref, rtol=1e-4, atol=1e-4 * scale, msg=key)
 
 
 def test_one_class_per_kind_found_in_one_place():
