@@ -428,6 +428,7 @@ def probe_overrides(cfg: DemoConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[dict[str, Any]]:
     """Probe every upstream of the study (finished probes are skipped); return all records."""
     import aviary
+    from aviary.evaluate.probe import UninformativeFeatures
     from aviary.evaluate.results import load_records
     from aviary.evaluate.sweep import run_sweep
 
@@ -450,7 +451,12 @@ def run_probes(cfg: DemoConfig, corpus: Path, runs: Path, probes: Path) -> list[
         run_sweep(up, corpus, tasks=["phone"], heads=list(cfg.phone_heads), layers=layers,
                   label_fractions=[cfg.probe_label_fraction], **kw)
         if cfg.speaker_heads:
-            run_sweep(up, corpus, tasks=["speaker"], heads=list(cfg.speaker_heads), layers=layers, **kw)
+            try:
+                run_sweep(up, corpus, tasks=["speaker"], heads=list(cfg.speaker_heads), layers=layers, **kw)
+            except UninformativeFeatures as e:
+                # The log-mel baseline (per-utterance CMVN): its mean-pooled utterances are all
+                # zero, so it has no speaker accuracy to report (the tables show "-").
+                log.warning("%s: no speaker probe: %s", name, e)
     return load_records(probes)
 
 

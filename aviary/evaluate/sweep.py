@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from aviary.evaluate.cache import FeatureCache, extract_to_cache, open_cache
 from aviary.evaluate.featurizers import parse_layer_spec
-from aviary.evaluate.probe import ChosenLR, ProbeConfig, probe_key, run_probe, upgrade_legacy
+from aviary.evaluate.probe import ChosenLR, ProbeConfig, UninformativeFeatures, probe_key, run_probe, upgrade_legacy
 from aviary.precision import resolve_precision
 from aviary.evaluate.results import append_record, done_keys, load_records
 from aviary.evaluate.tasks import get_task, load_splits
@@ -213,14 +213,20 @@ def _run_probes(plan: SweepPlan, out: Path, todo: list[ProbeConfig], splits: dic
     from tqdm.auto import tqdm
 
     written = []
+    refused: list[str] = []
     chosen = _chosen_lrs(out, name) if any(c.lr_per == "sweep" for c in todo) else {}
     bar = tqdm(todo, desc=f"probe {name}", unit="probe", disable=not plan.progress)
     for cfg in bar:
         # Every fine-tuning probe starts from the same pretrained weights.
         up_copy = copy.deepcopy(up_obj) if plan.finetune else None
         group = _lr_group(cfg)
-        rec = run_probe(cfg, splits[cfg.task], cache=feature_cache, upstream=up_copy,
-                        upstream_info=info, progress=bar, chosen_lr=chosen.get(group) if group else None)
+        try:
+            rec = run_probe(cfg, splits[cfg.task], cache=feature_cache, upstream=up_copy,
+                            upstream_info=info, progress=bar, chosen_lr=chosen.get(group) if group else None)
+        except UninformativeFeatures as e:
+            log.warning("%s %s %s layer %s: not probed: %s", name, cfg.task, cfg.head, cfg.layer, e)
+            refused.append(f"{name} {cfg.task} {cfg.head} layer {cfg.layer}: {e}")
+            continue
         if group and group not in chosen and rec.get("lr_trials"):
             chosen[group] = ChosenLR.from_record(rec)
         if plan.skip_bad:
@@ -231,6 +237,10 @@ def _run_probes(plan: SweepPlan, out: Path, todo: list[ProbeConfig], splits: dic
                  rec["layer"], cfg.label_fraction, rec["valid_acc"], rec["test_acc"], rec["train_seconds"])
         del up_copy
     bar.close()
+    if refused and not written:
+        # Nothing measured: an error, not an empty success (with other probes done, the
+        # warnings above name the ones left out).
+        raise UninformativeFeatures(f"{len(refused)} of {len(todo)} probes not run; {refused[0]}")
     return written
 
 
