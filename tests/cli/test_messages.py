@@ -118,6 +118,6 @@ def test_disk_full_in_probe_names_the_results_file(small_corpus, tmp_path, monke
 
     monkeypatch.setattr(results_mod.os, "write", full)
     out = tmp_path / "p"
-    assert main(["probe", "--upstream", "logmel", "--task", "speaker", "--data", str(small_corpus),
+    assert main(["probe", "--upstream", "fbank", "--task", "speaker", "--data", str(small_corpus),
                  "--out", str(out), "--steps", "5"]) == 2
     assert f"{out / 'results.jsonl'}: no space left on device (disk full)" in caplog.text

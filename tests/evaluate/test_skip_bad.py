@@ -31,9 +31,9 @@ def test_extract_and_probe_skip_bad(corpus, tmp_path, caplog, capsys):
     assert [x[0] for x in idx["skipped_files"]] == [u.id] and u.audio in idx["skipped_files"][0][1]
     assert u.id not in {i for s in idx["shards"] for i in s["ids"]}
     out = tmp_path / "p"
-    assert main(["probe", "--upstream", "logmel", "--data", str(d), "--task", "speaker", "--out", str(out),
+    assert main(["probe", "--upstream", "fbank", "--data", str(d), "--task", "speaker", "--out", str(out),
                  "--steps", "5"]) == 2
-    assert main(["probe", "--upstream", "logmel", "--data", str(d), "--task", "speaker", "--out", str(out),
+    assert main(["probe", "--upstream", "fbank", "--data", str(d), "--task", "speaker", "--out", str(out),
                  "--steps", "5", "--skip-bad"]) == 0
     (rec,) = load_records(out)
     assert rec["skipped_files"] == {"train": 1, "valid": 0, "test": 0}
