@@ -503,15 +503,16 @@ class _PooledData:
         self._within_rms = np.sqrt(within / max(frames, 1))  # (N,)
 
     def check_informative(self) -> None:
-        """Raise :class:`UninformativeFeatures` when some layer pools to the same vector for
+        """Raise :class:`UninformativeFeatures` when every layer pools to the same vector for
         every utterance (its largest across-utterance standard deviation is below
-        :data:`POOLED_SPREAD_FLOOR` of the frames' RMS spread within utterances)."""
+        :data:`POOLED_SPREAD_FLOOR` of the frames' RMS spread within utterances); a weighted
+        sum with one such layer among informative ones is fine (that layer adds nothing)."""
         if self.num_examples < 2:
             return
         across = self.x.double().std(0).amax(-1).numpy()  # (N,)
         ratio = across / np.maximum(self._within_rms, 1e-30)
         flat = [(layer, float(r)) for layer, r in zip(self.layers, ratio) if r < POOLED_SPREAD_FLOOR]
-        if flat:
+        if len(flat) == len(self.layers):
             layer, r = flat[0]
             raise UninformativeFeatures(
                 f"utterance-level probe: the mean-pooled features of layer(s) {[f[0] for f in flat]} are the same "

@@ -251,3 +251,33 @@ def test_finetune_chooses_head_lr_on_valid(corpus):
     assert rec["mode"] == "finetune" and rec["solver"] == "adam" and len(rec["lr_trials"]) == 2
     assert rec["lr"] in (1e-3, 3e-2) and rec["upstream_lr"] == 1e-3
     assert rec["test_ci"][0] <= rec["test_acc"] <= rec["test_ci"][1]
+
+
+def test_pooled_features_constant_across_utterances_are_refused():
+    import numpy as np
+
+    from aviary.evaluate.probe import UninformativeFeatures, _PooledData
+
+    rng = np.random.default_rng(0)
+
+    class Utt:
+        def __init__(self, i):
+            self.id = f"u{i}"
+
+    frames = {}
+    for i in range(6):
+        x = rng.normal(size=(50, 4)).astype(np.float32)
+        cmvn = (x - x.mean(0)) / x.std(0)  # per-utterance CMVN: every utterance's mean frame is 0
+        frames[f"u{i}"] = np.stack([cmvn, x + i], axis=1)  # (T, 2 layers, H): layer 1 carries the utterance
+
+    class Cache:
+        hidden_size = 4
+
+        def get_stacked(self, uid, layers):
+            return frames[uid][:, layers]
+
+    utts = [Utt(i) for i in range(6)]
+    with pytest.raises(UninformativeFeatures, match=r"layer\(s\) \[0\] are the same for every utterance"):
+        _PooledData(Cache(), utts, [0], list(range(6)), False).check_informative()
+    _PooledData(Cache(), utts, [1], list(range(6)), False).check_informative()
+    _PooledData(Cache(), utts, [0, 1], list(range(6)), False).check_informative()  # weighted: one layer informs
