@@ -2,8 +2,6 @@
 stack of the library's internals (issue 16, "clear to the code, unclear to the user")."""
 import errno
 import io
-import json
-import logging
 import sys
 
 import numpy as np
