@@ -23,6 +23,7 @@ and :func:`load_manifest` accepts either the directory or a single manifest file
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from aviary.data.phones import PHONES
-from aviary.storage import atomic_open, write_text_atomic
+from aviary.storage import atomic_open, file_sha256, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -409,14 +410,44 @@ def split_overlaps(splits: dict[str, Sequence[Utterance]], where: Any = "corpus"
     return problems
 
 
+def _corpus_root(p: Path) -> Path | None:
+    # A corpus directory, or the directory of its manifest.jsonl; None for a lone manifest file.
+    return p if p.is_dir() else p.parent if p.name == MANIFEST_NAME else None
+
+
+def split_file_paths(path_or_dir: str | os.PathLike) -> dict[str, Path]:
+    """``{split: path}`` of the split files present in a corpus directory (or in the directory
+    of its ``manifest.jsonl``); ``{}`` for a single manifest file outside a corpus directory."""
+    root = _corpus_root(Path(path_or_dir))
+    if root is None:
+        return {}
+    return {s: root / f"{s}.jsonl" for s in ALL_SPLITS if (root / f"{s}.jsonl").is_file()}
+
+
 def load_split_files(path_or_dir: str | os.PathLike) -> dict[str, list[Utterance]]:
     """Every split file of a corpus directory (or of the directory of its ``manifest.jsonl``);
     ``{}`` for a single manifest file that is not part of a corpus directory."""
+    return {s: read_manifest(f) for s, f in split_file_paths(path_or_dir).items()}
+
+
+def manifest_fingerprint(path_or_dir: str | os.PathLike) -> str | None:
+    """SHA-256 over a corpus's manifest files (``manifest.jsonl`` and the split files of a corpus
+    directory; a lone manifest file itself), None when there is none to read. (Which utterances
+    k-means targets were fitted on is ``train.targets.corpus_fingerprint``, over ids and durations.)
+
+    Audio paths in a corpus directory's manifest are relative to it, so a corpus moved with its
+    run (a renamed demo directory) keeps its fingerprint; the audio bytes are not hashed.
+    """
     p = Path(path_or_dir)
-    root = p if p.is_dir() else p.parent if p.name == MANIFEST_NAME else None
-    if root is None:
-        return {}
-    return {s: read_manifest(root / f"{s}.jsonl") for s in ALL_SPLITS if (root / f"{s}.jsonl").is_file()}
+    root = _corpus_root(p)
+    files = [root / MANIFEST_NAME if root is not None else p, *split_file_paths(p).values()]
+    present = [f for f in files if f.is_file()]
+    if not present:
+        return None
+    h = hashlib.sha256()
+    for f in present:
+        h.update(f.name.encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
 
 
 def check_disjoint_splits(path_or_dir: str | os.PathLike,

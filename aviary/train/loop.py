@@ -14,7 +14,6 @@ uninterrupted run (bitwise on CPU; tested in ``tests/train/test_resume.py``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,7 +33,7 @@ import torch.nn as nn
 from aviary.config import Config, ConfigError
 from aviary.models.registry import get_family
 from aviary import storage
-from aviary.data.manifest import ALL_SPLITS, MANIFEST_NAME
+from aviary.data.manifest import manifest_fingerprint, split_file_paths
 from aviary.precision import autocast_dtype, resolve_precision
 from aviary.train.compile import compile_model
 from aviary.train import checkpoint as ckpt
@@ -307,7 +306,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: TrainConfig,
                      data_desc: str, info: DistInfo, precision: str) -> None:
     """Refuse to overwrite a run by accident; write ``run.json`` (rank 0)."""
-    data_sha256 = corpus_fingerprint(data_desc) if data_desc else None
+    data_sha256 = manifest_fingerprint(data_desc) if data_desc else None
     existing = ckpt.list_checkpoints(run_dir)
     if existing and not resume:
         raise ConfigError(f"{run_dir} already holds checkpoints (newest step {existing[0][0]}); "
@@ -352,27 +351,9 @@ def _prepare_run_dir(run_dir: Path, resume: bool, model_cfg: Config, train_cfg: 
         })
 
 
-def corpus_fingerprint(data: str | os.PathLike) -> str | None:
-    """SHA-256 over a corpus's manifest files (a directory's ``manifest.jsonl`` and split files;
-    a manifest file itself), None when there is none to read.
-
-    Audio paths in a corpus directory's manifest are relative to it, so a corpus moved with its
-    run (a renamed demo directory) keeps its fingerprint; the audio bytes are not hashed.
-    """
-    p = Path(data)
-    files = ([p / MANIFEST_NAME] + [p / f"{s}.jsonl" for s in ALL_SPLITS]) if p.is_dir() else [p]
-    h = hashlib.sha256()
-    found = False
-    for f in files:
-        if f.is_file():
-            h.update(f.name.encode() + b"\0" + storage.file_sha256(f).encode())
-            found = True
-    return h.hexdigest() if found else None
-
-
 def _same_data(a: str, b: str, a_sha256: str | None = None, b_sha256: str | None = None) -> bool:
     """The same corpus: the same string, the same path once resolved, or (a moved corpus) the
-    same :func:`corpus_fingerprint` at another path."""
+    same :func:`aviary.data.manifest.manifest_fingerprint` at another path."""
     if a == b:
         return True
     if a_sha256 and b_sha256 and a_sha256 == b_sha256:
@@ -543,16 +524,14 @@ def _open_splits(batch_kind: str, data: str | os.PathLike, cfg: TrainConfig, mod
                  ) -> tuple[TrainData, TrainData | None]:
     """``train`` / ``valid`` splits of a corpus directory, or a single manifest (no validation)."""
     p = Path(data)
-    has_splits = (p.is_dir() and (p / "train.jsonl").is_file()) or (
-        p.name == "manifest.jsonl" and (p.parent / "train.jsonl").is_file())
-    if not has_splits:
+    splits = split_file_paths(p)
+    if "train" not in splits:
         if p.is_dir():
             return build_train_data(batch_kind, p, None, cfg, model_cfg), None
         log.info("%s has no train/valid split: training on all of it, no validation", p)
         return build_train_data(batch_kind, p, None, cfg, model_cfg), None
     train = build_train_data(batch_kind, p, "train", cfg, model_cfg)
-    root = p if p.is_dir() else p.parent
-    valid = build_train_data(batch_kind, p, "valid", cfg, model_cfg) if (root / "valid.jsonl").is_file() else None
+    valid = build_train_data(batch_kind, p, "valid", cfg, model_cfg) if "valid" in splits else None
     return train, valid
 
 
