@@ -726,8 +726,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, quick: bool = False
     if stored_cfg is not None:
         # More seeds extend a finished demo (its first seeds are reused as they are); fewer
         # would leave the other seeds' records in its tables.
-        same = ({k: v for k, v in stored_cfg.items() if k != "seeds"} == {k: v for k, v in wanted.items() if k != "seeds"}
-                and int(stored_cfg.get("seeds", 1)) <= cfg.seeds)
+        same = {**stored_cfg, "seeds": cfg.seeds} == wanted and int(stored_cfg.get("seeds", 1)) <= cfg.seeds
         if not same:
             raise ValueError(f"{out} holds a demo run with other settings (see {state.path}); "
                              "use another --out or delete it (only --seeds may grow)")
