@@ -108,6 +108,15 @@ class WeightedSum(nn.Module):
         w = torch.softmax(self.weights, dim=0).to(states.dtype)  # (N,)
         return torch.einsum("...nh,n->...h", states, w)  # (..., H)
 
+    def mix_layer_major(self, states: torch.Tensor) -> torch.Tensor:
+        """The same mix of layer-major states ``(N, ..., H) -> (..., H)`` (no layer norm): one
+        matrix-vector product over contiguous memory, and another for its gradient."""
+        if states.shape[0] != self.num_layers:
+            raise ValueError(f"WeightedSum built for {self.num_layers} layers got layer-major states "
+                             f"of shape {tuple(states.shape)}")
+        w = torch.softmax(self.weights, dim=0).to(states.dtype)  # (N,)
+        return torch.tensordot(w, states, dims=1)
+
     def normalized_weights(self) -> list[float]:
         """The softmax-normalised layer weights (what results records report)."""
         return [float(x) for x in torch.softmax(self.weights.detach().float(), dim=0)]

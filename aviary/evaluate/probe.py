@@ -256,9 +256,31 @@ class ProbeModel(nn.Module):
             stacked = (stacked - self.mean) / self.std
         return stacked
 
+    def prepare_layer(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """:meth:`prepare` of the ``i``-th stacked layer alone: ``(..., H) -> (..., H)``."""
+        if self.layer_norm:
+            x = F.layer_norm(x, x.shape[-1:])
+        if self.mean is not None:
+            x = (x - self.mean[i]) / self.std[i]
+        return x
+
     def forward(self, stacked: torch.Tensor) -> torch.Tensor:
         # stacked: (..., N, H) -> logits (..., C)
         return self.head(self.featurizer(self.prepare(stacked)))
+
+    def forward_prepared(self, layers: torch.Tensor) -> torch.Tensor:
+        """Logits from layer-major features already prepared (``(N, b, H)``, float32, as
+        :class:`_PreparedFrames` holds them). The weighted sum is mixed in float32 (one
+        matrix-vector product); the head runs under the caller's precision."""
+        f = self.featurizer
+        if isinstance(f, WeightedSum):
+            if f.layer_norm:
+                raise ValueError("forward_prepared: the featurizer's own layer norm is not prepared")
+            with torch.autocast(layers.device.type, enabled=False):
+                h = f.mix_layer_major(layers)
+        else:
+            h = layers[f.index]
+        return self.head(h)
 
 
 def _seed_all(seed: int) -> None:
@@ -404,11 +426,9 @@ class _FrameData:
         s2 = torch.zeros_like(s1)
         count = 0
         if self.preloaded:
-            for i, x in enumerate(self.x):
-                for s in range(0, len(x), 65536):
-                    xb = x[s:s + 65536].double()
-                    s1[i] += xb.sum(0)
-                    s2[i] += (xb * xb).sum(0)
+            # Per layer, memoised: a sweep's probes of one layer (and its weighted sums) share them.
+            for i, layer in enumerate(self.layers):
+                s1[i], s2[i] = self._layer_sums(layer)
             count = len(self.y)
         else:
             for uid, lab in zip(self.ids, self.labels):
@@ -420,11 +440,48 @@ class _FrameData:
         var = (s2 / max(count, 1) - mean * mean).clamp_min(0.0)
         return mean.float(), var.sqrt().clamp_min(1e-6).float()
 
+    def _layer_sums(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("sums", self._split_key, layer)
+        if key not in self.cache.memo:
+            x = self.x[self.layers.index(layer)]
+            s1 = torch.zeros(self.cache.hidden_size, dtype=torch.float64)
+            s2 = torch.zeros_like(s1)
+            for s in range(0, len(x), 65536):
+                xb = x[s:s + 65536].double()
+                s1 += xb.sum(0)
+                s2 += (xb * xb).sum(0)
+            self.cache.memo[key] = (s1, s2)
+        return self.cache.memo[key]
+
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All labelled frames as float32, layer-major ``(N, n, H)``, and their labels (preloaded splits only)."""
         if not self.preloaded:
             raise ValueError("full(): split not held in memory")
         return torch.stack([x.float() for x in self.x], dim=0), self.y
+
+    def prepared(self, model: "ProbeModel") -> "_PreparedFrames":
+        """This (preloaded) split as ``model`` sees it after :meth:`ProbeModel.prepare`, one
+        float32 ``(n, H)`` per layer (see :class:`_PreparedFrames`). Memoised on the cache by
+        split, layer, layer norm and the standardisation's values, so the probes of a sweep that
+        read a layer with the same training statistics (its linear and MLP heads, the weighted
+        sums) prepare it once. One prepared copy per split and layer is kept (other statistics,
+        e.g. another label fraction's, replace it), so memory stays ~3x the split's cached size."""
+        if not self.preloaded:
+            raise ValueError("prepared(): split not held in memory")
+        out = []
+        with torch.no_grad():
+            for i, (layer, x) in enumerate(zip(self.layers, self.x)):
+                stats = b"" if model.mean is None else model.mean[i].numpy().tobytes() + model.std[i].numpy().tobytes()
+                key = ("prepared", self._split_key, layer, bool(model.layer_norm))
+                held = self.cache.memo.get(key)
+                if held is None or held[0] != stats:
+                    self.cache.memo.pop(key, None)
+                    px = torch.empty(len(x), x.shape[-1], dtype=torch.float32)
+                    for s in range(0, len(x), 65536):
+                        px[s:s + 65536] = model.prepare_layer(x[s:s + 65536].float(), i)
+                    held = self.cache.memo[key] = (stats, px)
+                out.append(held[1])
+        return _PreparedFrames(out, self.y)
 
     def _features(self, uid: str) -> np.ndarray:
         if len(self.layers) == 1:
@@ -462,6 +519,45 @@ class _FrameData:
                 xs = [x[idx] for x in self.x]
                 y = self.y[idx]
             yield torch.stack(xs, dim=1), y  # (b, N_layers, H), (b,)
+
+
+class _PreparedFrames:
+    """A preloaded frame-level split standardised (and layer-normed) once, not every batch.
+
+    ``x`` holds one float32 ``(n, H)`` per stacked layer: what :meth:`ProbeModel.prepare` makes
+    of each frame. A training step gathers the batch's rows of every layer (``index_select``)
+    into a layer-major ``(N, b, H)`` batch, where the weighted sum is a matrix-vector product
+    over contiguous memory (:meth:`ProbeModel.forward_prepared`). Batches are drawn exactly as
+    :meth:`_FrameData.batches` draws them (the same permutation for the same ``rng``).
+    Measured on the demo's weighted-sum MLP probe (7 layers x 77.8k frames; 2-core Zen 4,
+    bf16): standardising, gathering, stacking and casting every batch cost 14 s of its 19 s
+    (issue 15).
+    """
+
+    def __init__(self, x: list[torch.Tensor], y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer-major ``(N, n, H)`` (a view for one layer) and the labels."""
+        return (self.x[0][None] if len(self.x) == 1 else torch.stack(self.x)), self.y
+
+    def batches(self, batch_frames: int, rng: np.random.Generator | None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.y)
+        order = None if rng is None else torch.from_numpy(rng.permutation(n))
+        for s in range(0, n, batch_frames):
+            if order is None:  # evaluation: contiguous slices
+                if len(self.x) == 1:
+                    yield self.x[0][None, s:s + batch_frames], self.y[s:s + batch_frames]
+                else:
+                    yield torch.stack([x[s:s + batch_frames] for x in self.x]), self.y[s:s + batch_frames]
+            else:
+                idx = order[s:s + batch_frames]
+                # One index_select per layer: 4x faster than along dim 1 of an (N, n, H) tensor.
+                xb = torch.empty(len(self.x), len(idx), self.x[0].shape[-1], dtype=torch.float32)
+                for i, x in enumerate(self.x):
+                    torch.index_select(x, 0, idx, out=xb[i])
+                yield xb, self.y[idx]
 
 
 class UninformativeFeatures(ValueError):
@@ -593,18 +689,21 @@ def _score(modules: Sequence[nn.Module], batches: Iterable[Any], forward: Forwar
     return correct / max(total, 1), loss_sum / max(total, 1)
 
 
-def _frozen_forward(model: nn.Module, precision: str) -> Forward:
-    """Cached features ``(x, y)`` -> the probe's logits under ``precision``."""
+def _frozen_forward(model: nn.Module, precision: str, prepared: bool = False) -> Forward:
+    """Cached features ``(x, y)`` -> the probe's logits under ``precision`` (``prepared``:
+    layer-major batches of :class:`_PreparedFrames`)."""
     def forward(xy: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = xy
         with autocast_context(precision, x.device):
+            if prepared:
+                return model.forward_prepared(x).float(), y
             return model(x.float()).float(), y
 
     return forward
 
 
 def _evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-              precision: str = "fp32", per_example: bool = False
+              precision: str = "fp32", per_example: bool = False, prepared: bool = False
               ) -> tuple[float, float] | tuple[float, float, np.ndarray]:
     """(accuracy, mean cross-entropy) of a frozen probe over the labelled examples of the batches.
 
@@ -613,7 +712,7 @@ def _evaluate(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tens
     """
     hits: list[np.ndarray] = []
     on_batch = (lambda _b, ok, _v: hits.append(ok.reshape(-1).cpu().numpy())) if per_example else None
-    acc, loss = _score([model], batches, _frozen_forward(model, precision), on_batch)
+    acc, loss = _score([model], batches, _frozen_forward(model, precision, prepared), on_batch)
     if per_example:
         return acc, loss, (np.concatenate(hits) if hits else np.zeros(0, dtype=bool))
     return acc, loss
@@ -730,17 +829,14 @@ def _train_budget(cfg: ProbeConfig, make: Callable[[float], _Candidate], progres
     return best, history, fit
 
 
-def _solve_frozen(cfg: ProbeConfig, model: ProbeModel, data: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    """Solve the linear probe by L-BFGS on the standardised in-memory features; load it into ``model``."""
+def _solve_frozen(cfg: ProbeConfig, model: ProbeModel, data: dict[str, "_PreparedFrames"],
+                  num_classes: int) -> dict[str, Any]:
+    """Solve the linear probe by L-BFGS on the prepared (standardised) in-memory features; load it into ``model``."""
     weighted = cfg.layer_value == "weighted"
 
     def prepared(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data[split].full()  # (N, n, H) layer-major: what the solver's mix wants
-        with torch.no_grad():
-            if model.layer_norm:
-                x = F.layer_norm(x, x.shape[-1:])
-            x = (x - model.mean[:, None]) / model.std[:, None]
-        return (x if weighted else x[0]).contiguous(), y
+        return (x if weighted else x[0]), y
 
     sol = solve_linear(prepared("train"), prepared("valid"), num_classes, weighted=weighted, l2_grid=cfg.l2_grid,
                        max_iter=cfg.max_iter, tol=cfg.tol, patience=2,
@@ -795,6 +891,7 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
         layer_norm_first = False  # already applied per frame before pooling
     if n_train == 0:
         raise ValueError(f"task {cfg.task}: no labelled training examples")
+    test_data = data["test"]
     if cfg.solver == "lbfgs" and cfg.head != "linear":
         raise ValueError(f"solver 'lbfgs' solves linear heads only, not {cfg.head!r}; use solver 'auto' or 'adam'")
     t0 = time.perf_counter()
@@ -816,13 +913,19 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
     history: list[float] = []
     precision = resolve_precision(cfg.precision, "cpu")  # cached features live on the CPU
     eval_precision = precision
+    # Frame-level splits held in memory are standardised once (not every batch) and batched
+    # layer-major; pooled and streamed splits go through the model's own prepare per batch.
+    prep = spec.level == "frame" and all(d.preloaded for d in data.values())
+    if prep:
+        model = build()
+        data = {k: d.prepared(model) for k, d in data.items()}
     if solve:
         model = build()
         if progress is not None:
             progress.set_postfix_str(f"{label} L-BFGS")
         fit = _solve_frozen(cfg, model, data, len(classes))
         eval_precision = precision = "fp32"  # the solution is exact in float32; score it so
-        valid_acc, _ = _evaluate(model, data["valid"].batches(batch, None))
+        valid_acc, _ = _evaluate(model, data["valid"].batches(batch, None), prepared=prep)
         history = [p["valid_acc"] for p in fit["l2_path"]]
     else:
         def make(lr: float) -> _Candidate:
@@ -833,18 +936,19 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
             # Epoch e shuffled by (seed, e); batches without a single aligned frame skipped.
             stream = _epochs(cfg.seed, lambda rng: ((x, y) for x, y in data["train"].batches(batch, rng)
                                                     if bool((y != IGNORE_INDEX).any())))
-            step = _adam_step([model], opt, stream, _frozen_forward(model, precision))
+            step = _adam_step([model], opt, stream, _frozen_forward(model, precision, prep))
             return _Candidate(lr, {"model": model}, opt, step,
-                              lambda: _evaluate(model, data["valid"].batches(batch, None), precision))
+                              lambda: _evaluate(model, data["valid"].batches(batch, None), precision, prepared=prep))
 
         best, history, fit = _train_budget(cfg, make, progress, label, chosen_lr)
         model = best.modules["model"]
         fit["epochs"] = round(fit["steps_total"] * min(batch, n_train) / n_train, 2)  # passes over the data
-        valid_acc, _ = _evaluate(model, data["valid"].batches(batch, None), precision)
+        valid_acc, _ = _evaluate(model, data["valid"].batches(batch, None), precision, prepared=prep)
     train_seconds = time.perf_counter() - t0
-    test_acc, _, hits = _evaluate(model, data["test"].batches(batch, None), eval_precision, per_example=True)
-    groups = data["test"].eval_groups()
-    scored = _scored_mask(data["test"], len(hits))
+    test_acc, _, hits = _evaluate(model, data["test"].batches(batch, None), eval_precision, per_example=True,
+                                  prepared=prep)
+    groups = test_data.eval_groups()
+    scored = _scored_mask(test_data, len(hits))
     correct, _ = group_counts(hits, groups, len(splits["test"]))
     total, _ = group_counts(scored, groups, len(splits["test"]))
     return ProbeResult(valid_acc=valid_acc, test_acc=test_acc, train_seconds=train_seconds, train_examples=n_train,

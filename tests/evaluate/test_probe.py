@@ -177,6 +177,45 @@ def test_preloaded_and_streamed_frames_are_the_same_examples(cache, phone_splits
     assert not torch.equal(shuffled[0][1], next(mem.batches(100, None))[1])
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_prepared_frames_are_what_the_model_prepares(cache, phone_splits, layer_norm):
+    """Splits standardised once (``_PreparedFrames``) give the batches, in the same order, and
+    the logits that the model's own per-batch ``prepare`` gives; the preparation is memoised
+    per layer and replaced, not accumulated, when the training statistics change."""
+    import numpy as np
+
+    from aviary.evaluate.probe import _FrameData, _make_model
+
+    layers = [0, 1, 2]
+    raw = _FrameData(cache, phone_splits["train"], layers)
+    mean, std = raw.moments()
+    cfg = ProbeConfig(task="phone", head="mlp1", layer="weighted", hidden=8)
+    model = _make_model(cfg, 3, layers, cache.hidden_size, 5, False, mean, std, layer_norm)
+    prep = raw.prepared(model)
+    for rng in (None, 7):
+        a = list(raw.batches(64, None if rng is None else np.random.default_rng(rng)))
+        b = list(prep.batches(64, None if rng is None else np.random.default_rng(rng)))
+        assert len(a) == len(b)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(ya, yb)
+            assert torch.equal(model.prepare(xa.float()).permute(1, 0, 2), xb)  # (N, b, H) of the same values
+            with torch.no_grad():
+                torch.testing.assert_close(model.forward_prepared(xb), model(xa.float()), rtol=1e-5, atol=1e-6)
+    single = _make_model(ProbeConfig(task="phone", head="linear", layer="1"), 3, [1], cache.hidden_size, 5, False,
+                         mean[1:2], std[1:2])
+    one = _FrameData(cache, phone_splits["train"], [1])
+    xa, _ = next(one.batches(64, None))
+    xb, _ = next(one.prepared(single).batches(64, None))
+    with torch.no_grad():
+        assert torch.equal(single.forward_prepared(xb), single(xa.float()))
+    # Layer 1 with the same statistics is prepared once (layer-normed frames are another preparation).
+    assert (prep.x[1] is one.prepared(single).x[0]) == (not layer_norm)
+    held = [k for k in cache.memo if k[0] == "prepared"]
+    model.mean += 1.0  # other statistics replace the held copy
+    raw.prepared(model)
+    assert sorted(k for k in cache.memo if k[0] == "prepared") == sorted(held)
+
+
 def _without_time(rec):
     return {k: v for k, v in rec.items() if k != "train_seconds"}
 

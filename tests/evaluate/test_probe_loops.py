@@ -10,7 +10,11 @@ pins the old ``tol=1e-4`` (its key gains ``|tol=0.0001``); nothing else changed.
 record gained ``lr_source: null`` and ``config.lr_per: "probe"`` (lr chosen once per sweep, a
 new option whose default is the old behaviour). A third: the L2 path now starts in the middle of
 the grid by default; the L-BFGS case pins ``l2_start="strongest"`` (the old path: its key gains
-``|l2_start=strongest``, its config the field) and every record's config gained ``l2_start``. On the machine and torch version that wrote it
+``|l2_start=strongest``, its config the field) and every record's config gained ``l2_start``. A fourth
+(issue 15, session 6): frozen frame-level splits are standardised once and the weighted sum mixes
+them in float32 (before, under the head's bf16 autocast), so the ``frozen-phone-linear-adam-weighted``
+record alone was rewritten from that code (its layer weights moved by 6e-5, two early valid
+evaluations by one frame); every other record stayed as it was. On the machine and torch version that wrote it
 the records are compared exactly; elsewhere floats to 1e-6.
 """
 from __future__ import annotations
