@@ -829,14 +829,20 @@ def _train_budget(cfg: ProbeConfig, make: Callable[[float], _Candidate], progres
     return best, history, fit
 
 
-def _solve_frozen(cfg: ProbeConfig, model: ProbeModel, data: dict[str, "_PreparedFrames"],
-                  num_classes: int) -> dict[str, Any]:
-    """Solve the linear probe by L-BFGS on the prepared (standardised) in-memory features; load it into ``model``."""
+def _solve_frozen(cfg: ProbeConfig, model: ProbeModel, data: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """Solve the linear probe by L-BFGS on the standardised in-memory features; load it into ``model``.
+
+    ``data``: :class:`_PreparedFrames` (standardised already) or pooled splits (standardised here)."""
     weighted = cfg.layer_value == "weighted"
 
     def prepared(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data[split].full()  # (N, n, H) layer-major: what the solver's mix wants
-        return (x if weighted else x[0]), y
+        if not isinstance(data[split], _PreparedFrames):
+            with torch.no_grad():
+                if model.layer_norm:
+                    x = F.layer_norm(x, x.shape[-1:])
+                x = (x - model.mean[:, None]) / model.std[:, None]
+        return (x if weighted else x[0]).contiguous(), y
 
     sol = solve_linear(prepared("train"), prepared("valid"), num_classes, weighted=weighted, l2_grid=cfg.l2_grid,
                        max_iter=cfg.max_iter, tol=cfg.tol, patience=2,

@@ -216,6 +216,35 @@ def test_prepared_frames_are_what_the_model_prepares(cache, phone_splits, layer_
     assert sorted(k for k in cache.memo if k[0] == "prepared") == sorted(held)
 
 
+class _ShiftedOracle(OracleUpstream):
+    """The oracle's states scaled and offset: a probe that is not standardised the way it was
+    solved scores far below the solve's own accuracy."""
+
+    def extract(self, wavs, wav_lengths=None, max_layer=None):
+        states, lengths = super().extract(wavs, wav_lengths, max_layer)
+        h = states[0].shape[-1]  # a different scale and offset for every feature
+        return [s * torch.linspace(0.5, 20.0, h) + torch.linspace(-5.0, 30.0, h) for s in states], lengths
+
+
+@pytest.mark.parametrize("task", ["phone", "speaker"])
+@pytest.mark.parametrize("layer", ["2", "weighted"])
+def test_a_solved_probe_scores_what_its_solve_scored(corpus, tmp_path, task, layer):
+    """The record's valid accuracy (the model: standardisation, featurizer, head) is the
+    accuracy the solver measured on its own (whitened) features, for frame-level and pooled
+    probes, one layer and the weighted sum."""
+    from aviary.data import load_manifest
+    from aviary.evaluate.cache import extract_to_cache
+
+    extract_to_cache(_ShiftedOracle(), load_manifest(corpus), tmp_path / "c", name="shifted", dtype="float32",
+                     shard_seconds=10.0, progress=False)
+    rec = run_probe(ProbeConfig(task=task, head="linear", layer=layer), load_splits(corpus, task),
+                    cache=open_cache(tmp_path / "c"))
+    # The weighted sum ends with its joint solve; one layer keeps the chosen l2's solve.
+    chosen = [p for p in rec["l2_path"] if p.get("joint") or (layer != "weighted" and p["l2"] == rec["l2"])][-1]
+    assert rec["valid_acc"] == pytest.approx(chosen["valid_acc"], abs=1e-5)
+    assert rec["test_acc"] > 0.9
+
+
 def _without_time(rec):
     return {k: v for k, v in rec.items() if k != "train_seconds"}
 
