@@ -16,7 +16,8 @@ Three measurements, each written into ``benchmarks/results/probe_solver.json``:
    layer (phone, 30 % labels), against the solved probe's test accuracy (target: within 0.5
    points of the grid's best-on-valid setting, or better).
 
-Every process uses one torch thread.
+Every process uses one torch thread (``--threads N``: the probing processes use N, as the demo
+uses the machine's; extraction stays at one).
 
     .venv/bin/python -m benchmarks.bench_probe_solver --upstream runs/aalbert --corpus corpus
 """
@@ -42,13 +43,14 @@ PHONE_FRACTION = 0.3  # DemoConfig.probe_label_fraction (both versions)
 GRID_LRS = (1e-3, 3e-3, 1e-2)
 GRID_EPOCHS = (6, 12, 24)
 REPO = Path(__file__).resolve().parent.parent
+THREADS = 1  # torch threads of the probing children (--threads)
 
 
 def _driver(args: argparse.Namespace) -> int:
     """Child process: one sweep with whichever aviary is on PYTHONPATH; prints JSON."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("AVIARY_BENCH_THREADS", "1")))
     from aviary.evaluate.results import load_records
     from aviary.evaluate.sweep import run_sweep
 
@@ -76,7 +78,8 @@ def _driver(args: argparse.Namespace) -> int:
 
 
 def _child(tree: Path, spec: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    n = str(THREADS)
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "AVIARY_BENCH_THREADS": n}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--driver", json.dumps(spec)],
                           env=env, cwd=str(tree), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -127,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-commit", default=BASELINE_COMMIT)
     p.add_argument("--parts", default="small,timing,grid")
     p.add_argument("--name", default="probe_solver")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the probing processes (the demo uses the machine's: 2 here)")
     args = p.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
     if args.driver:
         return _driver(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     new_tree = REPO
     new_ov = probe_overrides(DemoConfig())[0]  # (ProbeConfig overrides, extraction keywords)
     res: dict = {"baseline_commit": args.baseline_commit, "old_overrides": OLD_DEMO_OVERRIDES,
-                 "new_overrides": new_ov, "threads": 1}
+                 "new_overrides": new_ov, "threads": THREADS}
     res_path = None
 
     def save() -> None:
