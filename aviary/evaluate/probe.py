@@ -362,6 +362,9 @@ def _cached_frame_labels(cache: FeatureCache, utt: Any) -> np.ndarray:
 # memory and batched as shuffled frames; bigger ones stream whole utterances from the cache.
 # The default synthetic corpus is ~130 MB per layer of a 256-wide model.
 PRELOAD_BYTES = 3 * 1024 ** 3
+# Standardised float32 copies of preloaded layers kept for a sweep's later probes
+# (_FrameData.prepared); the oldest are dropped beyond this. The demo holds ~1 GB per upstream.
+PREPARED_BYTES = 4 * 1024 ** 3
 
 
 class _FrameData:
@@ -468,7 +471,8 @@ class _FrameData:
         e.g. another label fraction's, replace it), so memory stays ~3x the split's cached size."""
         if not self.preloaded:
             raise ValueError("prepared(): split not held in memory")
-        out = []
+        out: list[torch.Tensor] = []
+        mine: set[Any] = set()
         with torch.no_grad():
             for i, (layer, x) in enumerate(zip(self.layers, self.x)):
                 stats = b"" if model.mean is None else model.mean[i].numpy().tobytes() + model.std[i].numpy().tobytes()
@@ -480,7 +484,9 @@ class _FrameData:
                     for s in range(0, len(x), 65536):
                         px[s:s + 65536] = model.prepare_layer(x[s:s + 65536].float(), i)
                     held = self.cache.memo[key] = (stats, px)
+                mine.add(key)
                 out.append(held[1])
+        _evict_prepared(self.cache.memo, keep=mine)
         return _PreparedFrames(out, self.y)
 
     def _features(self, uid: str) -> np.ndarray:
@@ -519,6 +525,19 @@ class _FrameData:
                 xs = [x[idx] for x in self.x]
                 y = self.y[idx]
             yield torch.stack(xs, dim=1), y  # (b, N_layers, H), (b,)
+
+
+def _evict_prepared(memo: dict[Any, Any], keep: set[Any], limit: int | None = None) -> None:
+    """Drop the oldest prepared layers of ``memo`` (not those in ``keep``) while they hold more
+    than ``limit`` bytes (default :data:`PREPARED_BYTES`)."""
+    limit = PREPARED_BYTES if limit is None else limit
+    held = [k for k in memo if isinstance(k, tuple) and k[:1] == ("prepared",)]  # oldest first
+    total = sum(memo[k][1].nbytes for k in held)
+    for k in held:
+        if total <= limit:
+            break
+        if k not in keep:
+            total -= memo.pop(k)[1].nbytes
 
 
 class _PreparedFrames:

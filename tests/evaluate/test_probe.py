@@ -214,6 +214,12 @@ def test_prepared_frames_are_what_the_model_prepares(cache, phone_splits, layer_
     model.mean += 1.0  # other statistics replace the held copy
     raw.prepared(model)
     assert sorted(k for k in cache.memo if k[0] == "prepared") == sorted(held)
+    # Beyond the byte budget the oldest prepared layers go, never the ones just prepared.
+    from aviary.evaluate import probe as P
+    one.prepared(single)
+    newest = [k for k in cache.memo if k[0] == "prepared"][-1]
+    P._evict_prepared(cache.memo, keep={newest}, limit=0)
+    assert [k for k in cache.memo if k[0] == "prepared"] == [newest]
 
 
 class _ShiftedOracle(OracleUpstream):
