@@ -541,10 +541,11 @@ def _evict_prepared(memo: dict[Any, Any], keep: set[Any], limit: int | None = No
 
 
 class _PreparedFrames:
-    """A preloaded frame-level split standardised (and layer-normed) once, not every batch.
+    """A split held in memory, standardised (and layer-normed) once, not every batch: a
+    frame-level split (:meth:`_FrameData.prepared`) or pooled utterances (:meth:`_PooledData.prepared`).
 
     ``x`` holds one float32 ``(n, H)`` per stacked layer: what :meth:`ProbeModel.prepare` makes
-    of each frame. A training step gathers the batch's rows of every layer (``index_select``)
+    of each example. A training step gathers the batch's rows of every layer (``index_select``)
     into a layer-major ``(N, b, H)`` batch, where the weighted sum is a matrix-vector product
     over contiguous memory (:meth:`ProbeModel.forward_prepared`). Batches are drawn exactly as
     :meth:`_FrameData.batches` draws them (the same permutation for the same ``rng``).
@@ -644,6 +645,13 @@ class _PooledData:
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x.permute(1, 0, 2).contiguous(), self.y  # (N, U, H) layer-major
+
+    def prepared(self, model: "ProbeModel") -> "_PreparedFrames":
+        """The pooled utterances as ``model`` sees them after :meth:`ProbeModel.prepare` (small:
+        not memoised); batched like :meth:`batches`."""
+        with torch.no_grad():
+            return _PreparedFrames([model.prepare_layer(self.x[:, i], i).contiguous() for i in range(len(self.layers))],
+                                   self.y)
 
     def batches(self, batch: int, rng: np.random.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.arange(len(self.y)) if rng is None else torch.from_numpy(rng.permutation(len(self.y)))
@@ -848,19 +856,13 @@ def _train_budget(cfg: ProbeConfig, make: Callable[[float], _Candidate], progres
     return best, history, fit
 
 
-def _solve_frozen(cfg: ProbeConfig, model: ProbeModel, data: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    """Solve the linear probe by L-BFGS on the standardised in-memory features; load it into ``model``.
-
-    ``data``: :class:`_PreparedFrames` (standardised already) or pooled splits (standardised here)."""
+def _solve_frozen(cfg: ProbeConfig, model: ProbeModel, data: dict[str, "_PreparedFrames"],
+                  num_classes: int) -> dict[str, Any]:
+    """Solve the linear probe by L-BFGS on the prepared (standardised) in-memory splits; load it into ``model``."""
     weighted = cfg.layer_value == "weighted"
 
     def prepared(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data[split].full()  # (N, n, H) layer-major: what the solver's mix wants
-        if not isinstance(data[split], _PreparedFrames):
-            with torch.no_grad():
-                if model.layer_norm:
-                    x = F.layer_norm(x, x.shape[-1:])
-                x = (x - model.mean[:, None]) / model.std[:, None]
         return (x if weighted else x[0]).contiguous(), y
 
     sol = solve_linear(prepared("train"), prepared("valid"), num_classes, weighted=weighted, l2_grid=cfg.l2_grid,
@@ -916,7 +918,6 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
         layer_norm_first = False  # already applied per frame before pooling
     if n_train == 0:
         raise ValueError(f"task {cfg.task}: no labelled training examples")
-    test_data = data["test"]
     if cfg.solver == "lbfgs" and cfg.head != "linear":
         raise ValueError(f"solver 'lbfgs' solves linear heads only, not {cfg.head!r}; use solver 'auto' or 'adam'")
     t0 = time.perf_counter()
@@ -938,14 +939,15 @@ def train_frozen(cfg: ProbeConfig, cache: FeatureCache, splits: dict[str, Sequen
     history: list[float] = []
     precision = resolve_precision(cfg.precision, "cpu")  # cached features live on the CPU
     eval_precision = precision
-    # Frame-level splits held in memory are standardised once (not every batch) and batched
-    # layer-major; pooled and streamed splits go through the model's own prepare per batch.
-    prep = spec.level == "frame" and all(d.preloaded for d in data.values())
+    # Splits held in memory (frame-level ones that fit, pooled ones always) are standardised
+    # once by the model's prepare, not every batch, and batched layer-major; streamed splits go
+    # through the model's own prepare per batch. The solver always gets prepared splits.
+    prep = all(d.preloaded for d in data.values())
+    model = build()
+    test_data = data["test"]  # the split's utterance grouping, for the interval
     if prep:
-        model = build()
         data = {k: d.prepared(model) for k, d in data.items()}
     if solve:
-        model = build()
         if progress is not None:
             progress.set_postfix_str(f"{label} L-BFGS")
         fit = _solve_frozen(cfg, model, data, len(classes))
